@@ -1,0 +1,116 @@
+"""The one table of quantization schemes.
+
+A scheme fixes how one tensor is quantized: bit width, symmetric or asymmetric, and
+granularity (one scale per tensor, per output channel, or per group of ``group_size``
+consecutive values along a row). CLI choices, validation, packing dispatch and the
+report legend are all derived from ``SCHEMES``; nothing keeps a parallel list.
+
+Names read ``int{bits}-{granularity}-{sym|asym}`` where granularity is ``tensor``,
+``channel`` or ``g{group_size}``: ``int4-g64-asym`` is 4-bit, one scale and one integer
+zero point per 64 values.
+
+Like llama.cpp's ``GGML_QUANT_SIZES`` table (gguf-py/gguf/constants.py), the table is
+data; unlike llama.cpp's fixed block of 32, the group size is part of the scheme.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from arrowquant_core.errors import ConfigurationError, unknown_name
+
+BIT_WIDTHS: Final[tuple[int, ...]] = (8, 4, 2)
+GROUP_SIZES: Final[tuple[int, ...]] = (32, 64, 128, 256)
+GRANULARITIES: Final[tuple[str, ...]] = ("tensor", "channel", "group")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One row of the scheme table.
+
+    >>> SCHEMES["int4-g64-asym"].levels
+    16
+    """
+
+    name: str
+    bits: int
+    symmetric: bool
+    granularity: str
+    group_size: int  # 0 unless granularity == "group"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BIT_WIDTHS:
+            raise ConfigurationError(
+                f"scheme {self.name!r}: bits = {self.bits} is not one of {list(BIT_WIDTHS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigurationError(
+                f"scheme {self.name!r}: granularity {self.granularity!r} is not one of {list(GRANULARITIES)}")
+        if (self.granularity == "group") != (self.group_size > 0):
+            raise ConfigurationError(
+                f"scheme {self.name!r}: group_size = {self.group_size} must be > 0 exactly when "
+                f"granularity is 'group'")
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md,
+        # "Runtime surprises"); rebuilding from the table by name keeps multiprocessing working.
+        return (get_scheme, (self.name,))
+
+    @property
+    def levels(self) -> int:
+        """Number of integer codes, 2**bits."""
+        return 1 << self.bits
+
+    @property
+    def qmax(self) -> int:
+        """Largest code; codes are unsigned in [0, qmax]."""
+        return (1 << self.bits) - 1
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def description(self) -> str:
+        """One line for the report legend."""
+        if self.granularity == "group":
+            where = f"one scale per group of {self.group_size} values"
+        elif self.granularity == "channel":
+            where = "one scale per output channel (row)"
+        else:
+            where = "one scale for the whole tensor"
+        kind = ("symmetric (zero point fixed at mid-range)" if self.symmetric
+                else "asymmetric (integer zero point, 0.0 exact)")
+        return f"{self.bits}-bit, {kind}, {where}"
+
+
+def _scheme_name(bits: int, granularity: str, group_size: int, symmetric: bool) -> str:
+    where = f"g{group_size}" if granularity == "group" else granularity
+    return f"int{bits}-{where}-{'sym' if symmetric else 'asym'}"
+
+
+def _build_table() -> dict[str, Scheme]:
+    table: dict[str, Scheme] = {}
+    for bits in BIT_WIDTHS:
+        for granularity in GRANULARITIES:
+            sizes = GROUP_SIZES if granularity == "group" else (0,)
+            for group_size in sizes:
+                for symmetric in (True, False):
+                    name = _scheme_name(bits, granularity, group_size, symmetric)
+                    table[name] = Scheme(name, bits, symmetric, granularity, group_size)
+    return table
+
+
+SCHEMES: Final[dict[str, Scheme]] = _build_table()
+
+
+def get_scheme(name: str) -> Scheme:
+    """Look a scheme up by name; an unknown name says what is available.
+
+    >>> get_scheme("int8-channel-sym").bits
+    8
+    """
+    scheme = SCHEMES.get(name)
+    if scheme is None:
+        raise unknown_name("scheme", name, SCHEMES)
+    return scheme

@@ -1,0 +1,207 @@
+"""Quantize and dequantize one tensor: layout, validation, packing.
+
+A tensor of any shape is viewed as a matrix ``(rows, cols)``: rows = the first axis
+(output channels of a ``Linear`` weight, tokens of an embedding; a vector is one row),
+cols = the product of the rest. Per-tensor schemes use one block of everything,
+per-channel one block per row, per-group ``ceil(cols / g)`` blocks per row. A ragged last group is padded by repeating
+the row's last value, which leaves that group's min and max unchanged; only the real
+``rows * cols`` codes are packed and stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from arrowquant_core.errors import FormatError, QuantizationError
+from arrowquant_core.kernels import dequantize_blocks, pack, quantize_blocks, unpack
+from arrowquant_core.schemes import Scheme, get_scheme
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor stored as packed integer codes plus per-block scales and zero points.
+
+    ``zeros`` is empty for symmetric schemes (the zero point is implicit).
+    ``method`` names the algorithm that chose the codes ("rtn" = round-to-nearest).
+    """
+
+    name: str
+    scheme: Scheme
+    shape: tuple[int, ...]
+    dtype: str
+    codes: U8
+    scales: F32
+    zeros: U8
+    method: str = "rtn"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes, scales and zero points held in memory (not a file size)."""
+        return int(self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes)
+
+    def check(self, where: str = "") -> None:
+        """Raise FormatError if the arrays do not fit the shape and scheme."""
+        prefix = f"{where}: " if where else ""
+        rows, cols, _block, n_groups = layout(self.shape, self.scheme)
+        n_blocks = rows * n_groups
+        need_codes = -(-rows * cols // self.scheme.codes_per_byte)
+        if self.dtype not in FLOAT_DTYPES:
+            raise FormatError(f"{prefix}tensor {self.name!r}: dtype {self.dtype!r} is not one of {list(FLOAT_DTYPES)}")
+        if self.codes.dtype != np.uint8 or self.codes.size != need_codes:
+            raise FormatError(
+                f"{prefix}tensor {self.name!r}: {self.codes.size} code bytes ({self.codes.dtype}), "
+                f"scheme {self.scheme.name} and shape {list(self.shape)} need {need_codes} uint8")
+        if self.scales.dtype != np.float32 or self.scales.size != n_blocks:
+            raise FormatError(
+                f"{prefix}tensor {self.name!r}: {self.scales.size} scales ({self.scales.dtype}), "
+                f"scheme {self.scheme.name} and shape {list(self.shape)} need {n_blocks} float32")
+        need_zeros = 0 if self.scheme.symmetric else n_blocks
+        if self.zeros.dtype != np.uint8 or self.zeros.size != need_zeros:
+            raise FormatError(
+                f"{prefix}tensor {self.name!r}: {self.zeros.size} zero points, scheme "
+                f"{self.scheme.name} needs {need_zeros} uint8")
+        if not bool(np.all(np.isfinite(self.scales))) or bool(np.any(self.scales < 0)):
+            raise FormatError(f"{prefix}tensor {self.name!r}: scales must be finite and >= 0")
+        if self.zeros.size and int(self.zeros.max()) > self.scheme.qmax:
+            raise FormatError(
+                f"{prefix}tensor {self.name!r}: zero point {int(self.zeros.max())} exceeds "
+                f"{self.scheme.qmax} for {self.scheme.bits}-bit codes")
+
+
+def layout(shape: tuple[int, ...], scheme: Scheme) -> tuple[int, int, int, int]:
+    """``(rows, cols, block, n_groups)`` of a tensor under a scheme.
+
+    >>> layout((10, 100), get_scheme("int4-g64-asym"))
+    (10, 100, 64, 2)
+    """
+    numel = math.prod(shape)
+    if scheme.granularity == "tensor":
+        return 1, numel, numel, 1
+    rows = shape[0] if len(shape) >= 2 else 1  # a vector is one row
+    cols = numel // rows if rows else 0
+    if scheme.granularity == "channel":
+        return rows, cols, cols, 1
+    g = scheme.group_size
+    return rows, cols, g, -(-cols // g)
+
+
+def _to_blocks(matrix: F32, block: int, n_groups: int) -> F32:
+    rows, cols = matrix.shape
+    pad = block * n_groups - cols
+    if pad:
+        # Repeat the row's last value: the ragged group's min/max stay those of real data.
+        matrix = np.pad(matrix, ((0, 0), (0, pad)), mode="edge")
+    return np.ascontiguousarray(matrix.reshape(rows * n_groups, block))
+
+
+def check_finite(values: npt.NDArray[np.floating], name: str) -> None:
+    """Raise QuantizationError naming the tensor if any value is NaN or infinite."""
+    finite = np.isfinite(values)
+    if not bool(np.all(finite)):
+        bad = np.flatnonzero(~finite.reshape(-1))
+        first = int(bad[0])
+        index = tuple(int(i) for i in np.unravel_index(first, values.shape))
+        raise QuantizationError(
+            f"tensor {name!r}: {bad.size} non-finite value(s) (first {values.reshape(-1)[first]} "
+            f"at index {list(index)}); weights must be finite to quantize")
+
+
+def as_float32(array: object, name: str) -> tuple[F32, str]:
+    """Validate an input tensor and return a float32 copy plus its original dtype name."""
+    if isinstance(array, QuantizedTensor):
+        raise QuantizationError(f"tensor {name!r} is already quantized ({array.scheme.name}); "
+                                "dequantize it first or keep the quantized form")
+    if not isinstance(array, np.ndarray):
+        raise QuantizationError(f"tensor {name!r}: expected a numpy array, got {type(array).__name__}")
+    dtype = str(array.dtype)
+    if dtype not in FLOAT_DTYPES:
+        hint = " (integer codes look already quantized)" if array.dtype.kind in "iu" else ""
+        raise QuantizationError(
+            f"tensor {name!r}: dtype {dtype} cannot be quantized{hint}; accepted: {list(FLOAT_DTYPES)}")
+    if array.size == 0:
+        raise QuantizationError(f"tensor {name!r}: shape {list(array.shape)} is empty; nothing to quantize")
+    values = np.array(array, dtype=np.float32, copy=True)  # never touch the caller's array
+    check_finite(values, name)
+    return values, dtype
+
+
+def quantize(array: object, scheme: Scheme | str, name: str = "tensor") -> QuantizedTensor:
+    """Round-to-nearest quantization of one float tensor.
+
+    >>> qt = quantize(np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64), "int4-g32-asym")
+    >>> qt.codes.size, qt.scales.size
+    (64, 4)
+    """
+    sch = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    values, dtype = as_float32(array, name)
+    shape = tuple(int(d) for d in values.shape)
+    rows, cols, block, n_groups = layout(shape, sch)
+    blocks = _to_blocks(values.reshape(rows, cols), block, n_groups)
+    codes, scales, zeros = quantize_blocks(blocks, sch.bits, sch.symmetric)
+    return from_codes(name, sch, shape, dtype, codes, scales, zeros, "rtn")
+
+
+def from_codes(name: str, scheme: Scheme, shape: tuple[int, ...], dtype: str, block_codes: U8,
+               scales: F32, zeros: U8, method: str) -> QuantizedTensor:
+    """Build a QuantizedTensor from block-shaped codes ``(rows * n_groups, block)``.
+
+    Quantization methods other than round-to-nearest choose codes, scales and zero
+    points their own way and hand them here for packing.
+    """
+    rows, cols, block, n_groups = layout(shape, scheme)
+    codes = block_codes.reshape(rows, n_groups * block)[:, :cols]
+    return QuantizedTensor(
+        name=name, scheme=scheme, shape=shape, dtype=dtype,
+        codes=pack(codes, scheme.bits),
+        scales=np.ascontiguousarray(scales, dtype=np.float32).reshape(-1),
+        zeros=(np.zeros(0, np.uint8) if scheme.symmetric
+               else np.ascontiguousarray(zeros, dtype=np.uint8).reshape(-1)),
+        method=method)
+
+
+def block_codes(qt: QuantizedTensor) -> U8:
+    """Unpacked codes in block shape ``(rows * n_groups, block)`` (padding codes are 0)."""
+    rows, cols, block, n_groups = layout(qt.shape, qt.scheme)
+    codes = unpack(qt.codes, qt.scheme.bits, rows * cols).reshape(rows, cols)
+    pad = block * n_groups - cols
+    if pad:
+        codes = np.pad(codes, ((0, 0), (0, pad)))
+    return codes.reshape(rows * n_groups, block)
+
+
+def dequantize_float32(qt: QuantizedTensor) -> F32:
+    """Dequantize to float32 in the original shape."""
+    rows, cols, block, n_groups = layout(qt.shape, qt.scheme)
+    zeros = qt.zeros if qt.zeros.size else np.full(qt.scales.size, 1 << (qt.scheme.bits - 1), np.uint8)
+    values = dequantize_blocks(block_codes(qt), qt.scales, zeros)
+    return np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols]).reshape(qt.shape)
+
+
+def dequantize(qt: QuantizedTensor) -> npt.NDArray[np.floating]:
+    """Dequantize to the original shape and dtype (bfloat16 via ml_dtypes).
+
+    >>> x = np.array([[0.0, 0.5, -1.0, 1.0]], np.float16)
+    >>> dequantize(quantize(x, "int8-channel-asym")).dtype
+    dtype('float16')
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise QuantizationError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
+    values = dequantize_float32(qt)
+    if qt.dtype == "float32":
+        return values
+    target = ml_dtypes.bfloat16 if qt.dtype == "bfloat16" else np.dtype(qt.dtype)
+    return values.astype(target)

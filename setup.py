@@ -1,0 +1,37 @@
+"""Build arrowquant_core with mypyc (see ../shared/MYPYC.md for why it looks like this).
+
+ARROWQUANT_PURE=1 skips compilation (pure-Python core, for coverage and debugging).
+MYPYC_OPT_LEVEL / MYPYC_DEBUG_LEVEL are read here because mypycify ignores them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+
+CORE = [
+    "arrowquant_core/errors.py",
+    "arrowquant_core/schemes.py",
+    "arrowquant_core/kernels.py",
+    "arrowquant_core/tensor.py",
+    "arrowquant_core/model.py",
+    "arrowquant_core/metrics.py",
+    "arrowquant_core/storage.py",
+]
+
+# Metadata-only invocations would compile everything a second time for nothing (~7 s).
+_METADATA_ONLY = {"egg_info", "dist_info", "sdist", "--version", "--name"}
+
+ext_modules = []
+if os.environ.get("ARROWQUANT_PURE") != "1" and not _METADATA_ONLY.intersection(sys.argv):
+    from mypyc.build import mypycify
+
+    ext_modules = mypycify(
+        CORE,
+        opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
+        debug_level=os.environ.get("MYPYC_DEBUG_LEVEL", "1"),
+    )
+
+setup(ext_modules=ext_modules)
