@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine (see README.md):
+#   make run    create .venv, install everything, run the MiniLM sign-off
+#   make test   create .venv, install everything, run the project's tests
+#
+# torch==2.13.0 is installed BEFORE the project: sentence-transformers depends on torch,
+# and a resolver left to itself picks the newest CUDA build (gigabytes). Set
+# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) where the plain index
+# would give a CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.arrowquant-installed
+MODEL ?= minilm
+ARGS ?=
+PYTEST_ARGS ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
+CORE_SOURCES := $(wildcard arrowquant_core/*.py)
+
+export OPENBLAS_NUM_THREADS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup run test clean help
+
+help:
+	@echo "make run    set up .venv and run: python -m harness run --model $(MODEL) $(ARGS)"
+	@echo "make test   set up .venv and run the project's tests"
+	@echo "make setup  only set up .venv (torch CPU, then the project with its mypyc-compiled core)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs when the build inputs or the core's sources change: the editable install
+# compiles arrowquant_core with mypyc, and a stale .so would shadow an edited .py.
+$(STAMP): $(PY) pyproject.toml setup.py $(CORE_SOURCES)
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_INDEX)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c "import arrowquant_core as a; assert a.is_compiled(), 'core did not compile with mypyc'"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m harness run --model $(MODEL) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info arrowquant_core/*.so *__mypyc*.so reports/artifacts

@@ -1,0 +1,120 @@
+"""Command line: ``python -m harness run|list|report``.
+
+The CLI parses into a frozen ``RunConfig`` and calls ``harness.runner.run``; heavy
+imports (torch, pytest) happen inside the command so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+import sys
+import traceback
+
+from arrowquant_core.errors import ArrowQuantError, ConfigurationError
+from harness import exitcodes
+
+EXAMPLES = """examples:
+  python -m harness run --model minilm                 # INT8, INT4, INT2 with the default gates
+  python -m harness run --model minilm --bits 4        # one bit width
+  python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
+  python -m harness run --model minilm --criteria my.toml --out build/report
+  python -m harness report reports/results.json        # re-render the report from results
+  python -m harness list                               # models, schemes, metrics, faults
+"""
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of bit widths, e.g. 8,4,2") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(exitcodes.USAGE)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="python -m harness", description="ArrowQuant: quantize a model, validate it, sign it off.",
+                  epilog=EXAMPLES + "\n" + exitcodes.epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="quantize, run the acceptance suite, write the report",
+                         epilog=EXAMPLES + "\n" + exitcodes.epilog(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--model", required=True, help="model name (see `list`) or path to a checkpoint")
+    run.add_argument("--bits", type=_bits, default=(), help="comma-separated bit widths (default: all in the criteria file)")
+    run.add_argument("--criteria", type=Path, help="criteria TOML (default: harness/criteria/<model>.toml)")
+    run.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    run.add_argument("--rounds", type=int, default=3, help="benchmark rounds for timing gates (default: 3)")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
+    sub.add_parser("list", help="list models, schemes, metrics and faults")
+    rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
+    rep.add_argument("results", type=Path)
+    rep.add_argument("--out", type=Path, help="report path (default: next to results.json)")
+    return top
+
+
+def _list() -> int:
+    from arrowquant_core.schemes import SCHEMES
+    from fixtures.checkpoint import MODELS
+    from harness.criteria import available
+    from harness.faults import FAULTS
+    from harness.measures import METRICS
+
+    print("models:")
+    for entry in MODELS.values():
+        print(f"  {entry.name:24s} {entry.description}")
+    print("  <path>                   folder of safetensors (sharded ok) or .npy files, or a Parquet v1 file")
+    print("criteria files: " + ", ".join(available()))
+    print("schemes:")
+    for scheme in SCHEMES.values():
+        print(f"  {scheme.name:20s} {scheme.description}")
+    print("metrics:")
+    for metric in METRICS.values():
+        print(f"  {metric.name:22s} {metric.description}")
+    print("faults (for --inject-fault):")
+    for fault in FAULTS.values():
+        print(f"  {fault.name:24s} {fault.description}")
+    return exitcodes.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "report":
+            from harness.report import render_report
+            from harness.results import read_results
+
+            out = args.out or args.results.parent / "QUANTIZATION_VALIDATION_REPORT.md"
+            render_report(read_results(args.results), out)
+            print(out)
+            return exitcodes.OK
+        from harness.config import RunConfig
+        from harness.runner import run
+
+        config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
+                           fault=args.fault, benchmark_rounds=args.rounds, quiet=args.quiet)
+        result = run(config)
+        print(f"{result.verdict}: {result.report_path}")
+        return result.exit_code
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
+    except ArrowQuantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return exitcodes.HARNESS_ERROR
+    except Exception:  # the harness itself failed: say so, with the traceback
+        traceback.print_exc()
+        print("error: the harness failed (exit 3); this is a bug or an environment problem, not a verdict",
+              file=sys.stderr)
+        return exitcodes.HARNESS_ERROR

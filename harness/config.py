@@ -1,0 +1,35 @@
+"""The frozen configuration of one harness run (what the CLI parses into)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from arrowquant_core.errors import ConfigurationError
+from arrowquant_core.schemes import BIT_WIDTHS
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: which model, which bit widths, which criteria, where to write.
+
+    ``bits`` empty means every bit width the criteria file covers. ``fault`` names a
+    deliberate quantizer fault (see ``harness.faults``) for proving the gates work.
+    """
+
+    model: str
+    bits: tuple[int, ...] = ()
+    criteria: Path | None = None
+    out: Path = Path("reports")
+    fault: str | None = None
+    benchmark_rounds: int = 3
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.bits if b not in BIT_WIDTHS]
+        if bad:
+            raise ConfigurationError(f"--bits {bad}: supported bit widths are {list(BIT_WIDTHS)}")
+        if len(set(self.bits)) != len(self.bits):
+            raise ConfigurationError(f"--bits {list(self.bits)}: a bit width is repeated")
+        if self.benchmark_rounds < 1:
+            raise ConfigurationError(f"benchmark_rounds = {self.benchmark_rounds}: must be >= 1")

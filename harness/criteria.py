@@ -1,0 +1,164 @@
+"""Acceptance criteria as data.
+
+A criteria file is TOML, one per model (``harness/criteria/<model>.toml``), overridable
+with ``--criteria FILE``::
+
+    [bits.4]
+    scheme = "int4-g64-asym"            # how this bit width is quantized
+    gates = [
+        "compression_vs_fp32 >= 6",     # compact grammar: metric, comparison, threshold
+        { rule = "output_cosine_mean >= 0.95", why = "measured 0.965 on ..." },
+    ]
+    report = ["output_cosine_min"]     # measured and shown, not gated
+
+    [all]                               # gates for every bit width
+    gates = ["quantize_seconds <= 60"]
+
+``Criterion.check(value)`` returns ``None`` or the failure text that becomes the test's
+failure message: the metric, the measured value, the rule and the bit width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+import math
+import operator
+from pathlib import Path
+import re
+import tomllib
+from typing import Any, Callable, Final
+
+from arrowquant_core.errors import ConfigurationError, unknown_name
+from arrowquant_core.schemes import get_scheme
+from harness.measures import METRICS
+
+_OPS: Final[dict[str, Callable[[float, float], bool]]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+}
+_RULE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+|inf)\s*$")
+CRITERIA_DIR: Final = Path(__file__).resolve().parent / "criteria"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    bits: int
+    metric: str
+    op: str
+    threshold: float
+    why: str = ""
+
+    @property
+    def rule(self) -> str:
+        return f"{self.metric} {self.op} {self.threshold:g}"
+
+    @property
+    def id(self) -> str:
+        return f"int{self.bits}:{self.rule}"
+
+    def check(self, value: float) -> str | None:
+        """None when ``value`` meets the rule, otherwise a readable failure."""
+        ok = not math.isnan(value) and _OPS[self.op](value, self.threshold)
+        if ok:
+            return None
+        return f"INT{self.bits} {self.metric} = {value:.6g} violates {self.rule}" + (
+            f" ({self.why})" if self.why else "")
+
+
+@dataclass(frozen=True)
+class BitPlan:
+    bits: int
+    scheme: str
+    gates: tuple[Criterion, ...]
+    report: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Criteria:
+    source: Path
+    model: str
+    plans: dict[int, BitPlan] = field(default_factory=dict)
+
+    def plan(self, bits: int) -> BitPlan:
+        if bits not in self.plans:
+            raise ConfigurationError(
+                f"{self.source}: no [bits.{bits}] section; this criteria file covers "
+                f"{sorted(self.plans)} bit(s)")
+        return self.plans[bits]
+
+    def gates_for(self, bits: int, metric: str) -> tuple[Criterion, ...]:
+        return tuple(c for c in self.plan(bits).gates if c.metric == metric)
+
+
+def parse_rule(text: str, bits: int, why: str = "", where: str = "") -> Criterion:
+    """Parse ``"metric >= 0.99"``.
+
+    >>> parse_rule("output_cosine_mean >= 0.99", 4).check(0.98)
+    'INT4 output_cosine_mean = 0.98 violates output_cosine_mean >= 0.99'
+    """
+    match = _RULE.match(text)
+    if match is None:
+        raise ConfigurationError(f"{where}rule {text!r} is not 'metric OP number' with OP in {list(_OPS)}")
+    metric, op, number = match.groups()
+    if metric not in METRICS:
+        raise ConfigurationError(f"{where}{unknown_name('metric', metric, METRICS)}")
+    return Criterion(bits=bits, metric=metric, op=op, threshold=float(number), why=why)
+
+
+def _gates(entries: Any, bits: int, where: str) -> list[Criterion]:
+    if not isinstance(entries, list):
+        raise ConfigurationError(f"{where}'gates' must be a list")
+    out: list[Criterion] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            out.append(parse_rule(entry, bits, where=where))
+        elif isinstance(entry, dict) and isinstance(entry.get("rule"), str):
+            out.append(parse_rule(entry["rule"], bits, str(entry.get("why", "")), where))
+        else:
+            raise ConfigurationError(f"{where}gate {entry!r} must be a string or {{rule = ..., why = ...}}")
+    return out
+
+
+def load_criteria(path: Path, model: str = "") -> Criteria:
+    """Read and validate a criteria file; every problem is a ConfigurationError."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigurationError(f"criteria file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"criteria file {path}: invalid TOML ({exc})") from None
+    shared = _gates(data.get("all", {}).get("gates", []), 0, f"{path} [all]: ")
+    sections = data.get("bits")
+    if not isinstance(sections, dict) or not sections:
+        raise ConfigurationError(f"criteria file {path}: needs at least one [bits.N] section")
+    plans: dict[int, BitPlan] = {}
+    for key, section in sections.items():
+        where = f"{path} [bits.{key}]: "
+        if not key.isdigit():
+            raise ConfigurationError(f"{where}section name must be a bit width")
+        bits = int(key)
+        scheme = section.get("scheme")
+        if not isinstance(scheme, str):
+            raise ConfigurationError(f"{where}needs scheme = \"<name>\"")
+        try:
+            scheme_bits = get_scheme(scheme).bits
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}{exc}") from None
+        if scheme_bits != bits:
+            raise ConfigurationError(f"{where}scheme {scheme!r} is not {bits}-bit")
+        gates = _gates(section.get("gates", []), bits, where)
+        gates += [Criterion(bits, c.metric, c.op, c.threshold, c.why) for c in shared]
+        report = section.get("report", [])
+        for metric in report:
+            if metric not in METRICS:
+                raise ConfigurationError(f"{where}report: {unknown_name('metric', metric, METRICS)}")
+        plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report))
+    return Criteria(source=path, model=str(data.get("model", model)), plans=plans)
+
+
+def default_criteria_path(model: str) -> Path:
+    return CRITERIA_DIR / f"{model}.toml"
+
+
+def available() -> Iterable[str]:
+    return sorted(p.stem for p in CRITERIA_DIR.glob("*.toml"))

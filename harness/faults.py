@@ -1,0 +1,129 @@
+"""Deliberately broken quantizers, to prove the acceptance suite can say no.
+
+Each fault turns a correct quantized model into a broken one (or writes it wrongly).
+``tests/test_fault_injection.py`` runs the whole suite with each fault and asserts the
+verdict is FAIL and names the gate that caught it. A fault no gate catches means a
+threshold is too loose. Compiled core functions cannot be monkeypatched (MYPYC.md), so
+faults act on the core's outputs, exactly where a buggy quantizer would differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from arrowquant_core import storage
+from arrowquant_core.errors import unknown_name
+from arrowquant_core.model import QuantizedModel
+from arrowquant_core.tensor import QuantizedTensor, block_codes
+
+
+def _largest(model: QuantizedModel) -> str:
+    """The victim of single-tensor faults: the largest quantized 2-D tensor but one that is
+    not an embedding table, so the fault hits a layer every input passes through."""
+    candidates = [n for n in model.tensors if "embed" not in n] or list(model.tensors)
+    return max(candidates, key=lambda n: model.tensors[n].numel)
+
+
+def _map(model: QuantizedModel, fn: Callable[[QuantizedTensor], QuantizedTensor],
+         only: str | None = None) -> QuantizedModel:
+    tensors = {n: (fn(t) if only is None or n == only else t) for n, t in model.tensors.items()}
+    return dataclasses.replace(model, tensors=tensors)
+
+
+def scales_doubled(model: QuantizedModel) -> QuantizedModel:
+    return _map(model, lambda t: dataclasses.replace(t, scales=t.scales * np.float32(2.0)))
+
+
+def zero_off_by_one(model: QuantizedModel) -> QuantizedModel:
+    def shift(t: QuantizedTensor) -> QuantizedTensor:
+        if not t.zeros.size:  # symmetric: the implicit zero point moves, codes shift instead
+            return dataclasses.replace(t, codes=_repack(t, np.minimum(block_codes(t).astype(np.int16) + 1,
+                                                                       t.scheme.qmax)))
+        return dataclasses.replace(t, zeros=np.minimum(t.zeros.astype(np.int16) + 1,
+                                                       t.scheme.qmax).astype(np.uint8))
+    return _map(model, shift)
+
+
+def _repack(t: QuantizedTensor, blocks: np.ndarray) -> np.ndarray:
+    from arrowquant_core.tensor import from_codes
+
+    return from_codes(t.name, t.scheme, t.shape, t.dtype, blocks.astype(np.uint8), t.scales,
+                      t.zeros, t.method).codes
+
+
+def nibbles_swapped(model: QuantizedModel) -> QuantizedModel:
+    def swap(t: QuantizedTensor) -> QuantizedTensor:
+        c = t.codes
+        return dataclasses.replace(t, codes=((c >> 4) | (c << 4)).astype(np.uint8))
+    return _map(model, swap)
+
+
+def one_weight_unquantized(model: QuantizedModel) -> QuantizedModel:
+    victim = _largest(model)
+    from arrowquant_core.tensor import dequantize
+
+    tensors = {n: t for n, t in model.tensors.items() if n != victim}
+    floats = dict(model.floats)
+    floats[victim] = dequantize(model.tensors[victim])
+    return dataclasses.replace(model, tensors=tensors, floats=floats)
+
+
+def rows_permuted(model: QuantizedModel) -> QuantizedModel:
+    victim = _largest(model)
+
+    def permute(t: QuantizedTensor) -> QuantizedTensor:
+        rows = t.shape[0]
+        perm = np.random.default_rng(0).permutation(rows)
+        blocks = block_codes(t)
+        per_row = blocks.shape[0] // rows
+        blocks = blocks.reshape(rows, per_row, -1)[perm].reshape(blocks.shape)
+        scales = t.scales.reshape(rows, per_row)[perm].reshape(-1)
+        zeros = t.zeros.reshape(rows, per_row)[perm].reshape(-1) if t.zeros.size else t.zeros
+        return dataclasses.replace(t, codes=_repack(t, blocks), scales=scales, zeros=zeros)
+    return _map(model, permute, only=victim)
+
+
+def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
+    """Write the artifact with every code as a float32 instead of packed bits."""
+    storage.save(model, path)
+    table = pq.read_table(path)
+    codes = []
+    for row, name in enumerate(table.column("name").to_pylist()):
+        t = model.tensors.get(name)
+        codes.append(None if t is None else block_codes(t).astype(np.float32).tobytes())
+    index = table.schema.get_field_index("codes")
+    table = table.set_column(index, table.schema.field("codes"), pa.array(codes, pa.large_binary()))
+    pq.write_table(table, path, compression="zstd", use_dictionary=False)
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    description: str
+    mutate: Callable[[QuantizedModel], QuantizedModel] = lambda m: m
+    save: Callable[[QuantizedModel, Path], None] | None = None
+
+
+FAULTS: dict[str, Fault] = {f.name: f for f in (
+    Fault("scales-doubled", "every scale multiplied by 2", scales_doubled),
+    Fault("zero-off-by-one", "every zero point one code too high", zero_off_by_one),
+    Fault("nibbles-swapped", "the two halves of every packed byte swapped", nibbles_swapped),
+    Fault("codes-as-float32", "codes written as float32 values, not packed bits", save=save_codes_as_float32),
+    Fault("one-weight-unquantized", "the largest non-embedding weight kept in floating point",
+          one_weight_unquantized),
+    Fault("rows-permuted", "rows of the largest non-embedding weight permuted", rows_permuted),
+)}
+
+
+def get_fault(name: str) -> Fault:
+    fault = FAULTS.get(name)
+    if fault is None:
+        raise unknown_name("fault", name, FAULTS)
+    return fault

@@ -1,0 +1,55 @@
+"""The pytest plugin that hands the run's context to the acceptance suite.
+
+The runner passes an instance to ``pytest.main(..., plugins=[JSONReport(), plugin])``.
+It puts the run's context on the pytest config (``harness/suite/conftest.py`` turns
+it into the ``ctx`` fixture), parametrizes every test that takes ``bits`` over the
+run's bit widths, and prints one progress line per finished test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from harness.context import RunContext
+
+
+CONTEXT_KEY = pytest.StashKey[RunContext]()
+
+
+class SuitePlugin:
+    def __init__(self, ctx: RunContext) -> None:
+        self.context = ctx
+        self.outcomes: dict[str, str] = {}
+        self.messages: dict[str, str] = {}
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        config.stash[CONTEXT_KEY] = self.context
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if "bits" in metafunc.fixturenames:
+            metafunc.parametrize("bits", list(self.context.bits), ids=[f"int{b}" for b in self.context.bits])
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            outcome = report.outcome
+        elif report.failed:
+            outcome = "error"  # setup or teardown failed: the gate could not be checked
+        else:
+            return
+        if self.outcomes.get(report.nodeid) in ("failed", "error"):
+            return
+        self.outcomes[report.nodeid] = outcome
+        if report.failed:
+            self.messages[report.nodeid] = _message(report)
+        self.context.progress(f"{outcome.upper():7s} {report.nodeid.split('::', 1)[-1]}")
+
+
+def _message(report: pytest.TestReport) -> str:
+    crash: Any = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None and getattr(crash, "message", None):
+        text = str(crash.message)
+        return text.removeprefix("AssertionError: ")
+    return str(report.longrepr).strip().splitlines()[-1] if report.longrepr else report.outcome
+

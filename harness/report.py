@@ -1,0 +1,153 @@
+"""Render QUANTIZATION_VALIDATION_REPORT.md (and the GitHub step summary) from results.json.
+
+All decisions and number formatting happen here, in ``view()``; the Jinja2 template
+only lays the precomputed rows out (StrictUndefined: a missing field is an error, not a
+blank cell).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from arrowquant_core.schemes import SCHEMES
+from harness.measures import METRICS
+from harness.results import write_text_atomic
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+WORST_LAYERS = 10
+SUMMARY_COLUMNS = (
+    ("size_mb", "Size MB", "{:.2f}"), ("compression_vs_fp32", "vs FP32", "{:.2f}x"),
+    ("compression_vs_fp16", "vs FP16", "{:.2f}x"), ("bits_per_weight", "Bits/weight", "{:.2f}"),
+    ("weight_cosine_mean", "W cos mean", "{:.5f}"), ("weight_cosine_min", "W cos min", "{:.5f}"),
+    ("output_cosine_mean", "Out cos mean", "{:.5f}"), ("output_cosine_p1", "Out cos p1", "{:.5f}"),
+    ("output_cosine_min", "Out cos min", "{:.5f}"), ("top5_overlap", "Top-5 overlap", "{:.3f}"),
+    ("top1_agreement", "Top-1 agree", "{:.3f}"),
+    ("quantize_seconds", "Quantize s", "{:.2f}"), ("load_seconds", "Load s", "{:.3f}"),
+)
+
+
+def _fmt(value: Any, pattern: str = "{:.4g}") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "∞" if value > 0 else ("−∞" if value < 0 else "NaN")
+    return pattern.format(value)
+
+
+def _num(value: Any) -> float:
+    if isinstance(value, str):
+        return float(value)  # "inf" / "nan" as written by results._clean
+    return float(value) if value is not None else math.nan
+
+
+def recommendations(results: dict[str, Any]) -> list[str]:
+    """Advice derived from the measured numbers only."""
+    out: list[str] = []
+    by_bits = {e["bits"]: e for e in results["bit_widths"]}
+    failed_bits = {c["bits"] for c in results["criteria"] if not c["passed"]}
+    passing = [b for b in by_bits if b not in failed_bits and by_bits[b]["metrics"]]
+    # A bit width whose output quality is only reported (not gated) and has collapsed is
+    # not a recommendation, whatever its gates say.
+    usable = [b for b in passing if _num(by_bits[b]["metrics"].get("output_cosine_mean", 1.0)) >= 0.9]
+    if usable:
+        best = min(usable)
+        m = by_bits[best]["metrics"]
+        out.append(f"Smallest configuration that passes every gate with usable outputs: INT{best} "
+                   f"({by_bits[best]['scheme']}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
+                   f"{_fmt(m.get('compression_vs_fp32'), '{:.2f}')}x smaller than FP32.")
+    for bits, entry in sorted(by_bits.items(), reverse=True):
+        m = entry["metrics"]
+        cos = m.get("output_cosine_mean")
+        if cos is not None and _num(cos) < 0.9:
+            out.append(f"INT{bits} ({entry['scheme']}) wrecks the model's outputs: mean output cosine "
+                       f"{_num(cos):.3f} (worst sentence {_num(m.get('output_cosine_min')):.3f}), even though "
+                       f"its weight cosine is {_num(m.get('weight_cosine_mean')):.3f}. Do not ship it; "
+                       "use a calibrated method or mixed precision for this bit width.")
+        elif cos is not None and _num(cos) < 0.99:
+            out.append(f"INT{bits} keeps mean output cosine {_num(cos):.4f}; a calibrated method (GPTQ, clip "
+                       "search) is expected to recover part of the gap to INT8.")
+        if entry["layers"]:
+            worst = min(entry["layers"], key=lambda l: _num(l["cosine"]))
+            if _num(worst["cosine"]) < 0.999:
+                out.append(f"INT{bits}: the most damaged tensor is `{worst['name']}` (cosine "
+                           f"{_num(worst['cosine']):.4f}, SQNR {_fmt(_num(worst['sqnr_db']), '{:.1f}')} dB); "
+                           "it is the first candidate for more bits.")
+    for bits in sorted(failed_bits, reverse=True):
+        if bits in by_bits:
+            rules = [c["rule"] for c in results["criteria"] if c["bits"] == bits and not c["passed"]]
+            out.append(f"INT{bits} fails {len(rules)} gate(s): {', '.join(rules)}.")
+    return out
+
+
+def view(results: dict[str, Any]) -> dict[str, Any]:
+    prov, run = results["provenance"], results["run"]
+    entries = results["bit_widths"]
+    present = [c for c in SUMMARY_COLUMNS if any(c[0] in e["metrics"] for e in entries)]
+    summary_rows = [[f"INT{e['bits']}", f"`{e['scheme']}`"]
+                    + [_fmt(e["metrics"].get(key), pattern) for key, _t, pattern in present]
+                    for e in entries]
+    worst = []
+    for e in entries:
+        layers = sorted(e["layers"], key=lambda l: _num(l["cosine"]))[:WORST_LAYERS]
+        worst.append({"bits": e["bits"], "rows": [
+            [f"`{l['name']}`", "×".join(map(str, l["shape"])), f"{l['parameters']:,}",
+             _fmt(_num(l["cosine"]), "{:.5f}"), _fmt(_num(l["sqnr_db"]), "{:.2f}"),
+             _fmt(_num(l["relative_error"]), "{:.4f}")] for l in layers]})
+    ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
+    criteria = [[f"INT{c['bits']}", f"`{c['rule']}`", _fmt(_num(c["value"]), "{:.6g}"),
+                 ("PASS" if c["passed"] else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
+                 c["why"]] for c in ordered]
+    tests = results["tests"]
+    base = results.get("baselines") or {}
+    inputs = [f"`{i['path']}` ({i['bytes']:,} bytes, sha256 `{i['sha256'][:16]}…`)" for i in prov["inputs"]]
+    used_schemes = sorted({e["scheme"] for e in entries})
+    used_metrics = sorted({k for e in entries for k in e["metrics"] if k in METRICS})
+    return {
+        "verdict": results["verdict"],
+        "model": run["model"],
+        "fault": run.get("fault"),
+        "started_at": run["started_at"],
+        "wall_seconds": _fmt(run.get("wall_seconds"), "{:.1f}"),
+        "bits": ", ".join(f"INT{e['bits']}" for e in entries),
+        "tests": tests,
+        "gates_total": len(results["criteria"]),
+        "gates_failed": sum(1 for c in results["criteria"] if not c["passed"]),
+        "failures": tests["failures"],
+        "environment": [
+            ("Git commit", f"`{prov['git_commit']}`" + (" (uncommitted changes)" if prov["git_dirty"] else "")),
+            ("Python", prov["python"]), ("Platform", prov["platform"]),
+            ("CPU", f"{prov['cpu']} ({prov['cores']} cores)"),
+            ("Core compiled with mypyc", "yes" if prov["core_compiled"] else "NO (pure Python)"),
+            ("Threads", ", ".join(f"{k}={v}" for k, v in prov["threads"].items())),
+            ("Packages", ", ".join(f"{k} {v}" for k, v in prov["packages"].items())),
+            ("Model files", "; ".join(inputs) or "—"),
+            ("Evaluation", ", ".join(f"{k}={v}" for k, v in (prov.get("runner") or {}).items()) or "weights only"),
+            ("Baselines", f"FP32 {base.get('fp32_bytes', 0):,} bytes, FP16 {base.get('fp16_bytes', 0):,} bytes, "
+                          f"{base.get('parameters', 0):,} parameters — {base.get('how', '—')}"),
+            ("Criteria", f"`{run['criteria_file']}`"),
+        ],
+        "summary_header": ["Bits", "Scheme"] + [title for _k, title, _p in present],
+        "summary_rows": summary_rows,
+        "worst": worst,
+        "criteria": criteria,
+        "recommendations": recommendations(results),
+        "scheme_legend": [(f"`{s}`", SCHEMES[s].description) for s in used_schemes if s in SCHEMES],
+        "metric_legend": [(f"`{m}`", METRICS[m].description) for m in used_metrics],
+    }
+
+
+def render(results: dict[str, Any], template: str = "report.md.j2") -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(template).render(**view(results))
+
+
+def render_report(results: dict[str, Any], path: Path) -> Path:
+    """Write the Markdown report atomically."""
+    return write_text_atomic(path, render(results))

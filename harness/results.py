@@ -1,0 +1,166 @@
+"""The typed, versioned ``results.json`` and its provenance.
+
+Schema (``schema_version`` 1); every number is measured in the run or read from a file
+named next to it::
+
+    schema_version          int    bumped on any incompatible change
+    tool                    {name, version}
+    run
+      model                 str    model name or path given to --model
+      command               str    the command line
+      started_at, finished_at  ISO-8601 UTC
+      wall_seconds          float  whole run, set-up to report
+      criteria_file         str    criteria TOML used
+      out_dir               str
+      fault                 str|null  injected fault (self-test runs only)
+    provenance
+      git_commit, git_dirty  the harness's own source tree
+      python, platform, cpu, cores
+      packages              {name: version} of every package that shapes a number
+      core_compiled         bool   arrowquant_core imported from mypyc extension modules
+      threads               {torch, OPENBLAS_NUM_THREADS}
+      seeds                 {name: int}
+      inputs                [{path, bytes, sha256}] model files hashed in this run
+      runner                output-level evaluation set-up (corpus, sizes) or null
+    baselines               {fp32_bytes, fp16_bytes, parameters, how}
+    bit_widths[]            one entry per bit width
+      bits, scheme, scheme_description
+      artifact              {path, bytes}
+      metrics               {metric: value}  (names: harness.measures.METRICS)
+      layers[]              {name, scheme, shape, parameters, cosine, sqnr_db, relative_error}
+    criteria[]              {test, bits, metric, rule, threshold, value, passed, why}
+    tests                   {total, passed, failed, errors, skipped, duration_seconds,
+                             failures: [{test, message}]}
+    verdict                 "PASS" | "FAIL"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timezone
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+from pathlib import Path
+import platform
+import subprocess
+from typing import Any
+
+SCHEMA_VERSION = 1
+PACKAGES = ("arrowquant", "numpy", "pyarrow", "torch", "sentence-transformers", "transformers",
+            "pytest", "pytest-benchmark", "pytest-json-report", "jinja2", "mypy", "ml_dtypes")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def provenance(inputs: Iterable[Path], seeds: dict[str, int], runner: dict[str, Any] | None) -> dict[str, Any]:
+    import arrowquant_core
+
+    threads: dict[str, Any] = {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
+    try:
+        import torch
+
+        threads["torch"] = torch.get_num_threads()
+    except ImportError:
+        threads["torch"] = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu(),
+        "cores": os.cpu_count(),
+        "packages": _versions(),
+        "core_compiled": arrowquant_core.is_compiled(),
+        "threads": threads,
+        "seeds": seeds,
+        "inputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in inputs],
+        "runner": runner,
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Infinity: write them as strings a reader can still parse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a text file through a temporary file and a rename: readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Atomic write of a results document."""
+    write_text_atomic(path, json.dumps(_clean(data), indent=2) + "\n")
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    from arrowquant_core.errors import ConfigurationError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigurationError(f"results file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"results file {path}: invalid JSON at line {exc.lineno}") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"results file {path}: schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"
+            f" is not {SCHEMA_VERSION}")
+    return data

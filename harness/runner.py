@@ -1,0 +1,177 @@
+"""``run(config) -> RunResult``: the library call behind ``python -m harness run``.
+
+Loads the model, drives the acceptance suite (pytest, in-process, with
+pytest-json-report and pytest-benchmark), assembles results.json from what the tests
+measured, renders the report, and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+import os
+from pathlib import Path
+import shlex
+import sys
+import tempfile
+import time
+from typing import Any
+
+from arrowquant_core.errors import ConfigurationError
+from arrowquant_core.schemes import get_scheme
+from harness import exitcodes
+from harness.config import RunConfig
+from harness.criteria import default_criteria_path, load_criteria
+from harness.results import SCHEMA_VERSION, now, provenance, write_json
+
+SUITE_DIR = Path(__file__).resolve().parent / "suite"
+REPORT_NAME = "QUANTIZATION_VALIDATION_REPORT.md"
+SUITE_LOG = "suite.log"
+RESULTS_NAME = "results.json"
+OUTPUT_PREFIXES = ("output_", "top")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int
+    verdict: str
+    results_path: Path
+    report_path: Path
+    results: dict[str, Any]
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run the whole validation; raises ConfigurationError on usage problems."""
+    import pytest
+    from pytest_jsonreport.plugin import JSONReport
+
+    from fixtures.checkpoint import load_model
+    from harness.context import Progress, RunContext
+    from harness.faults import get_fault
+    from harness.plugin import SuitePlugin
+    from harness.report import render_report
+
+    started, t0 = now(), time.perf_counter()
+    progress = Progress(config.quiet)
+    fault = get_fault(config.fault) if config.fault else None
+    criteria_path = config.criteria or _default_criteria(config.model)
+    criteria = load_criteria(criteria_path, config.model)
+    for bits in config.bits:
+        criteria.plan(bits)  # every requested bit width must have criteria
+
+    progress(f"loading model {config.model!r}")
+    checkpoint = load_model(config.model)
+    progress(f"loaded {checkpoint.name}: {len(checkpoint.weights)} tensors, "
+             f"{checkpoint.parameter_count / 1e6:.1f}M parameters")
+    if checkpoint.runner is None:
+        needs_runner = sorted({c.metric for p in criteria.plans.values() for c in p.gates
+                               if c.metric.startswith(OUTPUT_PREFIXES)})
+        if needs_runner:
+            raise ConfigurationError(
+                f"{criteria_path}: gates output metrics {needs_runner}, but model {config.model!r} has no "
+                "runner (weight-level validation only); use a weight-level criteria file")
+
+    out = config.out
+    artifacts = out / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(config=config, checkpoint=checkpoint, criteria=criteria, workdir=artifacts,
+                     progress=progress, fault=fault)
+    plugin = SuitePlugin(ctx)
+    json_report = JSONReport()
+    with tempfile.TemporaryDirectory(prefix="arrowquant-suite-") as tmp:
+        args = [str(SUITE_DIR), "-c", str(SUITE_DIR / "suite.ini"), "--rootdir", str(SUITE_DIR),
+                "-q", "--no-header", "-rfE",
+                "-W", "ignore::pytest.PytestAssertRewriteWarning", "-p", "no:randomly", "--basetemp", str(Path(tmp) / "basetemp"),
+                "--json-report-file=none", "--benchmark-disable-gc",
+                "--benchmark-json", str(out / "benchmarks.json"), "--benchmark-quiet"]
+        progress(f"running the acceptance suite for INT{', INT'.join(map(str, ctx.bits))} "
+                 f"(pytest output: {out / SUITE_LOG})")
+        with open(out / SUITE_LOG, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+            code = pytest.main(args, plugins=[json_report, plugin])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        raise RuntimeError(f"the acceptance suite could not run (pytest exit {int(code)})")
+
+    report = json_report.report or {}
+    summary = report.get("summary", {})
+    failures = [{"test": nodeid.split("::", 1)[-1], "message": message}
+                for nodeid, message in plugin.messages.items()]
+    unmeasured = ctx.unmeasured_criteria()
+    counts = {k: sum(1 for v in plugin.outcomes.values() if v == k)
+              for k in ("passed", "failed", "error", "skipped")}
+    passed = not unmeasured and not failures and counts["failed"] == 0 and counts["error"] == 0 and counts["skipped"] == 0
+    verdict = "PASS" if passed else "FAIL"
+
+    base = ctx.baselines
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "arrowquant", "version": provenance_version()},
+        "run": {
+            "model": config.model,
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+            "started_at": started,
+            "finished_at": now(),
+            "wall_seconds": None,  # filled in below, after the report is rendered
+            "criteria_file": str(criteria_path),
+            "out_dir": str(out),
+            "fault": config.fault,
+        },
+        "provenance": provenance(checkpoint.source_files, {"fault_permutation": 0},
+                                 checkpoint.runner.describe() if checkpoint.runner else None),
+        "baselines": asdict(base) if base else None,
+        "bit_widths": [_bit_entry(ctx, bits) for bits in ctx.bits],
+        "criteria": [asdict(g) for g in ctx.gates] + [asdict(g) for g in unmeasured],
+        "tests": {
+            "total": len(plugin.outcomes),
+            "passed": counts["passed"], "failed": counts["failed"], "errors": counts["error"],
+            "skipped": counts["skipped"],
+            "duration_seconds": round(float(report.get("duration", 0.0)), 3),
+            "failures": failures,
+            "pytest_summary": summary,
+        },
+        "verdict": verdict,
+    }
+    results["run"]["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    results_path = out / RESULTS_NAME
+    report_path = out / REPORT_NAME
+    write_json(results, results_path)
+    render_report(results, report_path)
+    progress(f"verdict {verdict}: {counts['passed']} passed, {counts['failed']} failed, "
+             f"{counts['error']} errors; report {report_path}")
+    return RunResult(exitcodes.OK if passed else exitcodes.GATE_FAILED, verdict, results_path,
+                     report_path, results)
+
+
+def _default_criteria(model: str) -> Path:
+    path = default_criteria_path(model)
+    if path.is_file():
+        return path
+    # a user checkpoint: weight-level criteria
+    return default_criteria_path("weights")
+
+
+def _bit_entry(ctx: Any, bits: int) -> dict[str, Any]:
+    plan = ctx.criteria.plan(bits)
+    entry: dict[str, Any] = {
+        "bits": bits, "scheme": plan.scheme, "scheme_description": get_scheme(plan.scheme).description,
+        "artifact": None, "metrics": ctx.values.get(bits, {}), "layers": [],
+        "reported": list(plan.report),
+    }
+    written = ctx.written_by_bits.get(bits)
+    if written is not None:
+        entry["artifact"] = {"path": str(written.path), "bytes": written.bytes}
+    reloaded = ctx.reloaded_by_bits.get(bits)
+    if reloaded is not None:
+        entry["layers"] = [asdict(row) for row in reloaded.layers]
+    return entry
+
+
+def provenance_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("arrowquant")
+    except importlib.metadata.PackageNotFoundError:
+        return "source"
+
+
+__all__ = ["run", "RunResult", "os"]

@@ -1,0 +1,20 @@
+"""Category 1 — real-model quantization: every weight quantized, nothing left behind."""
+
+from harness.context import RunContext
+
+
+def test_every_weight_quantized(ctx: RunContext, bits: int) -> None:
+    """Every tensor of 2+ dimensions is stored quantized in the artifact (read back)."""
+    reloaded = ctx.reloaded(bits)
+    ctx.gate("test_every_weight_quantized", bits, {"unquantized_weights": len(reloaded.unquantized)})
+    assert not reloaded.unquantized, f"left in floating point: {reloaded.unquantized}"
+
+
+def test_quantization_keeps_source_untouched(ctx: RunContext, bits: int) -> None:
+    """Quantizing never modifies the caller's arrays."""
+    import numpy as np
+
+    before = {n: a.copy() for n, a in ctx.checkpoint.weights.items()}
+    ctx.quantize(bits)
+    changed = [n for n, a in ctx.checkpoint.weights.items() if not np.array_equal(a, before[n])]
+    assert not changed, f"quantize_model modified the source tensors {changed[:5]}"

@@ -1,0 +1,61 @@
+"""The command line: help, listing, usage errors and their exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+from harness import exitcodes
+from harness.cli import main
+
+
+def test_help_has_examples_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--model" in out and "exit codes:" in out
+    for code in (0, 1, 2, 3):
+        assert f"  {code}  " in out
+
+
+def test_list_names_models_schemes_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == exitcodes.OK
+    out = capsys.readouterr().out
+    assert "minilm" in out and "int4-g64-asym" in out and "output_cosine_mean" in out and "rows-permuted" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--model", "minilmm"], "did you mean 'minilm'"),
+    (["run", "--model", "minilm", "--bits", "3"], "supported bit widths"),
+    (["run", "--model", "minilm", "--bits", "x"], "comma-separated"),
+    (["run", "--model", "./no/such/dir"], "does not exist"),
+    (["run", "--model", "minilm", "--criteria", "/no/such.toml"], "does not exist"),
+    (["run", "--model", "minilm", "--inject-fault", "nibble"], "did you mean 'nibbles-swapped'"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv))
+    assert exc.value.code == exitcodes.USAGE
+    assert needle in capsys.readouterr().err
+
+
+def test_bad_criteria_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text('[bits.4]\nscheme = "int4-g64-asym"\ngates = ["output_cosine_mena >= 0.9"]\n')
+    assert main(["run", "--model", "minilm", "--criteria", str(bad)]) == exitcodes.USAGE
+    assert "did you mean 'output_cosine_mean'" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "harness", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "python -m harness" in proc.stdout
+
+
+def test_report_of_missing_results_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "nope.json")]) == exitcodes.USAGE
+    assert "does not exist" in capsys.readouterr().err
