@@ -23,6 +23,7 @@ from arrowquant_core.storage import format_version, load, load_weights, save, sa
 from arrowquant_core.tensor import QuantizedTensor, dequantize, quantize
 
 __all__ = [
+    "COMPILED_MODULES",
     "SCHEMES",
     "ArrowQuantError",
     "ConfigurationError",
@@ -51,7 +52,7 @@ __all__ = [
     "unpack",
 ]
 
-COMPILED_MODULES = ("errors", "kernels", "metrics", "model", "schemes", "storage", "tensor")
+COMPILED_MODULES = ("errors", "kernels", "metrics", "model", "safetensors_io", "schemes", "storage", "tensor")
 
 
 def is_compiled() -> bool:

@@ -40,8 +40,8 @@ class FormatError(ArrowQuantError, ValueError):
 def unknown_name(kind: str, name: str, available: Iterable[str]) -> ConfigurationError:
     """Build the error for a lookup that failed, with a "did you mean" hint.
 
-    >>> str(unknown_name("scheme", "int5", ["int4", "int8"]))
-    "unknown scheme 'int5'; did you mean 'int4'? available: int4, int8"
+    >>> str(unknown_name("scheme", "int4-g65-asym", ["int4-g64-asym", "int8-channel-sym"]))
+    "unknown scheme 'int4-g65-asym'; did you mean 'int4-g64-asym'? available: int4-g64-asym, int8-channel-sym"
     """
     names = sorted(available)
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)

@@ -54,8 +54,8 @@ def quantize_blocks(blocks: F32, bits: int, symmetric: bool) -> tuple[U8, F32, U
 def symmetric_params(blocks: F32, bits: int) -> tuple[F32, U8]:
     """Scale from the absolute maximum; zero point fixed at mid-range."""
     half = float((1 << (bits - 1)) - 1)
-    absmax = np.max(np.abs(blocks), axis=1)
-    scales = (absmax / np.float32(half)).astype(np.float32)
+    absmax = np.max(np.abs(blocks), axis=1).astype(np.float64)
+    scales = (absmax / half).astype(np.float32)
     zeros = np.full(blocks.shape[0], symmetric_zero(bits), dtype=np.uint8)
     return scales, zeros
 
@@ -63,29 +63,42 @@ def symmetric_params(blocks: F32, bits: int) -> tuple[F32, U8]:
 def asymmetric_params(blocks: F32, bits: int) -> tuple[F32, U8]:
     """Scale from the range widened to include 0; integer zero point."""
     qmax = float((1 << bits) - 1)
-    lo = np.minimum(np.min(blocks, axis=1), np.float32(0.0))
-    hi = np.maximum(np.max(blocks, axis=1), np.float32(0.0))
-    scales = ((hi - lo) / np.float32(qmax)).astype(np.float32)
-    zeros = np.rint(-lo * safe_reciprocal(scales))
+    # per-block arithmetic in float64: hi - lo of a float32 range can exceed float32's max
+    lo = np.minimum(np.min(blocks, axis=1), np.float32(0.0)).astype(np.float64)
+    hi = np.maximum(np.max(blocks, axis=1), np.float32(0.0)).astype(np.float64)
+    scales = ((hi - lo) / qmax).astype(np.float32)
+    zeros = np.rint(-lo * safe_reciprocal(scales).astype(np.float64))
     np.clip(zeros, 0.0, qmax, out=zeros)
     return scales, zeros.astype(np.uint8)
 
 
-def safe_reciprocal(scales: F32) -> F32:
-    """1/scale, with 0 where the scale is 0 (an all-zero block quantizes to its zero point)."""
-    out = np.zeros_like(scales)
-    np.divide(np.float32(1.0), scales, out=out, where=scales != 0)
+def safe_reciprocal(scales: F32) -> npt.NDArray[np.floating]:
+    """1/scale, with 0 where the scale is 0 (an all-zero block quantizes to its zero point).
+
+    float32 unless a scale is so small (values ~1e-38) that its reciprocal would
+    overflow float32; then float64, so such blocks still quantize within scale/2.
+    """
+    wide = bool(np.any((scales > 0) & (scales < _TINY_SCALE)))
+    dtype = np.float64 if wide else np.float32
+    out = np.zeros(scales.shape, dtype=dtype)
+    np.divide(1.0, scales.astype(dtype), out=out, where=scales != 0)
     return out
+
+
+# Below this a float32 reciprocal overflows (1 / 2.9e-39 > float32 max).
+_TINY_SCALE: Final = 1e-36
 
 
 def quantize_with(blocks: F32, scales: F32, zeros: U8, bits: int) -> U8:
     """Codes for ``blocks`` under given per-block scales and zero points."""
     qmax = float((1 << bits) - 1)
-    t = blocks * safe_reciprocal(scales)[:, None]
+    inv = safe_reciprocal(scales)
+    t = blocks.astype(inv.dtype) * inv[:, None]
     np.rint(t, out=t)
-    t += zeros[:, None].astype(np.float32)
+    t += zeros[:, None].astype(inv.dtype)
     np.clip(t, 0.0, qmax, out=t)
-    return t.astype(np.uint8)
+    codes: U8 = t.astype(np.uint8)
+    return codes
 
 
 def dequantize_blocks(codes: U8, scales: F32, zeros: U8) -> F32:
@@ -120,6 +133,9 @@ def pack(codes: U8, bits: int) -> U8:
     shifts = _shifts(bits)
     per = len(shifts)
     flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    if flat.size and int(flat.max()) >= (1 << bits):
+        raise ConfigurationError(
+            f"cannot pack code {int(flat.max())} into {bits} bits (codes must be < {1 << bits})")
     if per == 1:
         return flat.copy()
     pad = (-flat.size) % per

@@ -21,7 +21,8 @@ from typing import Final
 from arrowquant_core.errors import ConfigurationError, unknown_name
 
 BIT_WIDTHS: Final[tuple[int, ...]] = (8, 4, 2)
-GROUP_SIZES: Final[tuple[int, ...]] = (32, 64, 128, 256)
+# 16 serves the calibrated INT2 methods (GPTQ INT2 needs small groups); 32-256 the rest.
+GROUP_SIZES: Final[tuple[int, ...]] = (16, 32, 64, 128, 256)
 GRANULARITIES: Final[tuple[str, ...]] = ("tensor", "channel", "group")
 
 
@@ -46,10 +47,17 @@ class Scheme:
         if self.granularity not in GRANULARITIES:
             raise ConfigurationError(
                 f"scheme {self.name!r}: granularity {self.granularity!r} is not one of {list(GRANULARITIES)}")
-        if (self.granularity == "group") != (self.group_size > 0):
+        if self.granularity == "group" and self.group_size not in GROUP_SIZES:
             raise ConfigurationError(
-                f"scheme {self.name!r}: group_size = {self.group_size} must be > 0 exactly when "
-                f"granularity is 'group'")
+                f"scheme {self.name!r}: group_size = {self.group_size} is not one of {list(GROUP_SIZES)}")
+        if self.granularity != "group" and self.group_size != 0:
+            raise ConfigurationError(
+                f"scheme {self.name!r}: group_size = {self.group_size} must be 0 unless granularity is 'group'")
+        # The name is derived, never free: files store schemes by name, so a name that
+        # did not identify its parameters would reload as a different scheme.
+        canonical = _scheme_name(self.bits, self.granularity, self.group_size, self.symmetric)
+        if self.name != canonical:
+            raise ConfigurationError(f"scheme {self.name!r}: its parameters name it {canonical!r}")
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md,

@@ -78,7 +78,7 @@ def _float_bytes(array: FloatArray) -> bytes:
 
 
 def _float_row(name: str, array: FloatArray) -> dict[str, Any]:
-    dtype = str(array.dtype)
+    dtype = array.dtype.name
     if dtype not in FLOAT_DTYPES:
         raise FormatError(f"tensor {name!r}: dtype {dtype} cannot be stored; accepted: {list(FLOAT_DTYPES)}")
     data = _float_bytes(array)
@@ -146,7 +146,12 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
     rows: list[dict[str, Any]] = []
     for name in model.order:
         qt = model.tensors.get(name)
-        rows.append(_quantized_row(qt) if qt is not None else _float_row(name, model.floats[name]))
+        if qt is not None:
+            rows.append(_quantized_row(qt))
+        elif name in model.floats:
+            rows.append(_float_row(name, model.floats[name]))
+        else:
+            raise FormatError(f"{target}: tensor {name!r} is in the model's order but has no data")
     _write_atomic(rows, _schema(FORMAT_V2, model.metadata), target)
     return target
 
@@ -169,7 +174,18 @@ def _read_table(path: Path) -> tuple[pa.Table, int, dict[str, str]]:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    raw = table.schema.metadata or {}
+    try:
+        return _inspect(table, path)
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: schema holds text that is not UTF-8 (corrupted footer)") from None
+
+
+def _inspect(table: pa.Table, path: Path) -> tuple[pa.Table, int, dict[str, str]]:
+    # Any: the stubs say dict[bytes, bytes], but a file without metadata gives None, and a
+    # compiled annotation would turn that into a bare TypeError.
+    raw: Any = getattr(table.schema, "metadata", None)
+    if raw is None:
+        raw = {}
     version_text = raw.get(VERSION_KEY)
     if version_text is None:
         raise FormatError(f"{path}: schema metadata has no {VERSION_KEY.decode()!r}; not an ArrowQuant file")

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import math
 
+from typing import Any
+
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +29,7 @@ U8 = npt.NDArray[np.uint8]
 FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq over NumPy arrays is ambiguous; compare explicitly
 class QuantizedTensor:
     """A tensor stored as packed integer codes plus per-block scales and zero points.
 
@@ -108,7 +110,7 @@ def _to_blocks(matrix: F32, block: int, n_groups: int) -> F32:
     return np.ascontiguousarray(matrix.reshape(rows * n_groups, block))
 
 
-def check_finite(values: npt.NDArray[np.floating], name: str) -> None:
+def check_finite(values: npt.NDArray[Any], name: str) -> None:
     """Raise QuantizationError naming the tensor if any value is NaN or infinite."""
     finite = np.isfinite(values)
     if not bool(np.all(finite)):
@@ -127,15 +129,23 @@ def as_float32(array: object, name: str) -> tuple[F32, str]:
                                 "dequantize it first or keep the quantized form")
     if not isinstance(array, np.ndarray):
         raise QuantizationError(f"tensor {name!r}: expected a numpy array, got {type(array).__name__}")
-    dtype = str(array.dtype)
+    dtype = array.dtype.name  # ">f4".name == "float32": byte order is not a different dtype
     if dtype not in FLOAT_DTYPES:
         hint = " (integer codes look already quantized)" if array.dtype.kind in "iu" else ""
         raise QuantizationError(
             f"tensor {name!r}: dtype {dtype} cannot be quantized{hint}; accepted: {list(FLOAT_DTYPES)}")
     if array.size == 0:
         raise QuantizationError(f"tensor {name!r}: shape {list(array.shape)} is empty; nothing to quantize")
+    check_finite(array, name)
+    if dtype == "float64":
+        limit = float(np.finfo(np.float32).max)
+        too_big = np.abs(array) > limit
+        if bool(np.any(too_big)):
+            first = int(np.flatnonzero(too_big.reshape(-1))[0])
+            raise QuantizationError(
+                f"tensor {name!r}: value {float(array.reshape(-1)[first]):g} at flat index {first} is outside "
+                f"the float32 range (|x| <= {limit:g}) the quantizer computes in")
     values = np.array(array, dtype=np.float32, copy=True)  # never touch the caller's array
-    check_finite(values, name)
     return values, dtype
 
 
@@ -191,7 +201,7 @@ def dequantize_float32(qt: QuantizedTensor) -> F32:
     return np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols]).reshape(qt.shape)
 
 
-def dequantize(qt: QuantizedTensor) -> npt.NDArray[np.floating]:
+def dequantize(qt: object) -> npt.NDArray[np.floating]:
     """Dequantize to the original shape and dtype (bfloat16 via ml_dtypes).
 
     >>> x = np.array([[0.0, 0.5, -1.0, 1.0]], np.float16)
