@@ -19,6 +19,7 @@ CORE = [
     "arrowquant_core/model.py",
     "arrowquant_core/metrics.py",
     "arrowquant_core/storage.py",
+    "arrowquant_core/safetensors_io.py",
 ]
 
 # Metadata-only invocations would compile everything a second time for nothing (~7 s).

@@ -126,7 +126,7 @@ class RunContext:
     def measure_baselines(self) -> Baselines:
         """Write FP32 and FP16 safetensors copies of the weights and measure their bytes."""
         if self.baselines is None:
-            from fixtures.safetensors_io import write_safetensors
+            from arrowquant_core.safetensors_io import write_safetensors
 
             folder = self.workdir / ".baselines"
             folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import pytest
 import arrowquant_core as aq
 from arrowquant_core.errors import ConfigurationError, FormatError
 from fixtures.checkpoint import load_model
-from fixtures.safetensors_io import write_safetensors
+from arrowquant_core.safetensors_io import write_safetensors
 from harness import exitcodes
 from harness.cli import main
 from harness.config import RunConfig

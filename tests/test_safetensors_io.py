@@ -1,4 +1,4 @@
-"""Tests of fixtures.safetensors_io: round trips, interop with the safetensors library,
+"""Tests of arrowquant_core.safetensors_io: round trips, interop with the safetensors library,
 streaming, hostile files, atomicity, sharded and legacy .npy folders."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from arrowquant_core.errors import ConfigurationError, FormatError
-from fixtures.safetensors_io import (
+from arrowquant_core.safetensors_io import (
     DTYPES,
     MAX_HEADER_BYTES,
     DType,
