@@ -20,6 +20,7 @@ CORE = [
     "arrowquant_core/metrics.py",
     "arrowquant_core/storage.py",
     "arrowquant_core/safetensors_io.py",
+    "arrowquant_core/diffusion.py",
 ]
 
 # Metadata-only invocations would compile everything a second time for nothing (~7 s).

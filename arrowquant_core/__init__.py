@@ -8,6 +8,16 @@ v1 path, which also reads v2 files). Compiled with mypyc; see ``is_compiled()``.
 
 from __future__ import annotations
 
+from arrowquant_core.diffusion import (
+    PROFILES,
+    ArrowQuantV2,
+    DeploymentProfile,
+    DiffusionQuantConfig,
+    DiffusionQuantResult,
+    QualityReport,
+    detect_modality,
+    get_profile,
+)
 from arrowquant_core.errors import (
     ArrowQuantError,
     ConfigurationError,
@@ -24,7 +34,15 @@ from arrowquant_core.tensor import QuantizedTensor, dequantize, quantize
 
 __all__ = [
     "COMPILED_MODULES",
+    "PROFILES",
     "SCHEMES",
+    "ArrowQuantV2",
+    "DeploymentProfile",
+    "DiffusionQuantConfig",
+    "DiffusionQuantResult",
+    "QualityReport",
+    "detect_modality",
+    "get_profile",
     "ArrowQuantError",
     "ConfigurationError",
     "FormatError",
@@ -52,7 +70,8 @@ __all__ = [
     "unpack",
 ]
 
-COMPILED_MODULES = ("errors", "kernels", "metrics", "model", "safetensors_io", "schemes", "storage", "tensor")
+COMPILED_MODULES = ("diffusion", "errors", "kernels", "metrics", "model", "safetensors_io", "schemes", "storage",
+                    "tensor")
 
 
 def is_compiled() -> bool:

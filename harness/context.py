@@ -109,6 +109,7 @@ class RunContext:
     written_by_bits: dict[int, Written] = field(default_factory=dict)
     reloaded_by_bits: dict[int, Reloaded] = field(default_factory=dict)
     output_by_bits: dict[int, dict[str, float]] = field(default_factory=dict)
+    tables_by_bits: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -185,7 +186,10 @@ class RunContext:
             raise RuntimeError("no runner for this model: output-level metrics are not available")
         if bits not in self.output_by_bits:
             self.progress(f"INT{bits}: running the model on the evaluation set")
-            self.output_by_bits[bits] = self.checkpoint.runner.compare(self.reloaded(bits).weights)
+            raw = self.checkpoint.runner.compare(self.reloaded(bits).weights)
+            # scalars are metrics (gated or reported); lists are tables for the report
+            self.output_by_bits[bits] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+            self.tables_by_bits[bits] = {k: v for k, v in raw.items() if not isinstance(v, (int, float))}
         return self.output_by_bits[bits]
 
     # --- gates ------------------------------------------------------------------------

@@ -10,32 +10,46 @@ from dataclasses import dataclass
 from typing import Final
 
 
+LEVELS = ("artifact", "weight", "output", "time")
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
+    level: str  # artifact | weight | output (needs a runner) | time
     unit: str
     higher_is_better: bool
     description: str
 
 
 _ROWS: Final[tuple[Metric, ...]] = (
-    Metric("size_mb", "MB", False, "bytes of the written Parquet v2 artifact / 1e6"),
-    Metric("compression_vs_fp32", "x", True, "FP32 safetensors bytes / artifact bytes, both measured on disk"),
-    Metric("compression_vs_fp16", "x", True, "FP16 safetensors bytes / artifact bytes, both measured on disk"),
-    Metric("bits_per_weight", "bits", False, "artifact bits on disk / parameter count"),
-    Metric("unquantized_weights", "tensors", False, "weights of 2+ dimensions left in floating point"),
-    Metric("weight_cosine_mean", "", True, "mean over quantized tensors of cosine(original, dequantized)"),
-    Metric("weight_cosine_min", "", True, "worst tensor's cosine(original, dequantized)"),
-    Metric("weight_sqnr_db_mean", "dB", True, "mean over quantized tensors of the SQNR"),
-    Metric("weight_sqnr_db_min", "dB", True, "worst tensor's SQNR"),
-    Metric("output_cosine_mean", "", True, "mean cosine between original and quantized sentence embeddings"),
-    Metric("output_cosine_p1", "", True, "1st percentile of that cosine"),
-    Metric("output_cosine_min", "", True, "worst sentence's cosine"),
-    Metric("top5_overlap", "", True, "mean overlap of each sentence's 5 nearest neighbours, original vs quantized"),
-    Metric("top1_agreement", "", True, "nearest neighbour unchanged, over sentences whose original top-1 margin >= 0.01"),
-    Metric("roundtrip_exact", "bool", True, "1 when codes, scales and zero points reload bit-exact from the artifact"),
-    Metric("quantize_seconds", "s", False, "median wall time of quantize_model over the benchmark rounds"),
-    Metric("load_seconds", "s", False, "median wall time to load the artifact and dequantize every tensor"),
+    Metric("size_mb", "artifact", "MB", False, "bytes of the written Parquet v2 artifact / 1e6"),
+    Metric("compression_vs_fp32", "artifact", "x", True, "FP32 safetensors bytes / artifact bytes, both measured on disk"),
+    Metric("compression_vs_fp16", "artifact", "x", True, "FP16 safetensors bytes / artifact bytes, both measured on disk"),
+    Metric("bits_per_weight", "artifact", "bits", False, "artifact bits on disk / parameter count"),
+    Metric("unquantized_weights", "artifact", "tensors", False, "weights of 2+ dimensions left in floating point"),
+    Metric("weight_cosine_mean", "weight", "", True, "mean over quantized tensors of cosine(original, dequantized)"),
+    Metric("weight_cosine_min", "weight", "", True, "worst tensor's cosine(original, dequantized)"),
+    Metric("weight_sqnr_db_mean", "weight", "dB", True, "mean over quantized tensors of the SQNR"),
+    Metric("weight_sqnr_db_min", "weight", "dB", True, "worst tensor's SQNR"),
+    Metric("output_cosine_mean", "output", "", True, "mean cosine between original and quantized sentence embeddings"),
+    Metric("output_cosine_p1", "output", "", True, "1st percentile of that cosine"),
+    Metric("output_cosine_min", "output", "", True, "worst sentence's cosine"),
+    Metric("top5_overlap", "output", "", True, "mean overlap of each sentence's 5 nearest neighbours, original vs quantized"),
+    Metric("top1_agreement", "output", "", True, "nearest neighbour unchanged, over sentences whose original top-1 margin >= 0.01"),
+    # dream-mini (masked-diffusion denoiser), at masked positions of the evaluation set
+    Metric("kl_mean", "output", "nats", False, "mean KL(original || quantized) of the denoiser's predictions"),
+    Metric("kl_p99", "output", "nats", False, "99th percentile of that KL over positions"),
+    Metric("masked_top1_agreement", "output", "", True, "fraction of masked positions whose argmax is unchanged"),
+    Metric("kl_mean_worst_group", "output", "nats", False, "highest mean KL of any mask-ratio group (timestep group)"),
+    Metric("top1_agreement_worst_group", "output", "", True, "lowest top-1 agreement of any mask-ratio group"),
+    Metric("sampler4_agreement", "output", "", True, "4-step greedy unmasking: fraction of final tokens equal"),
+    Metric("sampler8_agreement", "output", "", True, "8-step greedy unmasking: fraction of final tokens equal"),
+    Metric("sampler4_first_divergence", "output", "step", True, "4-step: first step where trajectories differ (-1 never)"),
+    Metric("sampler8_first_divergence", "output", "step", True, "8-step: first step where trajectories differ (-1 never)"),
+    Metric("roundtrip_exact", "artifact", "bool", True, "1 when codes, scales and zero points reload bit-exact from the artifact"),
+    Metric("quantize_seconds", "time", "s", False, "median wall time of quantize_model over the benchmark rounds"),
+    Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),
 )
 
 METRICS: Final[dict[str, Metric]] = {m.name: m for m in _ROWS}

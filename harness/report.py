@@ -26,6 +26,9 @@ SUMMARY_COLUMNS = (
     ("output_cosine_mean", "Out cos mean", "{:.5f}"), ("output_cosine_p1", "Out cos p1", "{:.5f}"),
     ("output_cosine_min", "Out cos min", "{:.5f}"), ("top5_overlap", "Top-5 overlap", "{:.3f}"),
     ("top1_agreement", "Top-1 agree", "{:.3f}"),
+    ("kl_mean", "KL mean", "{:.4f}"), ("kl_p99", "KL p99", "{:.3f}"),
+    ("masked_top1_agreement", "Masked top-1", "{:.3f}"), ("sampler4_agreement", "4-step agree", "{:.3f}"),
+    ("sampler8_agreement", "8-step agree", "{:.3f}"),
     ("quantize_seconds", "Quantize s", "{:.2f}"), ("load_seconds", "Load s", "{:.3f}"),
 )
 
@@ -46,6 +49,17 @@ def _num(value: Any) -> float:
     return float(value) if value is not None else math.nan
 
 
+def _collapsed(m: dict[str, Any]) -> str:
+    """Why a bit width's outputs are unusable, or '' (output metrics only)."""
+    if "output_cosine_mean" in m and _num(m["output_cosine_mean"]) < 0.9:
+        return (f"mean output cosine {_num(m['output_cosine_mean']):.3f} "
+                f"(worst sentence {_num(m.get('output_cosine_min')):.3f})")
+    if "masked_top1_agreement" in m and _num(m["masked_top1_agreement"]) < 0.5:
+        return (f"only {_num(m['masked_top1_agreement']):.0%} of masked predictions unchanged "
+                f"(mean KL {_num(m.get('kl_mean')):.2f} nats)")
+    return ""
+
+
 def recommendations(results: dict[str, Any]) -> list[str]:
     """Advice derived from the measured numbers only."""
     out: list[str] = []
@@ -54,7 +68,7 @@ def recommendations(results: dict[str, Any]) -> list[str]:
     passing = [b for b in by_bits if b not in failed_bits and by_bits[b]["metrics"]]
     # A bit width whose output quality is only reported (not gated) and has collapsed is
     # not a recommendation, whatever its gates say.
-    usable = [b for b in passing if _num(by_bits[b]["metrics"].get("output_cosine_mean", 1.0)) >= 0.9]
+    usable = [b for b in passing if not _collapsed(by_bits[b]["metrics"])]
     if usable:
         best = min(usable)
         m = by_bits[best]["metrics"]
@@ -64,9 +78,9 @@ def recommendations(results: dict[str, Any]) -> list[str]:
     for bits, entry in sorted(by_bits.items(), reverse=True):
         m = entry["metrics"]
         cos = m.get("output_cosine_mean")
-        if cos is not None and _num(cos) < 0.9:
-            out.append(f"INT{bits} ({entry['scheme']}) wrecks the model's outputs: mean output cosine "
-                       f"{_num(cos):.3f} (worst sentence {_num(m.get('output_cosine_min')):.3f}), even though "
+        collapse = _collapsed(m)
+        if collapse:
+            out.append(f"INT{bits} ({entry['scheme']}) wrecks the model's outputs: {collapse}, even though "
                        f"its weight cosine is {_num(m.get('weight_cosine_mean')):.3f}. Do not ship it; "
                        "use a calibrated method or mixed precision for this bit width.")
         elif cos is not None and _num(cos) < 0.99:
@@ -100,6 +114,10 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
              _fmt(_num(l["cosine"]), "{:.5f}"), _fmt(_num(l["sqnr_db"]), "{:.2f}"),
              _fmt(_num(l["relative_error"]), "{:.4f}")] for l in layers]})
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
+    groups = [{"bits": e["bits"], "rows": [
+        [g["mask_ratio"], _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
+         _fmt(g["top1_agreement"], "{:.3f}"), str(int(g["positions"]))] for g in e.get("timestep_groups", [])]}
+        for e in entries if e.get("timestep_groups")]
     criteria = [[f"INT{c['bits']}", f"`{c['rule']}`", _fmt(_num(c["value"]), "{:.6g}"),
                  ("PASS" if c["passed"] else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
                  c["why"]] for c in ordered]
@@ -135,6 +153,7 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
         "summary_header": ["Bits", "Scheme"] + [title for _k, title, _p in present],
         "summary_rows": summary_rows,
         "worst": worst,
+        "timestep_groups": groups,
         "criteria": criteria,
         "recommendations": recommendations(results),
         "scheme_legend": [(f"`{s}`", SCHEMES[s].description) for s in used_schemes if s in SCHEMES],

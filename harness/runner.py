@@ -22,13 +22,13 @@ from arrowquant_core.schemes import get_scheme
 from harness import exitcodes
 from harness.config import RunConfig
 from harness.criteria import default_criteria_path, load_criteria
+from harness.measures import METRICS
 from harness.results import SCHEMA_VERSION, now, provenance, write_json
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 REPORT_NAME = "QUANTIZATION_VALIDATION_REPORT.md"
 SUITE_LOG = "suite.log"
 RESULTS_NAME = "results.json"
-OUTPUT_PREFIXES = ("output_", "top")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def run(config: RunConfig) -> RunResult:
              f"{checkpoint.parameter_count / 1e6:.1f}M parameters")
     if checkpoint.runner is None:
         needs_runner = sorted({c.metric for p in criteria.plans.values() for c in p.gates
-                               if c.metric.startswith(OUTPUT_PREFIXES)})
+                               if METRICS[c.metric].level == "output"})
         if needs_runner:
             raise ConfigurationError(
                 f"{criteria_path}: gates output metrics {needs_runner}, but model {config.model!r} has no "
@@ -162,6 +162,7 @@ def _bit_entry(ctx: Any, bits: int) -> dict[str, Any]:
     reloaded = ctx.reloaded_by_bits.get(bits)
     if reloaded is not None:
         entry["layers"] = [asdict(row) for row in reloaded.layers]
+    entry["timestep_groups"] = ctx.tables_by_bits.get(bits, {}).get("timestep_groups", [])
     return entry
 
 

@@ -1,8 +1,8 @@
 """The suite must be able to say no.
 
 Each deliberately broken quantizer (harness.faults) runs through the real acceptance
-suite on the real MiniLM; the verdict must be FAIL, and the gate expected to catch the
-fault must be among the failed ones. INT4 exercises every fault (nibble swapping is
+suite on the real MiniLM and on dream-mini; the verdict must be FAIL, and a gate
+expected to catch the fault must be among the failed ones. INT4 exercises every fault (nibble swapping is
 meaningless at INT8); doubled scales also run at INT2, whose output is not gated and
 where only the SQNR gate can see a scale error.
 """
@@ -17,14 +17,18 @@ from harness.config import RunConfig
 from harness.faults import FAULTS
 from harness.runner import run
 
-# fault -> (bits, metrics of which at least one gate must fail)
+# The output-level metric each model gates on.
+OUTPUT_METRIC = {"minilm": "output_cosine_mean", "dream-mini": "kl_mean"}
+OUTPUT = "<output>"
+
+# fault -> metrics of which at least one gate must fail at INT4 (OUTPUT: the model's own)
 EXPECTED = {
-    "scales-doubled": (4, {"output_cosine_mean", "weight_sqnr_db_min"}),
-    "zero-off-by-one": (4, {"weight_cosine_min", "output_cosine_mean"}),
-    "nibbles-swapped": (4, {"weight_cosine_min", "output_cosine_mean"}),
-    "codes-as-float32": (4, {"compression_vs_fp32"}),
-    "one-weight-unquantized": (4, {"unquantized_weights"}),
-    "rows-permuted": (4, {"weight_cosine_min", "output_cosine_mean"}),
+    "scales-doubled": {OUTPUT, "weight_sqnr_db_min"},
+    "zero-off-by-one": {"weight_cosine_min", OUTPUT},
+    "nibbles-swapped": {"weight_cosine_min", OUTPUT},
+    "codes-as-float32": {"compression_vs_fp32"},
+    "one-weight-unquantized": {"unquantized_weights"},
+    "rows-permuted": {"weight_cosine_min", OUTPUT},
 }
 
 
@@ -32,14 +36,14 @@ def test_every_fault_has_an_expectation() -> None:
     assert set(EXPECTED) == set(FAULTS)
 
 
+@pytest.mark.parametrize("model", sorted(OUTPUT_METRIC))
 @pytest.mark.parametrize("fault", sorted(EXPECTED))
-def test_fault_fails_the_gate(fault: str, tmp_path: Path) -> None:
-    bits, metrics = EXPECTED[fault]
-    result = run(RunConfig(model="minilm", bits=(bits,), out=tmp_path, fault=fault, quiet=True,
-                           benchmark_rounds=1))
+def test_fault_fails_the_gate(model: str, fault: str, tmp_path: Path) -> None:
+    metrics = {OUTPUT_METRIC[model] if m == OUTPUT else m for m in EXPECTED[fault]}
+    result = run(RunConfig(model=model, bits=(4,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1))
     failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
     assert result.verdict == "FAIL" and result.exit_code == 1
-    assert failed & metrics, f"{fault}: expected a failure among {metrics}, failed gates: {failed}"
+    assert failed & metrics, f"{model} {fault}: expected a failure among {metrics}, failed gates: {failed}"
     report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
     assert "**Verdict: FAIL**" in report and f"injected fault `{fault}`" in report
 
@@ -52,7 +56,8 @@ def test_scales_doubled_caught_at_int2(tmp_path: Path) -> None:
     assert any(rule.startswith("weight_sqnr_db_min") for rule in failed), failed
 
 
-def test_clean_run_passes_at_int4(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", sorted(OUTPUT_METRIC))
+def test_clean_run_passes_at_int4(model: str, tmp_path: Path) -> None:
     """The control: the same run without a fault passes (so the failures above are the faults')."""
-    result = run(RunConfig(model="minilm", bits=(4,), out=tmp_path, quiet=True, benchmark_rounds=1))
+    result = run(RunConfig(model=model, bits=(4,), out=tmp_path, quiet=True, benchmark_rounds=1))
     assert result.verdict == "PASS", result.results["tests"]["failures"]

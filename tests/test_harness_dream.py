@@ -1,0 +1,69 @@
+"""dream-mini end to end: the run passes, reports per timestep group, and is deterministic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import arrowquant_core as aq
+from fixtures.dream_mini.runner import ensure_fixture
+from harness.config import RunConfig
+from harness.runner import RunResult, run
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, RunResult]:
+    first = run(RunConfig(model="dream-mini", out=tmp_path_factory.mktemp("a"), quiet=True, benchmark_rounds=1))
+    second = run(RunConfig(model="dream-mini", out=tmp_path_factory.mktemp("b"), quiet=True, benchmark_rounds=1))
+    return first, second
+
+
+def test_dream_mini_passes_with_timestep_groups(two_runs: tuple[RunResult, RunResult]) -> None:
+    result = two_runs[0]
+    assert result.exit_code == 0, result.results["tests"]["failures"]
+    entries = result.results["bit_widths"]
+    assert [e["bits"] for e in entries] == [8, 4, 2]
+    assert [e["scheme"] for e in entries] == ["int8-g64-asym", "int4-g128-asym", "int2-g256-asym"]
+    for entry in entries:
+        groups = entry["timestep_groups"]
+        assert len(groups) == 5 and all(g["positions"] > 0 for g in groups)
+        for key in ("kl_mean", "masked_top1_agreement", "sampler4_agreement", "sampler8_agreement"):
+            assert key in entry["metrics"], key
+    int2 = entries[2]["metrics"]
+    assert int2["size_mb"] < 35 and int2["weight_cosine_mean"] >= 0.70
+    report = result.report_path.read_text()
+    assert "## By timestep group (mask ratio)" in report and "| Mask ratio | KL mean |" in report
+    # quality gets worse as bits drop, and the report has the numbers to show it
+    kl = [e["metrics"]["kl_mean"] for e in entries]
+    assert kl[0] < kl[1] < kl[2]
+
+
+def test_same_seed_same_codes_and_same_figures(two_runs: tuple[RunResult, RunResult]) -> None:
+    first, second = two_runs
+    for a, b in zip(first.results["bit_widths"], second.results["bit_widths"]):
+        ma, mb = aq.load(a["artifact"]["path"]), aq.load(b["artifact"]["path"])
+        assert list(ma.tensors) == list(mb.tensors)
+        for name, qa in ma.tensors.items():
+            qb = mb.tensors[name]
+            np.testing.assert_array_equal(qa.codes, qb.codes, err_msg=name)
+            np.testing.assert_array_equal(qa.scales, qb.scales, err_msg=name)
+            np.testing.assert_array_equal(qa.zeros, qb.zeros, err_msg=name)
+        timing = {"quantize_seconds", "load_seconds"}
+        assert {k: v for k, v in a["metrics"].items() if k not in timing} == \
+               {k: v for k, v in b["metrics"].items() if k not in timing}
+        assert a["timestep_groups"] == b["timestep_groups"]
+
+
+def test_fixture_is_reused_by_hash_and_regenerated_when_changed(tmp_path: Path) -> None:
+    folder = ensure_fixture(seed=3, root=tmp_path)
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    stamp = weights.stat().st_mtime_ns
+    assert ensure_fixture(seed=3, root=tmp_path) == folder and weights.stat().st_mtime_ns == stamp, "reused"
+    weights.write_bytes(original[:-8] + bytes(8))  # tamper with the cached weights
+    again = ensure_fixture(seed=3, root=tmp_path)
+    assert again == folder and again.joinpath("model.safetensors").read_bytes() == original
+    other = ensure_fixture(seed=4, root=tmp_path)
+    assert other != folder and other.joinpath("model.safetensors").read_bytes() != original
