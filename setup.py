@@ -21,6 +21,11 @@ CORE = [
     "arrowquant_core/storage.py",
     "arrowquant_core/safetensors_io.py",
     "arrowquant_core/diffusion.py",
+    "arrowquant_core/clip.py",
+    "arrowquant_core/hqq.py",
+    "arrowquant_core/gptq.py",
+    "arrowquant_core/residual.py",
+    "arrowquant_core/methods.py",
 ]
 
 # Metadata-only invocations would compile everything a second time for nothing (~7 s).

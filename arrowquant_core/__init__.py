@@ -25,7 +25,9 @@ from arrowquant_core.errors import (
     QuantizationError,
     ValidationError,
 )
+from arrowquant_core.gptq import HessianAccumulator, hessian_from_activations
 from arrowquant_core.kernels import pack, unpack
+from arrowquant_core.methods import METHODS, Method, get_method, quantize_tensor
 from arrowquant_core.metrics import cosine, relative_error, row_cosines, sqnr_db
 from arrowquant_core.model import QuantizationConfig, QuantizedModel, quantize_model
 from arrowquant_core.schemes import SCHEMES, Scheme, get_scheme
@@ -36,6 +38,7 @@ __all__ = [
     "COMPILED_MODULES",
     "PROFILES",
     "SCHEMES",
+    "METHODS",
     "ArrowQuantV2",
     "DeploymentProfile",
     "DiffusionQuantConfig",
@@ -46,6 +49,8 @@ __all__ = [
     "ArrowQuantError",
     "ConfigurationError",
     "FormatError",
+    "HessianAccumulator",
+    "Method",
     "QuantizationConfig",
     "QuantizationError",
     "QuantizedModel",
@@ -55,13 +60,16 @@ __all__ = [
     "cosine",
     "dequantize",
     "format_version",
+    "get_method",
     "get_scheme",
+    "hessian_from_activations",
     "is_compiled",
     "load",
     "load_weights",
     "pack",
     "quantize",
     "quantize_model",
+    "quantize_tensor",
     "relative_error",
     "row_cosines",
     "save",
@@ -70,8 +78,8 @@ __all__ = [
     "unpack",
 ]
 
-COMPILED_MODULES = ("diffusion", "errors", "kernels", "metrics", "model", "safetensors_io", "schemes", "storage",
-                    "tensor")
+COMPILED_MODULES = ("clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
+                    "residual", "safetensors_io", "schemes", "storage", "tensor")
 
 
 def is_compiled() -> bool:

@@ -109,6 +109,25 @@ def dequantize_blocks(codes: U8, scales: F32, zeros: U8) -> F32:
     return t
 
 
+# --- residual 2-bit lattice (R2Q-style; see residual.py) ---------------------------------
+# value = m + a1 * s1 + a2 * s2 with s1, s2 in {-1, +1}; code = 2 * [s1 > 0] + [s2 > 0];
+# params per block: (m, a1, a2). The four levels are non-uniform, so this is a lookup,
+# not the affine (code - zero) * scale.
+
+def residual2_levels(params: F32) -> F32:
+    """The four values of each block, in code order 0..3: ``(n, 4)``."""
+    p = params.astype(np.float32)
+    m, a1, a2 = p[:, 0:1], p[:, 1:2], p[:, 2:3]
+    return np.concatenate([m - a1 - a2, m - a1 + a2, m + a1 - a2, m + a1 + a2], axis=1)
+
+
+def residual2_dequantize_blocks(codes: U8, params: F32) -> F32:
+    """``m + a1 s1 + a2 s2`` per value; ``(n, b)`` float32."""
+    levels = residual2_levels(params)
+    out: F32 = np.take_along_axis(levels, codes.astype(np.intp), axis=1).astype(np.float32)
+    return out
+
+
 # --- bit packing -----------------------------------------------------------------------
 # Codes are packed little-end first: for 4-bit, byte = c0 | c1 << 4; for 2-bit,
 # byte = c0 | c1 << 2 | c2 << 4 | c3 << 6 (the order of llama.cpp's Q4_0 nibbles

@@ -18,7 +18,8 @@ import numpy.typing as npt
 
 from arrowquant_core.errors import ConfigurationError, QuantizationError
 from arrowquant_core.schemes import Scheme, get_scheme
-from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize, quantize
+from arrowquant_core.methods import check_method, get_method, quantize_tensor
+from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize
 
 Progress = Callable[[int, int, str], None]
 FloatArray = npt.NDArray[np.floating]
@@ -29,9 +30,11 @@ class QuantizationConfig:
     """Which scheme each tensor gets.
 
     ``overrides`` is a tuple of ``(glob pattern, scheme name)``; the first pattern that
-    matches a tensor name wins over ``scheme``. ``keep_float`` patterns are never
-    quantized. ``fail_fast`` stops at the first tensor that cannot be quantized;
-    otherwise such a tensor is kept in float and reported in ``QuantizedModel.skipped``.
+    matches a tensor name wins over ``scheme``. ``method`` (see ``methods.METHODS``)
+    picks the algorithm, ``method_overrides`` per pattern likewise. ``keep_float``
+    patterns are never quantized. ``fail_fast`` stops at the first tensor that cannot be
+    quantized; otherwise such a tensor is kept in float and reported in
+    ``QuantizedModel.skipped``.
 
     >>> QuantizationConfig("int4-g64-asym", overrides=(("*.embeddings.*", "int8-channel-sym"),)).scheme_for("x.embeddings.w").name
     'int8-channel-sym'
@@ -42,14 +45,21 @@ class QuantizationConfig:
     keep_float: tuple[str, ...] = ()
     min_ndim: int = 2
     fail_fast: bool = True
+    method: str = "rtn"
+    method_overrides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        get_scheme(self.scheme)
+        check_method(self.method, get_scheme(self.scheme))
         for pattern, name in self.overrides:
             try:
-                get_scheme(name)
+                check_method(self.method_for(pattern), get_scheme(name))
             except ConfigurationError as exc:
                 raise ConfigurationError(f"override {pattern!r}: {exc}") from None
+        for pattern, name in self.method_overrides:
+            try:
+                get_method(name)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"method override {pattern!r}: {exc}") from None
         if self.min_ndim < 1:
             raise ConfigurationError(f"min_ndim = {self.min_ndim}: must be >= 1")
 
@@ -58,6 +68,12 @@ class QuantizationConfig:
             if fnmatch.fnmatchcase(name, pattern):
                 return get_scheme(scheme_name)
         return get_scheme(self.scheme)
+
+    def method_for(self, name: str) -> str:
+        for pattern, method in self.method_overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return method
+        return self.method
 
     def wants(self, name: str, array: FloatArray) -> bool:
         if array.ndim < self.min_ndim:
@@ -98,10 +114,13 @@ class QuantizedModel:
 
 
 def quantize_model(weights: Mapping[str, FloatArray], config: QuantizationConfig,
-                   progress: Progress | None = None) -> QuantizedModel:
+                   progress: Progress | None = None,
+                   hessians: Mapping[str, npt.NDArray[np.float32]] | None = None) -> QuantizedModel:
     """Quantize every tensor the config selects.
 
-    ``progress(done, total, name)`` is called after each tensor.
+    ``progress(done, total, name)`` is called after each tensor. ``hessians`` maps
+    tensor names to the input Hessian GPTQ needs (``2 X^T X / n`` of the calibration
+    activations); tensors without one fall back to clip search (their ``method`` says so).
 
     >>> w = {"fc.weight": np.ones((4, 64), np.float32), "fc.bias": np.zeros(4, np.float32)}
     >>> m = quantize_model(w, QuantizationConfig("int8-channel-sym"))
@@ -121,7 +140,9 @@ def quantize_model(weights: Mapping[str, FloatArray], config: QuantizationConfig
             raise QuantizationError(f"tensor {name!r}: expected a numpy array, got {type(array).__name__}")
         if config.wants(name, array):
             try:
-                tensors[name] = quantize(array, config.scheme_for(name), name)
+                scheme = config.scheme_for(name)
+                tensors[name] = quantize_tensor(array, scheme, name, config.method_for(name),
+                                                hessians.get(name) if hessians is not None else None)
             except QuantizationError as exc:
                 if config.fail_fast:
                     raise

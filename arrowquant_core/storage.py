@@ -16,6 +16,7 @@ unquantized. The version lives in the schema metadata under ``arrowquant.format_
     codes    large_binary        yes  packed codes
     scales   large_binary        yes  float32 scales, one per block
     zeros    large_binary        yes  uint8 zero points (empty for symmetric schemes)
+    params   large_binary        yes  float32 (m, a1, a2) per block for lattice methods, else empty
 
 Every write goes to a temporary file in the destination folder and is renamed over the
 target only when complete (safetensors' "write to tempfile + rename"), so a crash never
@@ -54,7 +55,8 @@ FORMAT_V1: Final = 1
 FORMAT_V2: Final = 2
 
 _V1_FIELDS: Final[tuple[str, ...]] = ("name", "shape", "dtype", "data", "sha256")
-_V2_FIELDS: Final[tuple[str, ...]] = _V1_FIELDS + ("kind", "scheme", "method", "codes", "scales", "zeros")
+_V2_FIELDS: Final[tuple[str, ...]] = _V1_FIELDS + ("kind", "scheme", "method", "codes", "scales", "zeros",
+                                                  "params")
 
 
 def _np_dtype(name: str) -> np.dtype[Any]:
@@ -90,11 +92,12 @@ def _float_row(name: str, array: FloatArray) -> dict[str, Any]:
 def _quantized_row(qt: QuantizedTensor) -> dict[str, Any]:
     qt.check()
     codes, scales, zeros = qt.codes.tobytes(), qt.scales.astype("<f4").tobytes(), qt.zeros.tobytes()
+    params = qt.params.astype("<f4").tobytes()
     shape = list(qt.shape)
     header = f"quantized|{qt.name}|{shape}|{qt.dtype}|{qt.scheme.name}|{qt.method}"
     return {"name": qt.name, "shape": shape, "dtype": qt.dtype, "kind": "quantized",
             "scheme": qt.scheme.name, "method": qt.method, "codes": codes, "scales": scales,
-            "zeros": zeros, "sha256": _checksum([codes, scales, zeros], header)}
+            "zeros": zeros, "params": params, "sha256": _checksum([codes, scales, zeros, params], header)}
 
 
 def _schema(version: int, metadata: Mapping[str, str]) -> pa.Schema:
@@ -113,6 +116,7 @@ def _schema(version: int, metadata: Mapping[str, str]) -> pa.Schema:
             pa.field("codes", pa.large_binary()),
             pa.field("scales", pa.large_binary()),
             pa.field("zeros", pa.large_binary()),
+            pa.field("params", pa.large_binary()),
         ]
     meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(),
             METADATA_KEY: json.dumps(dict(metadata), sort_keys=True).encode()}
@@ -243,19 +247,20 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
     scheme = SCHEMES.get(row["scheme"] or "")
     if scheme is None:
         raise FormatError(f"{path}: tensor {name!r}: unknown scheme {row['scheme']!r}")
-    blobs = [row["codes"], row["scales"], row["zeros"]]
+    blobs = [row["codes"], row["scales"], row["zeros"], row["params"]]
     if not all(isinstance(b, bytes) for b in blobs):
-        raise FormatError(f"{path}: tensor {name!r}: codes, scales and zeros must all be present")
+        raise FormatError(f"{path}: tensor {name!r}: codes, scales, zeros and params must all be present")
     shape = _shape(row, path)
     method = str(row["method"] or "rtn")
     _verify(row, blobs, f"quantized|{name}|{list(shape)}|{row['dtype']}|{scheme.name}|{method}", path)
-    if len(blobs[1]) % 4:
-        raise FormatError(f"{path}: tensor {name!r}: {len(blobs[1])} scale bytes is not a multiple of 4")
+    if len(blobs[1]) % 4 or len(blobs[3]) % 4:
+        raise FormatError(f"{path}: tensor {name!r}: scale and param bytes must be multiples of 4 (float32)")
     qt = QuantizedTensor(
         name=name, scheme=scheme, shape=shape, dtype=str(row["dtype"]),
         codes=np.frombuffer(blobs[0], dtype=np.uint8),
         scales=np.frombuffer(blobs[1], dtype="<f4").astype(np.float32),
-        zeros=np.frombuffer(blobs[2], dtype=np.uint8), method=method)
+        zeros=np.frombuffer(blobs[2], dtype=np.uint8), method=method,
+        params=np.frombuffer(blobs[3], dtype="<f4").astype(np.float32))
     qt.check(str(path))
     return qt
 

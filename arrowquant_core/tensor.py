@@ -10,7 +10,7 @@ the row's last value, which leaves that group's min and max unchanged; only the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import math
 
 from typing import Any
@@ -20,13 +20,20 @@ import numpy as np
 import numpy.typing as npt
 
 from arrowquant_core.errors import FormatError, QuantizationError
-from arrowquant_core.kernels import dequantize_blocks, pack, quantize_blocks, unpack
+from arrowquant_core.kernels import dequantize_blocks, pack, quantize_blocks, residual2_dequantize_blocks, unpack
 from arrowquant_core.schemes import Scheme, get_scheme
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
 FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+
+# Methods whose codes are residual-lattice signs (params per block), not affine codes.
+LATTICE_METHODS: tuple[str, ...] = ("residual2",)
+
+
+def _no_params() -> F32:
+    return np.zeros(0, dtype=np.float32)
 
 
 @dataclass(frozen=True, eq=False)  # eq over NumPy arrays is ambiguous; compare explicitly
@@ -35,6 +42,8 @@ class QuantizedTensor:
 
     ``zeros`` is empty for symmetric schemes (the zero point is implicit).
     ``method`` names the algorithm that chose the codes ("rtn" = round-to-nearest).
+    Lattice methods (``LATTICE_METHODS``, residual 2-bit) store no scales or zero
+    points but three float32 ``params`` per block, ``(m, a1, a2)``.
     """
 
     name: str
@@ -45,6 +54,11 @@ class QuantizedTensor:
     scales: F32
     zeros: U8
     method: str = "rtn"
+    params: F32 = field(default_factory=_no_params)
+
+    @property
+    def is_lattice(self) -> bool:
+        return self.method in LATTICE_METHODS
 
     @property
     def numel(self) -> int:
@@ -53,7 +67,7 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of codes, scales and zero points held in memory (not a file size)."""
-        return int(self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes)
+        return int(self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes + self.params.nbytes)
 
     def check(self, where: str = "") -> None:
         """Raise FormatError if the arrays do not fit the shape and scheme."""
@@ -67,6 +81,17 @@ class QuantizedTensor:
             raise FormatError(
                 f"{prefix}tensor {self.name!r}: {self.codes.size} code bytes ({self.codes.dtype}), "
                 f"scheme {self.scheme.name} and shape {list(self.shape)} need {need_codes} uint8")
+        if self.is_lattice:
+            if self.scheme.bits != 2 or self.scales.size or self.zeros.size:
+                raise FormatError(f"{prefix}tensor {self.name!r}: method {self.method} stores 2-bit codes "
+                                  f"and params only (scheme {self.scheme.name})")
+            if self.params.dtype != np.float32 or self.params.size != 3 * n_blocks \
+                    or not bool(np.all(np.isfinite(self.params))):
+                raise FormatError(f"{prefix}tensor {self.name!r}: {self.params.size} params, method "
+                                  f"{self.method} needs {3 * n_blocks} finite float32 (3 per block)")
+            return
+        if self.params.size:
+            raise FormatError(f"{prefix}tensor {self.name!r}: method {self.method!r} takes no params")
         if self.scales.dtype != np.float32 or self.scales.size != n_blocks:
             raise FormatError(
                 f"{prefix}tensor {self.name!r}: {self.scales.size} scales ({self.scales.dtype}), "
@@ -101,13 +126,19 @@ def layout(shape: tuple[int, ...], scheme: Scheme) -> tuple[int, int, int, int]:
     return rows, cols, g, -(-cols // g)
 
 
-def _to_blocks(matrix: F32, block: int, n_groups: int) -> F32:
-    rows, cols = matrix.shape
+def blocks_of(values: F32, scheme: Scheme) -> tuple[F32, tuple[int, int, int, int]]:
+    """Block-shaped copy ``(rows * n_groups, block)`` of a float32 tensor, plus its layout.
+
+    A ragged last group is padded by repeating the row's last value, so its min and max
+    stay those of the real data.
+    """
+    shape = tuple(int(d) for d in values.shape)
+    rows, cols, block, n_groups = layout(shape, scheme)
+    matrix = values.reshape(rows, cols)
     pad = block * n_groups - cols
     if pad:
-        # Repeat the row's last value: the ragged group's min/max stay those of real data.
         matrix = np.pad(matrix, ((0, 0), (0, pad)), mode="edge")
-    return np.ascontiguousarray(matrix.reshape(rows * n_groups, block))
+    return np.ascontiguousarray(matrix.reshape(rows * n_groups, block)), (rows, cols, block, n_groups)
 
 
 def check_finite(values: npt.NDArray[Any], name: str) -> None:
@@ -158,29 +189,33 @@ def quantize(array: object, scheme: Scheme | str, name: str = "tensor") -> Quant
     """
     sch = get_scheme(scheme) if isinstance(scheme, str) else scheme
     values, dtype = as_float32(array, name)
-    shape = tuple(int(d) for d in values.shape)
-    rows, cols, block, n_groups = layout(shape, sch)
-    blocks = _to_blocks(values.reshape(rows, cols), block, n_groups)
+    blocks, _layout = blocks_of(values, sch)
     codes, scales, zeros = quantize_blocks(blocks, sch.bits, sch.symmetric)
-    return from_codes(name, sch, shape, dtype, codes, scales, zeros, "rtn")
+    return from_codes(name, sch, tuple(int(d) for d in values.shape), dtype, codes, scales, zeros, "rtn")
 
 
 def from_codes(name: str, scheme: Scheme, shape: tuple[int, ...], dtype: str, block_codes: U8,
-               scales: F32, zeros: U8, method: str) -> QuantizedTensor:
+               scales: F32, zeros: U8, method: str, params: F32 | None = None) -> QuantizedTensor:
     """Build a QuantizedTensor from block-shaped codes ``(rows * n_groups, block)``.
 
     Quantization methods other than round-to-nearest choose codes, scales and zero
-    points their own way and hand them here for packing.
+    points (or, for lattice methods, ``params``) their own way and hand them here.
     """
     rows, cols, block, n_groups = layout(shape, scheme)
     codes = block_codes.reshape(rows, n_groups * block)[:, :cols]
-    return QuantizedTensor(
+    lattice = method in LATTICE_METHODS
+    qt = QuantizedTensor(
         name=name, scheme=scheme, shape=shape, dtype=dtype,
         codes=pack(codes, scheme.bits),
-        scales=np.ascontiguousarray(scales, dtype=np.float32).reshape(-1),
-        zeros=(np.zeros(0, np.uint8) if scheme.symmetric
+        scales=(np.zeros(0, np.float32) if lattice
+                else np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)),
+        zeros=(np.zeros(0, np.uint8) if scheme.symmetric or lattice
                else np.ascontiguousarray(zeros, dtype=np.uint8).reshape(-1)),
-        method=method)
+        method=method,
+        params=(np.ascontiguousarray(params, dtype=np.float32).reshape(-1) if params is not None
+                else _no_params()))
+    qt.check()
+    return qt
 
 
 def block_codes(qt: QuantizedTensor) -> U8:
@@ -196,8 +231,11 @@ def block_codes(qt: QuantizedTensor) -> U8:
 def dequantize_float32(qt: QuantizedTensor) -> F32:
     """Dequantize to float32 in the original shape."""
     rows, cols, block, n_groups = layout(qt.shape, qt.scheme)
-    zeros = qt.zeros if qt.zeros.size else np.full(qt.scales.size, 1 << (qt.scheme.bits - 1), np.uint8)
-    values = dequantize_blocks(block_codes(qt), qt.scales, zeros)
+    if qt.is_lattice:
+        values = residual2_dequantize_blocks(block_codes(qt), qt.params.reshape(-1, 3))
+    else:
+        zeros = qt.zeros if qt.zeros.size else np.full(qt.scales.size, 1 << (qt.scheme.bits - 1), np.uint8)
+        values = dequantize_blocks(block_codes(qt), qt.scales, zeros)
     return np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols]).reshape(qt.shape)
 
 
