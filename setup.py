@@ -26,6 +26,7 @@ CORE = [
     "arrowquant_core/gptq.py",
     "arrowquant_core/residual.py",
     "arrowquant_core/methods.py",
+    "arrowquant_core/plan.py",
 ]
 
 # Metadata-only invocations would compile everything a second time for nothing (~7 s).

@@ -30,6 +30,7 @@ from arrowquant_core.kernels import pack, unpack
 from arrowquant_core.methods import METHODS, Method, get_method, quantize_tensor
 from arrowquant_core.metrics import cosine, relative_error, row_cosines, sqnr_db
 from arrowquant_core.model import QuantizationConfig, QuantizedModel, quantize_model
+from arrowquant_core.plan import MixedPlan, Rung, plan_budget, plan_quality, realize
 from arrowquant_core.schemes import SCHEMES, Scheme, get_scheme
 from arrowquant_core.storage import format_version, load, load_weights, save, save_weights
 from arrowquant_core.tensor import QuantizedTensor, dequantize, quantize
@@ -51,10 +52,12 @@ __all__ = [
     "FormatError",
     "HessianAccumulator",
     "Method",
+    "MixedPlan",
     "QuantizationConfig",
     "QuantizationError",
     "QuantizedModel",
     "QuantizedTensor",
+    "Rung",
     "Scheme",
     "ValidationError",
     "cosine",
@@ -67,9 +70,12 @@ __all__ = [
     "load",
     "load_weights",
     "pack",
+    "plan_budget",
+    "plan_quality",
     "quantize",
     "quantize_model",
     "quantize_tensor",
+    "realize",
     "relative_error",
     "row_cosines",
     "save",
@@ -79,7 +85,7 @@ __all__ = [
 ]
 
 COMPILED_MODULES = ("clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
-                    "residual", "safetensors_io", "schemes", "storage", "tensor")
+                    "plan", "residual", "safetensors_io", "schemes", "storage", "tensor")
 
 
 def is_compiled() -> bool:

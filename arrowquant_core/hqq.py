@@ -73,7 +73,6 @@ U8 = npt.NDArray[np.uint8]
 Floats = npt.NDArray[np.floating[Any]]
 
 
-
 def shrink_lp(x: F32, beta: float, lp_norm: float) -> F32:
     """HQQ's generalized soft-thresholding: ``sign(x) * relu(|x| - |x|^(p-1) / beta)``."""
     a = np.abs(x)

@@ -11,12 +11,15 @@ from pathlib import Path
 import sys
 import traceback
 
+from arrowquant_core.diffusion import PROFILES
 from arrowquant_core.errors import ArrowQuantError, ConfigurationError
 from harness import exitcodes
 
 EXAMPLES = """examples:
   python -m harness run --model minilm                 # INT8, INT4, INT2 with the default gates
   python -m harness run --model minilm --bits 4        # one bit width
+  python -m harness run --model minilm --profile edge  # INT2 with the fallback ladder and mixed precision
+  python -m harness run --model minilm --compare       # plus every method compared at INT4 and INT2
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness report reports/results.json        # re-render the report from results
@@ -48,11 +51,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, help="model name (see `list`) or path to a checkpoint")
     run.add_argument("--bits", type=_bits, default=(), help="comma-separated bit widths (default: all in the criteria file)")
     run.add_argument("--criteria", type=Path, help="criteria TOML (default: harness/criteria/<model>.toml)")
+    run.add_argument("--profile", choices=sorted(PROFILES),
+                     help="deployment profile: use harness/criteria/<model>-<profile>.toml (edge runs the "
+                          "INT2 fallback ladder)")
     run.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    run.add_argument("--compare", action="store_true",
+                     help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
+                          "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds for timing gates (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
-    sub.add_parser("list", help="list models, schemes, metrics and faults")
+    sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
     rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
     rep.add_argument("results", type=Path)
     rep.add_argument("--out", type=Path, help="report path (default: next to results.json)")
@@ -74,6 +83,11 @@ def _list() -> int:
     print("schemes:")
     for scheme in SCHEMES.values():
         print(f"  {scheme.name:20s} {scheme.description}")
+    from arrowquant_core.methods import METHODS
+
+    print("methods:")
+    for method in METHODS.values():
+        print(f"  {method.name:20s} {method.description}")
     print("metrics:")
     for metric in METRICS.values():
         print(f"  {metric.name:22s} {metric.description}")
@@ -100,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.runner import run
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
-                           fault=args.fault, benchmark_rounds=args.rounds, quiet=args.quiet)
+                           fault=args.fault, profile=args.profile, compare=args.compare, benchmark_rounds=args.rounds, quiet=args.quiet)
         result = run(config)
         print(f"{result.verdict}: {result.report_path}")
         return result.exit_code

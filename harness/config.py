@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arrowquant_core.errors import ConfigurationError
+from arrowquant_core.diffusion import get_profile
 from arrowquant_core.schemes import BIT_WIDTHS
 
 
@@ -13,7 +14,8 @@ from arrowquant_core.schemes import BIT_WIDTHS
 class RunConfig:
     """One run: which model, which bit widths, which criteria, where to write.
 
-    ``bits`` empty means every bit width the criteria file covers. ``fault`` names a
+    ``bits`` empty means every bit width the criteria file covers. ``profile`` (edge,
+    local, cloud) selects the criteria file ``<model>-<profile>.toml``. ``fault`` names a
     deliberate quantizer fault (see ``harness.faults``) for proving the gates work.
     """
 
@@ -22,6 +24,8 @@ class RunConfig:
     criteria: Path | None = None
     out: Path = Path("reports")
     fault: str | None = None
+    profile: str | None = None
+    compare: bool = False  # also run the method comparisons the criteria list (slower)
     benchmark_rounds: int = 3
     quiet: bool = False
 
@@ -31,5 +35,7 @@ class RunConfig:
             raise ConfigurationError(f"--bits {bad}: supported bit widths are {list(BIT_WIDTHS)}")
         if len(set(self.bits)) != len(self.bits):
             raise ConfigurationError(f"--bits {list(self.bits)}: a bit width is repeated")
+        if self.profile is not None:
+            get_profile(self.profile)  # unknown profile: ConfigurationError with "did you mean"
         if self.benchmark_rounds < 1:
             raise ConfigurationError(f"benchmark_rounds = {self.benchmark_rounds}: must be >= 1")

@@ -22,7 +22,10 @@ import numpy as np
 import numpy.typing as npt
 
 import arrowquant_core as aq
+from arrowquant_core.errors import ConfigurationError
+from arrowquant_core.methods import get_method
 from arrowquant_core.model import QuantizedModel
+from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_quality, realize
 from fixtures.checkpoint import Checkpoint
 from harness.config import RunConfig
 from harness.criteria import BitPlan, Criteria
@@ -61,6 +64,7 @@ class Reloaded:
     layers: list[LayerRow]
     unquantized: list[str]
     roundtrip_exact: bool
+    plan_mismatches: list[str]
 
 
 @dataclass
@@ -110,19 +114,86 @@ class RunContext:
     reloaded_by_bits: dict[int, Reloaded] = field(default_factory=dict)
     output_by_bits: dict[int, dict[str, float]] = field(default_factory=dict)
     tables_by_bits: dict[int, dict[str, Any]] = field(default_factory=dict)
+    plans_by_bits: dict[int, MixedPlan] = field(default_factory=dict)
+    plan_seconds: dict[int, float] = field(default_factory=dict)
+    calibration_seconds: float = 0.0
+    _hessians: dict[str, npt.NDArray[np.float32]] | None = None
+    calibrated_names: frozenset[str] = frozenset()
 
     @property
     def bits(self) -> tuple[int, ...]:
         return self.config.bits or tuple(sorted(self.criteria.plans, reverse=True))
 
     # --- stages -----------------------------------------------------------------------
-    def quantization_config(self, bits: int) -> aq.QuantizationConfig:
-        return aq.QuantizationConfig(self.criteria.plan(bits).scheme)
+    def quantization_config(self, bits: int, method: str | None = None) -> aq.QuantizationConfig:
+        plan = self.criteria.plan(bits)
+        return aq.QuantizationConfig(plan.scheme, method=method or plan.method)
+
+    def hessians(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Calibration Hessians from the model's runner, captured once per run."""
+        if self._hessians is None:
+            runner = self.checkpoint.runner
+            if runner is None or not hasattr(runner, "calibration_hessians"):
+                self._hessians = {}
+            else:
+                self.progress("capturing calibration activations (GPTQ Hessians)")
+                t0 = time.perf_counter()
+                self._hessians = runner.calibration_hessians()
+                self.calibration_seconds = time.perf_counter() - t0
+                self.progress(f"captured {len(self._hessians)} Hessians in {self.calibration_seconds:.1f} s")
+            # what the model's runner provides, before any fault: the plan's expectation
+            self.calibrated_names = frozenset(self._hessians)
+            if self.fault is not None and self.fault.hessians is not None:
+                self._hessians = self.fault.hessians(self._hessians)
+        return self._hessians
+
+    def mixed_plan(self, bits: int) -> MixedPlan | None:
+        """The ladder's plan for ``bits`` (None without a ladder), computed once."""
+        spec = self.criteria.plan(bits).ladder
+        if spec is None:
+            return None
+        if bits not in self.plans_by_bits:
+            runner = self.checkpoint.runner
+            if runner is None or not hasattr(runner, "calibration_score"):
+                raise ConfigurationError(f"the ladder needs a model runner with a calibration score; "
+                                         f"{self.checkpoint.name!r} has none")
+            names = [n for n, a in self.checkpoint.weights.items() if a.ndim >= 2]
+            rungs = tuple(Rung(scheme, method) for scheme, method in spec.rungs)
+            self.progress(f"INT{bits}: sensitivity pass and ladder over {len(names)} tensors "
+                          f"({' -> '.join(r.label for r in rungs)})")
+            t0 = time.perf_counter()
+            self.plans_by_bits[bits] = plan_quality(
+                self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.layer_threshold,
+                spec.target, hessians=self.hessians(), fail_fast=spec.fail_fast,
+                progress=None if self.config.quiet else self.progress)
+            self.plan_seconds[bits] = time.perf_counter() - t0
+        return self.plans_by_bits[bits]
 
     def quantize(self, bits: int) -> QuantizedModel:
-        """Quantize the checkpoint at ``bits`` (what the benchmark times, too)."""
-        model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits))
+        """Quantize the checkpoint at ``bits`` (what the benchmark times, too).
+
+        With a ladder, the plan (sensitivity pass) is computed once and not timed here;
+        what is timed is quantizing every tensor at its planned rung.
+        """
+        plan = self.mixed_plan(bits)
+        hessians = self.hessians() if self.criteria.plan(bits).needs_calibration else None
+        if plan is not None:
+            realize_fn = self.fault.realize if self.fault is not None and self.fault.realize else realize
+            model = realize_fn(self.checkpoint.weights, plan, hessians)
+        else:
+            model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits), hessians=hessians)
         return self.fault.mutate(model) if self.fault is not None else model
+
+    def expected_storage(self, bits: int) -> dict[str, str]:
+        """What each 2+-D tensor must be stored as: "scheme/method" or "fp16"."""
+        plan = self.mixed_plan(bits)
+        if plan is not None:
+            return {d.name: ("fp16" if plan.rungs[d.rung].scheme == FP16 else
+                             f"{plan.rungs[d.rung].scheme}/{_expected_method(plan.rungs[d.rung].method, d.name, self)}")
+                    for d in plan.decisions}
+        bp = self.criteria.plan(bits)
+        return {n: f"{bp.scheme}/{_expected_method(bp.method, n, self)}"
+                for n, a in self.checkpoint.weights.items() if a.ndim >= 2}
 
     def measure_baselines(self) -> Baselines:
         """Write FP32 and FP16 safetensors copies of the weights and measure their bytes."""
@@ -176,9 +247,12 @@ class RunContext:
                 got = np.asarray(weights[name], dtype=np.float32)
                 layers.append(LayerRow(name, qt.scheme.name, qt.shape, qt.numel, aq.cosine(ref, got),
                                        aq.sqnr_db(ref, got), aq.relative_error(ref, got)))
-            unquantized = [n for n, a in model.floats.items() if a.ndim >= 2]
+            expected = self.expected_storage(bits)
+            stored = stored_as(model)
+            unquantized = [n for n, a in model.floats.items() if a.ndim >= 2 and expected.get(n) != "fp16"]
+            mismatches = sorted(n for n in expected if stored.get(n) != expected[n])
             self.reloaded_by_bits[bits] = Reloaded(bits, model, weights, seconds, layers, unquantized,
-                                            _same_codes(written.model, model))
+                                                   _same_codes(written.model, model), mismatches)
         return self.reloaded_by_bits[bits]
 
     def output_metrics(self, bits: int) -> dict[str, float]:
@@ -191,6 +265,42 @@ class RunContext:
             self.output_by_bits[bits] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
             self.tables_by_bits[bits] = {k: v for k, v in raw.items() if not isinstance(v, (int, float))}
         return self.output_by_bits[bits]
+
+    def compared_methods(self, bits: int) -> tuple[str, ...]:
+        return self.criteria.plan(bits).compare if self.config.compare else ()
+
+    def compare_methods(self, bits: int) -> list[dict[str, Any]]:
+        """Quantize the whole model with each compared method at this bit width's scheme,
+        write it, reload it, and measure size, time and quality on the same inputs."""
+        rows: list[dict[str, Any]] = []
+        folder = self.workdir / "compare"
+        plan = self.criteria.plan(bits)
+        for method in self.compared_methods(bits):
+            config = aq.QuantizationConfig(plan.scheme, method=method)
+            hessians = self.hessians() if get_method(method).needs_hessian else None
+            self.progress(f"INT{bits}: comparing method {method}")
+            t0 = time.perf_counter()
+            model = aq.quantize_model(self.checkpoint.weights, config, hessians=hessians)
+            seconds = time.perf_counter() - t0
+            path = aq.save(model, folder / f"{self.checkpoint.name}-int{bits}-{method}.parquet")
+            size = path.stat().st_size
+            weights = aq.load_weights(path)
+            matrices = [n for n in model.tensors]
+            signal = sum(float(np.sum(np.square(self.checkpoint.weights[n], dtype=np.float64))) for n in matrices)
+            noise = sum(float(np.sum(np.square(np.asarray(weights[n], np.float64) - self.checkpoint.weights[n])))
+                        for n in matrices)
+            row: dict[str, Any] = {
+                "method": method, "scheme": plan.scheme, "quantize_seconds": seconds,
+                "size_mb": size / 1e6, "bits_per_weight": size * 8 / self.checkpoint.parameter_count,
+                "weight_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else math.inf,
+                "calibrated_tensors": sum(1 for t in model.tensors.values() if t.method == method),
+            }
+            if self.checkpoint.runner is not None:
+                raw = self.checkpoint.runner.compare(weights)
+                row.update({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
+            rows.append(row)
+        self.tables_by_bits.setdefault(bits, {})["methods"] = rows
+        return rows
 
     # --- gates ------------------------------------------------------------------------
     def gate(self, test: str, bits: int, measured: Mapping[str, float]) -> None:
@@ -219,16 +329,31 @@ class RunContext:
                 for b in self.bits for c in self.criteria.plan(b).gates if (b, c.rule) not in seen]
 
 
+def _expected_method(method: str, name: str, ctx: RunContext) -> str:
+    """Hessian methods fall back to clip search on tensors without a Hessian."""
+    ctx.hessians()  # make sure calibration ran, so calibrated_names is known
+    if get_method(method).needs_hessian and name not in ctx.calibrated_names:
+        return "clip"
+    return method
+
+
+def stored_as(model: QuantizedModel) -> dict[str, str]:
+    out = {n: f"{t.scheme.name}/{t.method}" for n, t in model.tensors.items()}
+    out.update({n: "fp16" for n, a in model.floats.items() if a.ndim >= 2 and a.dtype == np.float16})
+    return out
+
+
 def _same_codes(a: QuantizedModel, b: QuantizedModel) -> bool:
     """Bit-exact equality of codes, scales and zero points between two models."""
     if set(a.tensors) != set(b.tensors):
         return False
     for name, qa in a.tensors.items():
         qb = b.tensors[name]
-        if (qa.scheme != qb.scheme or qa.shape != qb.shape
+        if (qa.scheme != qb.scheme or qa.shape != qb.shape or qa.method != qb.method
                 or qa.codes.tobytes() != qb.codes.tobytes()
                 or qa.scales.tobytes() != qb.scales.tobytes()
-                or qa.zeros.tobytes() != qb.zeros.tobytes()):
+                or qa.zeros.tobytes() != qb.zeros.tobytes()
+                or qa.params.tobytes() != qb.params.tobytes()):
             return False
     return True
 

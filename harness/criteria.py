@@ -66,11 +66,36 @@ class Criterion:
 
 
 @dataclass(frozen=True)
+class LadderSpec:
+    """The fallback ladder: rungs from the requested bit width up, and its thresholds.
+
+    ``layer_threshold`` is the largest damage (1 - calibration score with only that layer
+    quantized) a layer may keep on a rung; ``target`` the calibration score the whole
+    model must reach (further promotions by damage per byte until it does).
+    """
+
+    rungs: tuple[tuple[str, str], ...]  # (scheme or "fp16", method)
+    layer_threshold: float
+    target: float
+    fail_fast: bool = False
+
+
+@dataclass(frozen=True)
 class BitPlan:
     bits: int
     scheme: str
     gates: tuple[Criterion, ...]
     report: tuple[str, ...] = ()
+    method: str = "rtn"
+    compare: tuple[str, ...] = ()  # methods compared at this bit width (reported, not gated)
+    ladder: LadderSpec | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        from arrowquant_core.methods import METHODS
+
+        methods = {self.method, *self.compare} | ({m for _s, m in self.ladder.rungs} if self.ladder else set())
+        return any(METHODS[m].needs_hessian for m in methods if m in METHODS) or self.ladder is not None
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,38 @@ def _gates(entries: Any, bits: int, where: str) -> list[Criterion]:
     return out
 
 
+def _check_method(method: str, scheme: str, where: str) -> None:
+    from arrowquant_core.methods import check_method
+
+    try:
+        check_method(method, get_scheme(scheme))
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}{exc}") from None
+
+
+def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | None:
+    """``ladder = { rungs = [["int4-g64-asym", "gptq"], ["int8-g128-asym", "rtn"], ["fp16", ""]],
+    layer_threshold = 0.01, target = 0.93 }``; the first rung is the section's scheme/method."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{where}ladder must be a table")
+    rungs: list[tuple[str, str]] = [(scheme, method)]
+    for rung in data.get("rungs", []):
+        if not (isinstance(rung, list) and len(rung) == 2 and all(isinstance(x, str) for x in rung)):
+            raise ConfigurationError(f"{where}ladder rung {rung!r} must be [scheme, method]")
+        if rung[0] != "fp16":
+            _check_method(rung[1], rung[0], where)
+        rungs.append((rung[0], rung[1]))
+    try:
+        threshold, target = float(data["layer_threshold"]), float(data["target"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigurationError(f"{where}ladder needs numeric layer_threshold and target") from None
+    if not 0.0 < target <= 1.0 or threshold < 0.0:
+        raise ConfigurationError(f"{where}ladder target must be in (0, 1] and layer_threshold >= 0")
+    return LadderSpec(tuple(rungs), threshold, target, bool(data.get("fail_fast", False)))
+
+
 def load_criteria(path: Path, model: str = "") -> Criteria:
     """Read and validate a criteria file; every problem is a ConfigurationError."""
     try:
@@ -152,12 +209,18 @@ def load_criteria(path: Path, model: str = "") -> Criteria:
         for metric in report:
             if metric not in METRICS:
                 raise ConfigurationError(f"{where}report: {unknown_name('metric', metric, METRICS)}")
-        plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report))
+        method = str(section.get("method", "rtn"))
+        compare = tuple(str(m) for m in section.get("compare", []))
+        for name in (method, *compare):
+            _check_method(name, scheme, where)
+        plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
+                              method=method, compare=compare,
+                              ladder=_ladder(section.get("ladder"), scheme, method, where))
     return Criteria(source=path, model=str(data.get("model", model)), plans=plans)
 
 
-def default_criteria_path(model: str) -> Path:
-    return CRITERIA_DIR / f"{model}.toml"
+def default_criteria_path(model: str, profile: str | None = None) -> Path:
+    return CRITERIA_DIR / (f"{model}-{profile}.toml" if profile else f"{model}.toml")
 
 
 def available() -> Iterable[str]:

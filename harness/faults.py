@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from arrowquant_core import storage
 from arrowquant_core.errors import unknown_name
 from arrowquant_core.model import QuantizedModel
+from arrowquant_core.plan import MixedPlan, realize
 from arrowquant_core.tensor import QuantizedTensor, block_codes
 
 
@@ -103,12 +104,38 @@ def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", use_dictionary=False)
 
 
+def hessians_of_another_layer(hessians: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each Linear gets the Hessian of the next layer of the same width (a wiring bug)."""
+    out = dict(hessians)
+    by_width: dict[int, list[str]] = {}
+    for name, h in hessians.items():
+        by_width.setdefault(h.shape[0], []).append(name)
+    for names in by_width.values():
+        for i, name in enumerate(names):
+            out[name] = hessians[names[(i + 1) % len(names)]]
+    return out
+
+
+def no_calibration(hessians: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The calibration set silently came back empty."""
+    return {}
+
+
+def realize_ignoring_promotions(weights: dict[str, np.ndarray], plan: MixedPlan,
+                                hessians: dict[str, np.ndarray] | None) -> QuantizedModel:
+    """Write every tensor at the ladder's first rung, whatever the plan promoted."""
+    flat = dataclasses.replace(plan, decisions=tuple(dataclasses.replace(d, rung=0) for d in plan.decisions))
+    return realize(weights, flat, hessians)
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
     description: str
     mutate: Callable[[QuantizedModel], QuantizedModel] = lambda m: m
     save: Callable[[QuantizedModel, Path], None] | None = None
+    hessians: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    realize: Callable[..., QuantizedModel] | None = None
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (
@@ -119,6 +146,10 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("one-weight-unquantized", "the largest non-embedding weight kept in floating point",
           one_weight_unquantized),
     Fault("rows-permuted", "rows of the largest non-embedding weight permuted", rows_permuted),
+    Fault("gptq-wrong-hessian", "GPTQ run with the Hessian of another layer", hessians=hessians_of_another_layer),
+    Fault("calibration-empty", "the calibration data silently empty", hessians=no_calibration),
+    Fault("ladder-promotions-ignored", "the ladder's promotions dropped when writing the file",
+          realize=realize_ignoring_promotions),
 )}
 
 

@@ -19,6 +19,7 @@ from harness.results import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 WORST_LAYERS = 10
+CHART_NAME = "quality_vs_size.svg"
 SUMMARY_COLUMNS = (
     ("size_mb", "Size MB", "{:.2f}"), ("compression_vs_fp32", "vs FP32", "{:.2f}x"),
     ("compression_vs_fp16", "vs FP16", "{:.2f}x"), ("bits_per_weight", "Bits/weight", "{:.2f}"),
@@ -60,6 +61,58 @@ def _collapsed(m: dict[str, Any]) -> str:
     return ""
 
 
+def quality_key(m: dict[str, Any]) -> str:
+    return "output_cosine_mean" if "output_cosine_mean" in m else "masked_top1_agreement"
+
+
+def quality_min_key(m: dict[str, Any]) -> str:
+    return "output_cosine_min" if "output_cosine_mean" in m else "top1_agreement_worst_group"
+
+
+def chart_points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """(bits per weight on disk, output quality) of every method and plan measured."""
+    points = []
+    for e in results["bit_widths"]:
+        for m in e.get("methods", []):
+            if quality_key(m) in m:
+                points.append({"label": f"INT{e['bits']} {m['method']}", "x": m["bits_per_weight"],
+                               "y": _num(m[quality_key(m)])})
+        metrics = e["metrics"]
+        key = quality_key(metrics)
+        if key in metrics and "bits_per_weight" in metrics:
+            tag = "ladder" if e.get("plan") else e.get("method", "")
+            points.append({"label": f"INT{e['bits']} {tag} (shipped plan)", "x": metrics["bits_per_weight"],
+                           "y": _num(metrics[key]), "plan": True})
+    return points
+
+
+def render_chart(results: dict[str, Any]) -> str | None:
+    """An SVG scatter of quality against size; None when nothing was measured."""
+    points = chart_points(results)
+    if not points:
+        return None
+    width, height, left, bottom, top, right = 900, 440, 70, 50, 30, 380
+    xs = [p["x"] for p in points]
+    ys = [p["y"] for p in points]
+    x0, x1 = 0.0, max(xs) * 1.1
+    y0, y1 = min(0.0, min(ys)), 1.0
+    def sx(v: float) -> float:
+        return left + (v - x0) / (x1 - x0) * (width - left - right)
+    def sy(v: float) -> float:
+        return height - bottom - (v - y0) / (y1 - y0) * (height - bottom - top)
+    ticks_x = [round(x0 + i * (x1 - x0) / 5, 1) for i in range(6)]
+    ticks_y = [round(y0 + i * (y1 - y0) / 5, 2) for i in range(6)]
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    ylabel = ("output cosine (mean)" if any("output_cosine_mean" in e["metrics"] for e in results["bit_widths"])
+              else "masked top-1 agreement")
+    return env.get_template("chart.svg.j2").render(
+        width=width, height=height, left=left, bottom=bottom, top=top, right=right, ylabel=ylabel,
+        xticks=[(f"{t:g}", sx(t)) for t in ticks_x], yticks=[(f"{t:g}", sy(t)) for t in ticks_y],
+        points=[{**p, "cx": sx(p["x"]), "cy": sy(p["y"]), "ly": 40 + 16 * i} for i, p in enumerate(points)],
+        legend_x=width - right + 20)
+
+
 def recommendations(results: dict[str, Any]) -> list[str]:
     """Advice derived from the measured numbers only."""
     out: list[str] = []
@@ -83,9 +136,9 @@ def recommendations(results: dict[str, Any]) -> list[str]:
             out.append(f"INT{bits} ({entry['scheme']}) wrecks the model's outputs: {collapse}, even though "
                        f"its weight cosine is {_num(m.get('weight_cosine_mean')):.3f}. Do not ship it; "
                        "use a calibrated method or mixed precision for this bit width.")
-        elif cos is not None and _num(cos) < 0.99:
-            out.append(f"INT{bits} keeps mean output cosine {_num(cos):.4f}; a calibrated method (GPTQ, clip "
-                       "search) is expected to recover part of the gap to INT8.")
+        elif cos is not None and _num(cos) < 0.99 and entry.get("method", "rtn") == "rtn":
+            out.append(f"INT{bits} keeps mean output cosine {_num(cos):.4f} with round-to-nearest; a calibrated "
+                       "method (GPTQ, clip search) recovers part of the gap to INT8 (see the methods compared).")
         if entry["layers"]:
             worst = min(entry["layers"], key=lambda l: _num(l["cosine"]))
             if _num(worst["cosine"]) < 0.999:
@@ -103,7 +156,8 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
     prov, run = results["provenance"], results["run"]
     entries = results["bit_widths"]
     present = [c for c in SUMMARY_COLUMNS if any(c[0] in e["metrics"] for e in entries)]
-    summary_rows = [[f"INT{e['bits']}", f"`{e['scheme']}`"]
+    summary_rows = [[f"INT{e['bits']}", f"`{e['scheme']}`",
+                     "ladder" if e.get("plan") else f"`{e.get('method', 'rtn')}`"]
                     + [_fmt(e["metrics"].get(key), pattern) for key, _t, pattern in present]
                     for e in entries]
     worst = []
@@ -118,6 +172,27 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
         [g["mask_ratio"], _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
          _fmt(g["top1_agreement"], "{:.3f}"), str(int(g["positions"]))] for g in e.get("timestep_groups", [])]}
         for e in entries if e.get("timestep_groups")]
+    methods = [{"bits": e["bits"], "scheme": e["scheme"], "rows": [
+        [f"`{m['method']}`", _fmt(m["quantize_seconds"], "{:.2f}"), _fmt(m["size_mb"], "{:.2f}"),
+         _fmt(m["bits_per_weight"], "{:.2f}"), _fmt(_num(m["weight_sqnr_db"]), "{:.2f}"),
+         _fmt(m.get(quality_key(m)), "{:.4f}"), _fmt(m.get(quality_min_key(m)), "{:.4f}")]
+        for m in e.get("methods", [])]} for e in entries if e.get("methods")]
+    plans = []
+    for e in entries:
+        p = e.get("plan")
+        if not p:
+            continue
+        counts: dict[str, int] = {}
+        for layer in p["layers"]:
+            counts[layer["rung"]] = counts.get(layer["rung"], 0) + 1
+        plans.append({
+            "bits": e["bits"], "promotions": p["promotions"], "score": _fmt(p["calibration_score"], "{:.4f}"),
+            "seconds": _fmt(p.get("plan_seconds"), "{:.1f}"), "rungs": " → ".join(p["rungs"]),
+            "mix": ", ".join(f"{n} × {r}" for r, n in counts.items()),
+            "bits_per_weight": _fmt(e["metrics"].get("bits_per_weight"), "{:.2f}"),
+            "rows": [[f"`{l['name']}`", l["stored"], _fmt(l["damage"][0], "{:.5f}"),
+                      _fmt(l["weight_cosine"], "{:.4f}"), f"{l['parameters']:,}", l["reason"]]
+                     for l in p["layers"]]})
     criteria = [[f"INT{c['bits']}", f"`{c['rule']}`", _fmt(_num(c["value"]), "{:.6g}"),
                  ("PASS" if c["passed"] else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
                  c["why"]] for c in ordered]
@@ -150,10 +225,15 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
                           f"{base.get('parameters', 0):,} parameters — {base.get('how', '—')}"),
             ("Criteria", f"`{run['criteria_file']}`"),
         ],
-        "summary_header": ["Bits", "Scheme"] + [title for _k, title, _p in present],
+        "summary_header": ["Bits", "Scheme", "Method"] + [title for _k, title, _p in present],
         "summary_rows": summary_rows,
         "worst": worst,
         "timestep_groups": groups,
+        "methods": methods,
+        "method_quality": "output cosine" if any("output_cosine_mean" in m for e in entries for m in e.get("methods", []))
+        else "masked top-1 agreement",
+        "plans": plans,
+        "chart": results.get("chart"),
         "criteria": criteria,
         "recommendations": recommendations(results),
         "scheme_legend": [(f"`{s}`", SCHEMES[s].description) for s in used_schemes if s in SCHEMES],
@@ -168,5 +248,8 @@ def render(results: dict[str, Any], template: str = "report.md.j2") -> str:
 
 
 def render_report(results: dict[str, Any], path: Path) -> Path:
-    """Write the Markdown report atomically."""
-    return write_text_atomic(path, render(results))
+    """Write the Markdown report (and its chart, next to it) atomically."""
+    chart = render_chart(results)
+    if chart is not None:
+        write_text_atomic(path.with_name(CHART_NAME), chart)
+    return write_text_atomic(path, render({**results, "chart": CHART_NAME if chart else None}))

@@ -8,6 +8,7 @@ measured, renders the report, and returns the exit code.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from arrowquant_core.schemes import get_scheme
 from harness import exitcodes
 from harness.config import RunConfig
 from harness.criteria import default_criteria_path, load_criteria
+from harness.context import stored_as
 from harness.measures import METRICS
 from harness.results import SCHEMA_VERSION, now, provenance, write_json
 
@@ -54,7 +56,7 @@ def run(config: RunConfig) -> RunResult:
     started, t0 = now(), time.perf_counter()
     progress = Progress(config.quiet)
     fault = get_fault(config.fault) if config.fault else None
-    criteria_path = config.criteria or _default_criteria(config.model)
+    criteria_path = config.criteria or _default_criteria(config.model, config.profile)
     criteria = load_criteria(criteria_path, config.model)
     for bits in config.bits:
         criteria.plan(bits)  # every requested bit width must have criteria
@@ -63,6 +65,10 @@ def run(config: RunConfig) -> RunResult:
     checkpoint = load_model(config.model)
     progress(f"loaded {checkpoint.name}: {len(checkpoint.weights)} tensors, "
              f"{checkpoint.parameter_count / 1e6:.1f}M parameters")
+    for plan in criteria.plans.values():
+        if plan.ladder is not None and not hasattr(checkpoint.runner, "calibration_score"):
+            raise ConfigurationError(f"{criteria_path}: INT{plan.bits} uses the fallback ladder, which needs a "
+                                     f"model runner with a calibration score; {config.model!r} has none")
     if checkpoint.runner is None:
         needs_runner = sorted({c.metric for p in criteria.plans.values() for c in p.gates
                                if METRICS[c.metric].level == "output"})
@@ -114,7 +120,9 @@ def run(config: RunConfig) -> RunResult:
             "criteria_file": str(criteria_path),
             "out_dir": str(out),
             "fault": config.fault,
+            "profile": config.profile,
         },
+        "calibration_seconds": round(ctx.calibration_seconds, 2),
         "provenance": provenance(checkpoint.source_files, {"fault_permutation": 0},
                                  checkpoint.runner.describe() if checkpoint.runner else None),
         "baselines": asdict(base) if base else None,
@@ -141,10 +149,15 @@ def run(config: RunConfig) -> RunResult:
                      report_path, results)
 
 
-def _default_criteria(model: str) -> Path:
-    path = default_criteria_path(model)
+def _default_criteria(model: str, profile: str | None) -> Path:
+    path = default_criteria_path(model, profile)
     if path.is_file():
         return path
+    if profile is not None:
+        from harness.criteria import available
+
+        raise ConfigurationError(f"no criteria for model {model!r} with profile {profile!r} ({path.name}); "
+                                 f"criteria files: {', '.join(available())}; or pass --criteria FILE")
     # a user checkpoint: weight-level criteria
     return default_criteria_path("weights")
 
@@ -162,7 +175,27 @@ def _bit_entry(ctx: Any, bits: int) -> dict[str, Any]:
     reloaded = ctx.reloaded_by_bits.get(bits)
     if reloaded is not None:
         entry["layers"] = [asdict(row) for row in reloaded.layers]
-    entry["timestep_groups"] = ctx.tables_by_bits.get(bits, {}).get("timestep_groups", [])
+    tables = ctx.tables_by_bits.get(bits, {})
+    entry["timestep_groups"] = tables.get("timestep_groups", [])
+    entry["methods"] = tables.get("methods", [])
+    entry["method"] = plan.method
+    entry["plan"] = None
+    mixed = ctx.plans_by_bits.get(bits)
+    if mixed is not None:
+        cosines = {row.name: row.cosine for row in (reloaded.layers if reloaded else [])}
+        stored = stored_as(reloaded.model) if reloaded else {}
+        entry["plan"] = {
+            "rungs": [r.label for r in mixed.rungs],
+            "promotions": mixed.promotions,
+            "calibration_score": mixed.score,
+            "plan_seconds": ctx.plan_seconds.get(bits),
+            "log": list(mixed.log),
+            "layers": [{"name": d.name, "rung": mixed.rungs[d.rung].label, "stored": stored.get(d.name, "?"),
+                        "reason": d.reason,
+                        "damage": [None if math.isnan(x) else x for x in d.damage],
+                        "parameters": d.parameters, "weight_cosine": cosines.get(d.name)}
+                       for d in mixed.decisions],
+        }
     return entry
 
 

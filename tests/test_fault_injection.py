@@ -15,7 +15,7 @@ import pytest
 
 from harness.config import RunConfig
 from harness.faults import FAULTS
-from harness.runner import run
+from harness.runner import RunResult, run
 
 # The output-level metric each model gates on.
 OUTPUT_METRIC = {"minilm": "output_cosine_mean", "dream-mini": "kl_mean"}
@@ -30,27 +30,46 @@ EXPECTED = {
     "one-weight-unquantized": {"unquantized_weights"},
     "rows-permuted": {"weight_cosine_min", OUTPUT},
 }
+# Faults of the calibrated path: (model, profile, bits) where the path runs, and the gates.
+CALIBRATED = {
+    "gptq-wrong-hessian": ("minilm", None, 4, {"output_cosine_mean", "output_cosine_min"}),
+    "calibration-empty": ("minilm", None, 4, {"plan_mismatches", "output_cosine_mean"}),
+    "ladder-promotions-ignored": ("dream-mini", "edge", 2, {"plan_mismatches"}),
+}
 
 
 def test_every_fault_has_an_expectation() -> None:
-    assert set(EXPECTED) == set(FAULTS)
+    assert set(EXPECTED) | set(CALIBRATED) == set(FAULTS)
+
+
+def _check(result: RunResult, tmp_path: Path, fault: str, metrics: set[str], what: str) -> None:
+    failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
+    assert result.verdict == "FAIL" and result.exit_code == 1
+    assert failed & metrics, f"{what} {fault}: expected a failure among {metrics}, failed gates: {failed}"
+    report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
+    assert "**Verdict: FAIL**" in report and f"injected fault `{fault}`" in report
 
 
 @pytest.mark.parametrize("model", sorted(OUTPUT_METRIC))
 @pytest.mark.parametrize("fault", sorted(EXPECTED))
 def test_fault_fails_the_gate(model: str, fault: str, tmp_path: Path) -> None:
     metrics = {OUTPUT_METRIC[model] if m == OUTPUT else m for m in EXPECTED[fault]}
-    result = run(RunConfig(model=model, bits=(4,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1))
-    failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
-    assert result.verdict == "FAIL" and result.exit_code == 1
-    assert failed & metrics, f"{model} {fault}: expected a failure among {metrics}, failed gates: {failed}"
-    report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
-    assert "**Verdict: FAIL**" in report and f"injected fault `{fault}`" in report
+    result = run(RunConfig(model=model, bits=(4,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1,
+                           compare=False))
+    _check(result, tmp_path, fault, metrics, model)
+
+
+@pytest.mark.parametrize("fault", sorted(CALIBRATED))
+def test_calibrated_path_fault_fails_the_gate(fault: str, tmp_path: Path) -> None:
+    model, profile, bits, metrics = CALIBRATED[fault]
+    result = run(RunConfig(model=model, profile=profile, bits=(bits,), out=tmp_path, fault=fault, quiet=True,
+                           benchmark_rounds=1, compare=False))
+    _check(result, tmp_path, fault, metrics, model)
 
 
 def test_scales_doubled_caught_at_int2(tmp_path: Path) -> None:
     result = run(RunConfig(model="minilm", bits=(2,), out=tmp_path, fault="scales-doubled", quiet=True,
-                           benchmark_rounds=1))
+                           benchmark_rounds=1, compare=False))
     failed = {c["rule"] for c in result.results["criteria"] if not c["passed"]}
     assert result.verdict == "FAIL"
     assert any(rule.startswith("weight_sqnr_db_min") for rule in failed), failed
@@ -59,5 +78,5 @@ def test_scales_doubled_caught_at_int2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("model", sorted(OUTPUT_METRIC))
 def test_clean_run_passes_at_int4(model: str, tmp_path: Path) -> None:
     """The control: the same run without a fault passes (so the failures above are the faults')."""
-    result = run(RunConfig(model=model, bits=(4,), out=tmp_path, quiet=True, benchmark_rounds=1))
+    result = run(RunConfig(model=model, bits=(4,), out=tmp_path, quiet=True, benchmark_rounds=1, compare=False))
     assert result.verdict == "PASS", result.results["tests"]["failures"]

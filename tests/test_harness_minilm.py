@@ -1,7 +1,7 @@
 """End to end on the real MiniLM, through the real command line.
 
-One subprocess run of ``python -m harness run --model minilm`` (all three bit widths)
-is shared by the tests below: exit code, results.json content, the report's structure,
+One subprocess run of ``python -m harness run --model minilm --compare`` (all three bit
+widths, every method compared at INT4 and INT2) is shared by the tests below: exit code, results.json content, the report's structure,
 and re-rendering the report from results.json.
 """
 
@@ -31,7 +31,7 @@ def matrix_names() -> list[str]:
 def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path_factory.mktemp("minilm-run")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--model", "minilm", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--model", "minilm", "--compare", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     return proc, out
 
@@ -71,6 +71,10 @@ def test_results_schema_and_provenance(results: dict) -> None:  # type: ignore[t
         assert abs(entry["metrics"]["size_mb"] - entry["artifact"]["bytes"] / 1e6) < 1e-9
         # every 2-D weight of MiniLM, embeddings included
         assert sorted(l["name"] for l in entry["layers"]) == matrix_names()
+    int4 = results["bit_widths"][1]
+    assert int4["method"] == "gptq-act-mse" and {m["method"] for m in int4["methods"]} >= {"rtn", "gptq"}
+    by_method = {m["method"]: m for m in int4["methods"]}
+    assert by_method["gptq"]["output_cosine_mean"] > by_method["rtn"]["output_cosine_mean"]
 
 
 def test_measured_values_match_golden(results: dict) -> None:  # type: ignore[type-arg]
@@ -93,8 +97,11 @@ def test_report_structure(minilm_run: tuple[subprocess.CompletedProcess[str], Pa
     headings = [line for line in text.splitlines() if line.startswith("#")]
     assert headings == (GOLDEN / "report_headings.txt").read_text().splitlines()
     assert "**Verdict: PASS**" in text
-    assert "| Bits | Scheme | Size MB | vs FP32 | vs FP16 | Bits/weight |" in text
+    assert "| Bits | Scheme | Method | Size MB | vs FP32 | vs FP16 | Bits/weight |" in text
     assert "wrecks the model's outputs" in text, "INT2's collapse must be stated plainly"
+    assert "![Quality against size](quality_vs_size.svg)" in text
+    for method in ("`rtn`", "`clip`", "`hqq`", "`gptq`", "`residual2`"):
+        assert f"| {method} |" in text, f"method {method} missing from the comparison"
 
 
 def test_report_rerenders_identically(minilm_run: tuple[subprocess.CompletedProcess[str], Path],

@@ -18,3 +18,14 @@ def test_quantization_keeps_source_untouched(ctx: RunContext, bits: int) -> None
     ctx.quantize(bits)
     changed = [n for n, a in ctx.checkpoint.weights.items() if not np.array_equal(a, before[n])]
     assert not changed, f"quantize_model modified the source tensors {changed[:5]}"
+
+
+def test_artifact_matches_the_plan(ctx: RunContext, bits: int) -> None:
+    """Every tensor is stored with the scheme and method the plan (config or ladder) chose."""
+    reloaded = ctx.reloaded(bits)
+    measured = {"plan_mismatches": len(reloaded.plan_mismatches)}
+    plan = ctx.mixed_plan(bits)
+    if plan is not None:
+        measured.update({"promotions": plan.promotions, "calibration_score": plan.score})
+    ctx.gate("test_artifact_matches_the_plan", bits, measured)
+    assert not reloaded.plan_mismatches, f"stored differently from the plan: {reloaded.plan_mismatches[:5]}"
