@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+import hashlib
 import math
 from pathlib import Path
 import shutil
@@ -25,7 +26,7 @@ import arrowquant_core as aq
 from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.methods import get_method
 from arrowquant_core.model import QuantizedModel
-from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_quality, realize
+from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_budget, plan_quality, realize
 from fixtures.checkpoint import Checkpoint
 from harness.config import RunConfig
 from harness.criteria import BitPlan, Criteria
@@ -119,6 +120,14 @@ class RunContext:
     calibration_seconds: float = 0.0
     _hessians: dict[str, npt.NDArray[np.float32]] | None = None
     calibrated_names: frozenset[str] = frozenset()
+    source_digests: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.source_digests = _digests(self.checkpoint.weights)
+
+    def modified_source_tensors(self) -> list[str]:
+        now = _digests(self.checkpoint.weights)
+        return sorted(n for n, d in self.source_digests.items() if now.get(n) != d)
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -162,10 +171,15 @@ class RunContext:
             self.progress(f"INT{bits}: sensitivity pass and ladder over {len(names)} tensors "
                           f"({' -> '.join(r.label for r in rungs)})")
             t0 = time.perf_counter()
-            self.plans_by_bits[bits] = plan_quality(
-                self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.layer_threshold,
-                spec.target, hessians=self.hessians(), fail_fast=spec.fail_fast,
-                progress=None if self.config.quiet else self.progress)
+            log = None if self.config.quiet else self.progress
+            if spec.budget_mb is not None:
+                self.plans_by_bits[bits] = plan_budget(
+                    self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.budget_mb * 1e6,
+                    hessians=self.hessians(), progress=log)
+            else:
+                self.plans_by_bits[bits] = plan_quality(
+                    self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.layer_threshold,
+                    spec.target, hessians=self.hessians(), fail_fast=spec.fail_fast, progress=log)
             self.plan_seconds[bits] = time.perf_counter() - t0
         return self.plans_by_bits[bits]
 
@@ -327,6 +341,11 @@ class RunContext:
         seen = {(g.bits, g.rule) for g in self.gates}
         return [GateRecord("not measured", c.bits, c.metric, c.rule, c.threshold, math.nan, False, c.why)
                 for b in self.bits for c in self.criteria.plan(b).gates if (b, c.rule) not in seen]
+
+
+def _digests(weights: Mapping[str, FloatArray]) -> dict[str, str]:
+    return {n: hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8).data, digest_size=16).hexdigest()
+            for n, a in weights.items()}
 
 
 def _expected_method(method: str, name: str, ctx: RunContext) -> str:

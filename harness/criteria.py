@@ -78,6 +78,7 @@ class LadderSpec:
     layer_threshold: float
     target: float
     fail_fast: bool = False
+    budget_mb: float | None = None  # set: best quality within this planned size instead
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,9 @@ def _check_method(method: str, scheme: str, where: str) -> None:
 
 def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | None:
     """``ladder = { rungs = [["int4-g64-asym", "gptq"], ["int8-g128-asym", "rtn"], ["fp16", ""]],
-    layer_threshold = 0.01, target = 0.93 }``; the first rung is the section's scheme/method."""
+    layer_threshold = 0.01, target = 0.93 }`` (meet the bar at the smallest size) or
+    ``{ rungs = [...], budget_mb = 8 }`` (best quality within a size); the first rung is
+    the section's scheme/method."""
     if data is None:
         return None
     if not isinstance(data, dict):
@@ -167,10 +170,16 @@ def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | Non
         if rung[0] != "fp16":
             _check_method(rung[1], rung[0], where)
         rungs.append((rung[0], rung[1]))
+    budget = data.get("budget_mb")
+    if budget is not None:
+        if not isinstance(budget, (int, float)) or budget <= 0:
+            raise ConfigurationError(f"{where}ladder budget_mb = {budget!r} must be a positive number")
+        return LadderSpec(tuple(rungs), 0.0, 1.0, False, float(budget))
     try:
         threshold, target = float(data["layer_threshold"]), float(data["target"])
     except (KeyError, TypeError, ValueError):
-        raise ConfigurationError(f"{where}ladder needs numeric layer_threshold and target") from None
+        raise ConfigurationError(f"{where}ladder needs numeric layer_threshold and target "
+                                 "(or budget_mb for the size-budget mode)") from None
     if not 0.0 < target <= 1.0 or threshold < 0.0:
         raise ConfigurationError(f"{where}ladder target must be in (0, 1] and layer_threshold >= 0")
     return LadderSpec(tuple(rungs), threshold, target, bool(data.get("fail_fast", False)))

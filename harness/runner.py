@@ -87,6 +87,9 @@ def run(config: RunConfig) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="arrowquant-suite-") as tmp:
         args = [str(SUITE_DIR), "-c", str(SUITE_DIR / "suite.ini"), "--rootdir", str(SUITE_DIR),
                 "-q", "--no-header", "-rfE",
+                # importlib: suite modules never collide with same-named test modules of a
+                # pytest session that calls the harness in-process (the project's own tests)
+                "--import-mode=importlib",
                 "-W", "ignore::pytest.PytestAssertRewriteWarning", "-p", "no:randomly", "--basetemp", str(Path(tmp) / "basetemp"),
                 "--json-report-file=none", "--benchmark-disable-gc",
                 "--benchmark-json", str(out / "benchmarks.json"), "--benchmark-quiet"]

@@ -67,3 +67,21 @@ def test_fixture_is_reused_by_hash_and_regenerated_when_changed(tmp_path: Path) 
     assert again == folder and again.joinpath("model.safetensors").read_bytes() == original
     other = ensure_fixture(seed=4, root=tmp_path)
     assert other != folder and other.joinpath("model.safetensors").read_bytes() != original
+
+
+def test_size_budget_mode_on_dream_mini(tmp_path: Path) -> None:
+    """The other automatic mixed-precision mode: best quality within a planned size."""
+    criteria = tmp_path / "budget.toml"
+    criteria.write_text(
+        '[bits.2]\nscheme = "int2-g256-asym"\nmethod = "clip"\n'
+        'gates = [{ rule = "plan_mismatches == 0", why = "ships the plan" }, '
+        '{ rule = "size_mb < 2.5", why = "budget 2 MB planned, plus float tensors and metadata" }]\n'
+        'report = ["masked_top1_agreement", "promotions", "calibration_score"]\n'
+        '[bits.2.ladder]\nrungs = [["int4-g128-asym", "clip"], ["int8-g64-asym", "rtn"]]\nbudget_mb = 2.0\n')
+    result = run(RunConfig(model="dream-mini", criteria=criteria, out=tmp_path / "o", quiet=True, benchmark_rounds=1))
+    assert result.verdict == "PASS", result.results["tests"]["failures"]
+    (entry,) = result.results["bit_widths"]
+    assert entry["plan"]["promotions"] > 0
+    int2_only = run(RunConfig(model="dream-mini", bits=(2,), out=tmp_path / "p", quiet=True, benchmark_rounds=1))
+    assert entry["metrics"]["masked_top1_agreement"] > int2_only.results["bit_widths"][0]["metrics"][
+        "masked_top1_agreement"], "spending the budget must buy quality"
