@@ -54,14 +54,13 @@ Embedding tables see no input activations, so GPTQ does not apply to them:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Final
 import warnings
 
 import numpy as np
 import numpy.typing as npt
 
-from arrowquant_core.clip import DEFAULT_GRID, clip_search_blocks, quantize_clip
+from arrowquant_core.clip import DEFAULT_GRID, clip_search_blocks
 from arrowquant_core.errors import ConfigurationError, QuantizationError
 from arrowquant_core.kernels import asymmetric_params, safe_reciprocal, symmetric_params, symmetric_zero
 from arrowquant_core.schemes import Scheme, get_scheme

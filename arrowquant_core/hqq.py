@@ -57,14 +57,14 @@ first candidate and only a strictly better one replaces them).
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from arrowquant_core.clip import DEFAULT_GRID, clip_search_blocks, error_normalizer, map_chunks, squared_error
 from arrowquant_core.errors import ConfigurationError
-from arrowquant_core.kernels import dequantize_blocks, quantize_blocks, quantize_with, safe_reciprocal
+from arrowquant_core.kernels import quantize_blocks, quantize_with, safe_reciprocal
 from arrowquant_core.schemes import Scheme, get_scheme
 from arrowquant_core.tensor import QuantizedTensor, as_float32, blocks_of, from_codes
 

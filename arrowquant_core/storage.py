@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from arrowquant_core.errors import ArrowQuantError, FormatError
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.schemes import SCHEMES
-from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor, dequantize
+from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor
 
 FloatArray = npt.NDArray[np.floating]
 

@@ -9,7 +9,7 @@ checks goes through ``gate()``, which records it with its verdict for results.js
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 import hashlib
 import math
@@ -381,7 +381,3 @@ def finite_mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
 
-
-Hook = Callable[[QuantizedModel], QuantizedModel]
-__all__ = ["RunContext", "Written", "Reloaded", "LayerRow", "GateRecord", "Baselines", "Progress",
-           "Hook", "Any"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass
-import os
 from pathlib import Path
 import shlex
 import sys
@@ -210,5 +209,3 @@ def provenance_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         return "source"
 
-
-__all__ = ["run", "RunResult", "os"]

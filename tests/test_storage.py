@@ -19,7 +19,7 @@ import pytest
 
 from arrowquant_core.errors import ArrowQuantError, FormatError
 from arrowquant_core.model import QuantizationConfig, QuantizedModel, quantize_model
-from arrowquant_core.schemes import SCHEMES, Scheme
+from arrowquant_core.schemes import SCHEMES
 from arrowquant_core.storage import format_version, load, load_weights, save, save_weights
 from arrowquant_core.tensor import quantize
 

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from arrowquant_core.errors import ConfigurationError, FormatError, QuantizationError
-from arrowquant_core.schemes import SCHEMES, Scheme
+from arrowquant_core.schemes import SCHEMES
 from arrowquant_core.tensor import QuantizedTensor, dequantize, quantize
 
 ALL = sorted(SCHEMES)
