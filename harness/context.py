@@ -10,6 +10,7 @@ checks goes through ``gate()``, which records it with its verdict for results.js
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 import hashlib
 import math
@@ -66,6 +67,7 @@ class Reloaded:
     unquantized: list[str]
     roundtrip_exact: bool
     plan_mismatches: list[str]
+    source_match: bool
 
 
 @dataclass
@@ -196,7 +198,17 @@ class RunContext:
             model = realize_fn(self.checkpoint.weights, plan, hessians)
         else:
             model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits), hessians=hessians)
+        # the artifact says which weights it was made from, so a stale one is detectable
+        model = dataclasses.replace(model, metadata={**model.metadata, SOURCE_KEY: self.source_digest})
         return self.fault.mutate(model) if self.fault is not None else model
+
+    @property
+    def source_digest(self) -> str:
+        """One digest of every source tensor (name, dtype, shape, bytes), fixed at load."""
+        digest = hashlib.sha256()
+        for name in sorted(self.source_digests):
+            digest.update(f"{name}={self.source_digests[name]};".encode())
+        return digest.hexdigest()
 
     def expected_storage(self, bits: int) -> dict[str, str]:
         """What each 2+-D tensor must be stored as: "scheme/method" or "fp16"."""
@@ -266,7 +278,8 @@ class RunContext:
             unquantized = [n for n, a in model.floats.items() if a.ndim >= 2 and expected.get(n) != "fp16"]
             mismatches = sorted(n for n in expected if stored.get(n) != expected[n])
             self.reloaded_by_bits[bits] = Reloaded(bits, model, weights, seconds, layers, unquantized,
-                                                   _same_codes(written.model, model), mismatches)
+                                                   _same_codes(written.model, model), mismatches,
+                                                   model.metadata.get(SOURCE_KEY) == self.source_digest)
         return self.reloaded_by_bits[bits]
 
     def output_metrics(self, bits: int) -> dict[str, float]:
@@ -343,9 +356,16 @@ class RunContext:
                 for b in self.bits for c in self.criteria.plan(b).gates if (b, c.rule) not in seen]
 
 
+SOURCE_KEY = "source_digest"
+
+
 def _digests(weights: Mapping[str, FloatArray]) -> dict[str, str]:
-    return {n: hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8).data, digest_size=16).hexdigest()
-            for n, a in weights.items()}
+    out = {}
+    for name, array in weights.items():
+        digest = hashlib.blake2b(f"{array.dtype.name}{list(array.shape)}".encode(), digest_size=16)
+        digest.update(np.ascontiguousarray(array).view(np.uint8).data)
+        out[name] = digest.hexdigest()
+    return out
 
 
 def _expected_method(method: str, name: str, ctx: RunContext) -> str:

@@ -128,6 +128,21 @@ def realize_ignoring_promotions(weights: dict[str, np.ndarray], plan: MixedPlan,
     return realize(weights, flat, hessians)
 
 
+def stale_artifact(model: QuantizedModel) -> QuantizedModel:
+    """An artifact made from an earlier version of the model, reused as if current: the
+    largest non-embedding tensor was quantized from weights that have since changed, and
+    the recorded source digest is that earlier version's."""
+    from arrowquant_core.tensor import dequantize, quantize
+
+    victim = _largest(model)
+    old = dequantize(model.tensors[victim]) * np.float32(1.01)  # the earlier weights
+    tensors = dict(model.tensors)
+    tensors[victim] = quantize(old, model.tensors[victim].scheme, victim)
+    meta = dict(model.metadata)
+    meta["source_digest"] = "0" * 64  # the digest of the earlier model, not this one
+    return dataclasses.replace(model, tensors=tensors, metadata=meta)
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
@@ -150,6 +165,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("calibration-empty", "the calibration data silently empty", hessians=no_calibration),
     Fault("ladder-promotions-ignored", "the ladder's promotions dropped when writing the file",
           realize=realize_ignoring_promotions),
+    Fault("stale-artifact", "an artifact quantized from an earlier version of the model reused", stale_artifact),
 )}
 
 

@@ -52,6 +52,8 @@ _ROWS: Final[tuple[Metric, ...]] = (
     Metric("promotions", "weight", "", False, "ladder promotions (one rung up each) the plan needed"),
     Metric("calibration_score", "output", "", True,
            "the planned model's score on the calibration set (what the ladder targets)"),
+    Metric("source_match", "artifact", "bool", True,
+           "1 when the artifact's recorded source digest is that of the model under test"),
     Metric("roundtrip_exact", "artifact", "bool", True, "1 when codes, scales and zero points reload bit-exact from the artifact"),
     Metric("quantize_seconds", "time", "s", False, "median wall time of quantize_model over the benchmark rounds"),
     Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),

@@ -29,6 +29,7 @@ EXPECTED = {
     "codes-as-float32": {"compression_vs_fp32"},
     "one-weight-unquantized": {"unquantized_weights"},
     "rows-permuted": {"weight_cosine_min", OUTPUT},
+    "stale-artifact": {"source_match"},
 }
 # Faults of the calibrated path: (model, profile, bits) where the path runs, and the gates.
 CALIBRATED = {

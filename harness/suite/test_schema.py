@@ -33,3 +33,10 @@ def test_v1_float_round_trip(ctx: RunContext, tmp_path_factory) -> None:  # type
     for name, array in ctx.checkpoint.weights.items():
         assert back[name].dtype == array.dtype, f"tensor {name}: dtype {back[name].dtype} != {array.dtype}"
         np.testing.assert_array_equal(back[name], array, err_msg=f"tensor {name}")
+
+
+def test_artifact_was_made_from_this_model(ctx: RunContext, bits: int) -> None:
+    """The artifact records the digest of the weights it was quantized from; a stale
+    artifact (made from an earlier version of the model) must not pass as this one."""
+    reloaded = ctx.reloaded(bits)
+    ctx.gate("test_artifact_was_made_from_this_model", bits, {"source_match": 1.0 if reloaded.source_match else 0.0})
