@@ -42,6 +42,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from arrowquant_core.atomic import write_atomic
 from arrowquant_core.errors import ArrowQuantError, FormatError
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.schemes import SCHEMES
@@ -127,18 +128,10 @@ def _write_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> 
     columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
     table = pa.Table.from_pydict(columns, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # zstd: codes of real weights are not uniformly distributed, and the artifact's
-        # size is measured on disk, so what compression saves is real.
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=False,
-                       write_statistics=False)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # zstd: codes of real weights are not uniformly distributed, and the artifact's size
+    # is measured on disk, so what compression saves is real.
+    write_atomic(path, lambda handle: pq.write_table(table, handle, compression="zstd", use_dictionary=False,
+                                                     write_statistics=False))
 
 
 def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:

@@ -46,6 +46,8 @@ import os
 from pathlib import Path
 import platform
 import subprocess
+
+from arrowquant_core.atomic import write_bytes_atomic
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -133,16 +135,9 @@ def _clean(value: Any) -> Any:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a text file through a temporary file and a rename: readers never see half."""
+    """Write a UTF-8 text file atomically: readers never see half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
