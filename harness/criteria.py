@@ -90,6 +90,9 @@ class BitPlan:
     method: str = "rtn"
     compare: tuple[str, ...] = ()  # methods compared at this bit width (reported, not gated)
     ladder: LadderSpec | None = None
+    # A Hessian method on a tensor without calibration activations (an embedding table,
+    # or a model without a runner) is an error unless this names the allowed fallback.
+    fallback: str | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -222,14 +225,54 @@ def load_criteria(path: Path, model: str = "") -> Criteria:
         compare = tuple(str(m) for m in section.get("compare", []))
         for name in (method, *compare):
             _check_method(name, scheme, where)
+        fallback = section.get("fallback")
+        if fallback is not None:
+            from arrowquant_core.methods import FALLBACK
+
+            if fallback != FALLBACK:
+                raise ConfigurationError(f"{where}fallback = {str(fallback)[:40]!r}: the only fallback for a "
+                                         f"Hessian method without activations is {FALLBACK!r}")
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
                               method=method, compare=compare,
-                              ladder=_ladder(section.get("ladder"), scheme, method, where))
+                              ladder=_ladder(section.get("ladder"), scheme, method, where),
+                              fallback=fallback)
     return Criteria(source=path, model=str(data.get("model", model)), plans=plans)
 
 
 def default_criteria_path(model: str, profile: str | None = None) -> Path:
     return CRITERIA_DIR / (f"{model}-{profile}.toml" if profile else f"{model}.toml")
+
+
+WEIGHTS_ONLY = "weights"  # criteria base for a model no runner can run
+
+
+def criteria_base(model: str, runner_kind: str | None) -> str:
+    """Which default criteria file a model uses: a named model its own
+    (``minilm.toml``); a path the one of its runner (``runner-hf-causal-lm.toml``); a
+    model without a runner ``weights.toml`` (weight-level gates only)."""
+    if (CRITERIA_DIR / f"{model}.toml").is_file():
+        return model
+    return f"runner-{runner_kind}" if runner_kind else WEIGHTS_ONLY
+
+
+def profiles_for(base: str) -> list[str]:
+    """Deployment profiles with a criteria file for ``base`` (``minilm-edge.toml`` -> edge)."""
+    from arrowquant_core.diffusion import PROFILES
+
+    return sorted(p.stem[len(base) + 1:] for p in CRITERIA_DIR.glob(f"{base}-*.toml")
+                  if p.stem[len(base) + 1:] in PROFILES)
+
+
+def profiled() -> dict[str, list[str]]:
+    """``{profile: [criteria bases that have it]}`` over every criteria file."""
+    from arrowquant_core.diffusion import PROFILES
+
+    out: dict[str, list[str]] = {}
+    for path in sorted(CRITERIA_DIR.glob("*.toml")):
+        base, _, suffix = path.stem.rpartition("-")
+        if base and suffix in PROFILES:
+            out.setdefault(suffix, []).append(base)
+    return out
 
 
 def available() -> Iterable[str]:
