@@ -188,14 +188,34 @@ def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | Non
     return LadderSpec(tuple(rungs), threshold, target, bool(data.get("fail_fast", False)))
 
 
-def load_criteria(path: Path, model: str = "") -> Criteria:
-    """Read and validate a criteria file; every problem is a ConfigurationError."""
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigurationError(f"criteria file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"criteria file {path}: invalid TOML ({exc})") from None
+
+
+def _with_parent(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``inherit = "other.toml"`` (a file next to this one): start from that file's
+    sections; this file's ``[all]`` and ``[bits.N]`` sections replace the parent's whole."""
+    parent_name = data.get("inherit")
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str) or "/" in parent_name or "\\" in parent_name:
+        raise ConfigurationError(f"criteria file {path}: inherit must name a file in the same folder")
+    parent = _read_toml(path.parent / parent_name)
+    if "inherit" in parent:
+        raise ConfigurationError(f"criteria file {path}: {parent_name} inherits again; one level only")
+    merged = {**parent, **{k: v for k, v in data.items() if k not in ("bits", "inherit")}}
+    merged["bits"] = {**parent.get("bits", {}), **data.get("bits", {})}
+    return merged
+
+
+def load_criteria(path: Path, model: str = "") -> Criteria:
+    """Read and validate a criteria file; every problem is a ConfigurationError."""
+    data = _with_parent(_read_toml(path), path)
     shared = _gates(data.get("all", {}).get("gates", []), 0, f"{path} [all]: ")
     sections = data.get("bits")
     if not isinstance(sections, dict) or not sections:
