@@ -109,6 +109,7 @@ class SpatialConfig:
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     statistic: str = "temporal-mean"
     fallback_scheme: str = ""
+    search_rows: int = 256  # evenly spaced calibration rows the alpha search scores on
 
     def __post_init__(self) -> None:
         get_scheme(self.weight_scheme)
@@ -119,6 +120,8 @@ class SpatialConfig:
             raise ConfigurationError(f"smoothing alphas {list(self.alphas)}: need at least one, each in [0, 1]")
         if self.fallback_scheme:
             get_scheme(self.fallback_scheme)
+        if self.search_rows < 1:
+            raise ConfigurationError(f"search_rows = {self.search_rows}: must be >= 1")
 
     @property
     def fallback(self) -> str:
@@ -177,8 +180,8 @@ def _quant_weight(w: F32, scheme: str, name: str) -> F32:
     return dequantize(quantize(w, scheme, name)).reshape(w.shape)
 
 
-def _layer_error(x: F32, consumers: list[F32], s: F32, config: SpatialConfig, act: tuple[F32, F32] | None,
-                 scheme: str) -> float:
+def _layer_error(x: F32, consumers: list[F32], refs: list[F32], s: F32, config: SpatialConfig,
+                 act: tuple[F32, F32] | None, scheme: str) -> float:
     """Relative output error of the consumers on ``x`` when smoothed by ``s`` and quantized
     (round-to-nearest weights: the search only ranks factors)."""
     xs = (x / s).astype(np.float32)
@@ -191,8 +194,7 @@ def _layer_error(x: F32, consumers: list[F32], s: F32, config: SpatialConfig, ac
             xs = fake_quant(xs, config.act)
     num = 0.0
     den = 0.0
-    for w in consumers:
-        ref = x @ _rows(w).T
+    for w, ref in zip(consumers, refs):
         got = xs @ _quant_weight(_rows(w) * s[None, :], scheme, "search").T
         num += float(np.sum(np.square(ref - got, dtype=np.float64)))
         den += float(np.sum(np.square(ref, dtype=np.float64)))
@@ -282,13 +284,16 @@ def quantize_spatial(weights: Mapping[str, F32], sites: tuple[SmoothSite, ...], 
                                             config.statistic)
             w_stat = np.max(np.stack([np.abs(_rows(w)).max(axis=0) for w in consumers]), axis=0)
             ones = np.ones_like(act_stat)
-            base = _layer_error(x, consumers, ones, config, None, config.weight_scheme)
+            step = max(1, int(x.shape[0]) // config.search_rows)
+            xs = np.ascontiguousarray(x[::step])
+            refs = [xs @ _rows(w).T for w in consumers]
+            base = _layer_error(xs, consumers, refs, ones, config, None, config.weight_scheme)
             best_err, best_alpha, best_s = base, -1.0, ones
             for alpha in config.alphas:
                 s = smoothing_factors(act_stat, w_stat, alpha)
                 if not bool(np.all(np.isfinite(s))):
                     continue
-                err = _layer_error(x, consumers, s, config, None, config.weight_scheme)
+                err = _layer_error(xs, consumers, refs, s, config, None, config.weight_scheme)
                 if err < best_err:
                     best_err, best_alpha, best_s = err, alpha, s
             if best_alpha < 0:
