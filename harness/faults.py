@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrowquant_core import storage
-from arrowquant_core.errors import unknown_name
+from arrowquant_core.errors import ConfigurationError, unknown_name
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.plan import MixedPlan, realize
 from arrowquant_core.spatial import SmoothSite, SpatialResult
@@ -163,6 +163,9 @@ def conv_reshaped_wrong_order(model: QuantizedModel) -> QuantizedModel:
         flat[:, :cols] = moved
         return dataclasses.replace(t, codes=_repack(t, flat.reshape(blocks.shape)))
     victims = _conv_victims(model)
+    if not victims:
+        raise ConfigurationError("fault conv-reshaped-wrong-order: the model has no quantized conv weight "
+                                 "(3+ dimensions); inject it into dit-mini or dit-mini-audio")
     tensors = {n: (reorder(t) if n in victims else t) for n, t in model.tensors.items()}
     return dataclasses.replace(model, tensors=tensors)
 
