@@ -82,8 +82,8 @@ def act_params(lo: npt.NDArray[np.floating], hi: npt.NDArray[np.floating], schem
         scale = (hi32 - lo32) / np.float32(levels)
         with np.errstate(divide="ignore", invalid="ignore"):
             zero = np.where(scale > 0, np.rint(-lo32 / scale), 0.0).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    return scale, zero.astype(np.float32)
+    safe: F32 = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    return safe, zero.astype(np.float32)
 
 
 def fake_quant(x: npt.NDArray[np.floating], scheme: ActScheme, scale: npt.NDArray[np.floating] | None = None,

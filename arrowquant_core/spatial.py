@@ -165,11 +165,13 @@ def smoothing_factors(act_absmax: F32, weight_absmax: F32, alpha: float) -> F32:
 def activation_statistic(x: F32, groups: npt.NDArray[np.int64] | None, statistic: str) -> F32:
     """Per-channel max|x| (``max``), or the mean over timestep groups of each group's
     per-channel max|x| (``temporal-mean``, DiTAS's temporal aggregation)."""
-    a = np.abs(np.asarray(x, dtype=np.float32))
+    a: F32 = np.abs(np.asarray(x, dtype=np.float32))
     if statistic == "max" or groups is None:
-        return a.max(axis=0)
+        top: F32 = a.max(axis=0).astype(np.float32)
+        return top
     maxima = [a[groups == g].max(axis=0) for g in np.unique(groups)]
-    return np.mean(np.stack(maxima), axis=0).astype(np.float32)
+    mean: F32 = np.mean(np.stack(maxima), axis=0).astype(np.float32)
+    return mean
 
 
 def _rows(weight: F32) -> F32:
