@@ -44,9 +44,11 @@ Hessian must use the same column order.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+import json
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -146,6 +148,19 @@ class SpatialResult:
     fallbacks: dict[str, str]
     act_params: dict[str, tuple[F32, F32]] = field(default_factory=dict)
     log: tuple[str, ...] = ()
+    smoothed: dict[str, F32] = field(default_factory=dict)  # the float model after smoothing
+
+
+@dataclass(frozen=True)
+class SpatialCalibration:
+    """What the SpatialQuantizer needs from a model runner: where smoothing can fold, each
+    weight's input activations ``(rows, in)`` on calibration data, the timestep group of
+    each row, and GPTQ Hessians (conv weights as ``(out, in * prod(kernel))`` matrices)."""
+
+    sites: tuple[SmoothSite, ...]
+    activations: dict[str, F32]
+    hessians: dict[str, F32] = field(default_factory=dict)
+    groups: dict[str, npt.NDArray[np.int64]] = field(default_factory=dict)
 
 
 def smoothing_factors(act_absmax: F32, weight_absmax: F32, alpha: float) -> F32:
@@ -320,4 +335,37 @@ def quantize_spatial(weights: Mapping[str, F32], sites: tuple[SmoothSite, ...], 
             xs = x / divisor[name] if name in divisor else x
             lo, hi = act_range(xs, config.act.granularity)
             params[name] = act_params(lo, hi, config.act)
-    return SpatialResult(model, factors, alphas, fallbacks, params, tuple(lines))
+    return SpatialResult(model, factors, alphas, fallbacks, params, tuple(lines), current)
+
+
+def describe(result: SpatialResult, sites: tuple[SmoothSite, ...]) -> str:
+    """JSON record of the smoothing applied (sites, folds, alpha, the exact float32 factor in
+    base64) and every fallback: stored with the artifact, so the smoothed reference can be
+    rebuilt from the original weights (:func:`smoothed_reference`)."""
+    applied: list[dict[str, Any]] = []
+    for site in sites:
+        s = result.factors.get(site.name)
+        if s is None:
+            continue
+        applied.append({"name": site.name, "consumers": list(site.consumers),
+                        "folds": [[f.tensor, f.offset, f.kind] for f in site.folds], "aux": site.aux,
+                        "alpha": result.alphas[site.name],
+                        "factor_f32_b64": base64.b64encode(s.astype("<f4").tobytes()).decode("ascii")})
+    return json.dumps({"smoothed": applied, "fallbacks": result.fallbacks}, sort_keys=True)
+
+
+def smoothed_reference(original: Mapping[str, npt.NDArray[Any]], record: str) -> dict[str, F32]:
+    """The original weights with the smoothing of a :func:`describe` record applied: the
+    float model a smoothed artifact approximates (weight-level quality is measured on it)."""
+    try:
+        data = json.loads(record)
+        entries = list(data["smoothed"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"spatial record is not valid: {exc}") from None
+    out: dict[str, F32] = {k: np.asarray(v, np.float32) for k, v in original.items()}
+    for entry in entries:
+        site = SmoothSite(str(entry["name"]), tuple(str(c) for c in entry["consumers"]),
+                          tuple(Fold(str(f[0]), int(f[1]), str(f[2])) for f in entry["folds"]), str(entry["aux"]))
+        s = np.frombuffer(base64.b64decode(str(entry["factor_f32_b64"])), dtype="<f4").astype(np.float32)
+        out.update(apply_smoothing(out, site, s))
+    return out
