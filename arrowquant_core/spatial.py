@@ -112,6 +112,7 @@ class SpatialConfig:
     statistic: str = "temporal-mean"
     fallback_scheme: str = ""
     search_rows: int = 256  # evenly spaced calibration rows the alpha search scores on
+    time_aware: bool = False  # static activation parameters per timestep group as well
 
     def __post_init__(self) -> None:
         get_scheme(self.weight_scheme)
@@ -149,6 +150,7 @@ class SpatialResult:
     act_params: dict[str, tuple[F32, F32]] = field(default_factory=dict)
     log: tuple[str, ...] = ()
     smoothed: dict[str, F32] = field(default_factory=dict)  # the float model after smoothing
+    act_params_by_group: dict[int, dict[str, tuple[F32, F32]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -329,13 +331,20 @@ def quantize_spatial(weights: Mapping[str, F32], sites: tuple[SmoothSite, ...], 
     qconfig = QuantizationConfig(config.weight_scheme, overrides=tuple(overrides), method=config.method)
     model = quantize_model(current, qconfig, hessians=new_hessians if get_method(config.method).needs_hessian else None)
     params: dict[str, tuple[F32, F32]] = {}
+    by_group: dict[int, dict[str, tuple[F32, F32]]] = {}
     if config.act is not None and config.act.static:
         divisor = {n: factors[site.name] for site in sites if site.name in factors for n in site.consumers}
         for name, x in calibration.items():
             xs = x / divisor[name] if name in divisor else x
             lo, hi = act_range(xs, config.act.granularity)
             params[name] = act_params(lo, hi, config.act)
-    return SpatialResult(model, factors, alphas, fallbacks, params, tuple(lines), current)
+            rows = None if groups is None else groups.get(name)
+            if config.time_aware and rows is not None:
+                # TQ-DiT / TDQ: one set of activation parameters per group of timesteps
+                for g in np.unique(rows):
+                    glo, ghi = act_range(xs[rows == g], config.act.granularity)
+                    by_group.setdefault(int(g), {})[name] = act_params(glo, ghi, config.act)
+    return SpatialResult(model, factors, alphas, fallbacks, params, tuple(lines), current, by_group)
 
 
 def describe(result: SpatialResult, sites: tuple[SmoothSite, ...]) -> str:
