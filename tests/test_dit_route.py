@@ -58,3 +58,16 @@ def test_audio_folder_is_accepted(tmp_path: Path) -> None:
     folder = ensure_fixture(0, DiTConfig.audio(), tmp_path / "fixture")
     result = ArrowQuantV2().quantize_diffusion_model(folder, tmp_path / "a.parquet", "cloud")
     assert result.modality == "audio" and np.isfinite(result.cosine_similarity)
+
+
+def test_runner_protocol_refuses_a_wrong_layout_and_describes_itself(runner: DiTRunner) -> None:
+    from arrowquant_core.errors import ConfigurationError
+
+    weights = dict(runner.original)
+    del weights["final_layer.linear.weight"]
+    with pytest.raises(ConfigurationError, match="final_layer.linear.weight"):
+        runner.compare(weights)
+    with pytest.raises(ConfigurationError, match="unexpected tensor 'lm_head.weight'"):
+        runner.compare({**runner.original, "lm_head.weight": np.zeros((2, 2), np.float32)})
+    info = runner.describe()
+    assert info["eval_seed"] != 0 and info["modality"] == "image" and info["calibration_samples"] == 64

@@ -4,7 +4,6 @@ activation fake-quantization, and the measured gain of smoothing at W8A8."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
