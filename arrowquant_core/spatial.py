@@ -37,6 +37,10 @@ factors are not finite) is not smoothed, and its consumers are quantized per cha
 With GPTQ the Hessian of a smoothed consumer is the Hessian of its new input ``X / s``,
 ``diag(1/s) H diag(1/s)``, computed exactly from the caller's Hessian.
 
+Time-aware activation parameters (``SpatialConfig.time_aware``; TDQ, So et al. 2023; TQ-DiT,
+Hwang et al. 2025, sec. 3.2): static activation ranges are also measured per timestep
+group of the calibration rows, so a runner can use the parameters of the step's group.
+
 Weight grouping of convolutions: a conv weight ``(out, in, *kernel)`` is quantized as the
 matrix ``(out, in * prod(kernel))`` in row-major order (the im2col column order); its
 Hessian must use the same column order.
