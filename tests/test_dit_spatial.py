@@ -100,3 +100,17 @@ def test_activation_fake_quant() -> None:
     assert ActScheme(4, "channel", symmetric=False).name == "a4-channel-asym"
     with pytest.raises(ConfigurationError, match="static granularity"):
         fake_quant(x, tensor)
+
+
+def test_time_aware_activation_parameters_per_group() -> None:
+    """Activation ranges that grow with the timestep get one static scale per group, each
+    no wider than the time-agnostic one."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(5), 40)
+    x = (rng.standard_normal((200, 64)) * (1.0 + groups[:, None])).astype(np.float32)
+    weights = {"fc.weight": rng.standard_normal((16, 64)).astype(np.float32)}
+    config = SpatialConfig("int8-channel-sym", act=ActScheme(8, "tensor"), smooth=False, time_aware=True)
+    result = quantize_spatial(weights, (), {"fc.weight": x}, config, groups={"fc.weight": groups})
+    scales = [float(result.act_params_by_group[g]["fc.weight"][0][0]) for g in range(5)]
+    assert scales == sorted(scales) and scales[-1] == float(result.act_params["fc.weight"][0][0])
+    assert scales[0] < 0.4 * scales[-1]
