@@ -469,11 +469,15 @@ def _same_codes(a: QuantizedModel, b: QuantizedModel) -> bool:
     return True
 
 
+EMBEDDING_NAMES = ("embeddings.", "embed_tokens", "embedding_table", "word_embeddings", "tok_embeddings",
+                   "wte.weight", "wpe.weight")
+
+
 def is_embedding_table(name: str) -> bool:
-    """Tables looked up by row (token, position, type embeddings): a swapped row there is a
-    different token's vector, which no per-tensor figure can see."""
-    lower = name.lower()
-    return "embed" in lower or lower.endswith(("wte.weight", "wpe.weight"))
+    """Tables looked up by row (token, position, type, class embeddings): a swapped row
+    there is another token's vector, which no per-tensor figure can see. Known by the
+    names transformers, sentence-transformers, GPT-2, Llama and DiT give them."""
+    return any(key in name for key in EMBEDDING_NAMES)
 
 
 def row_cosine_min(reference: npt.NDArray[np.float32], test: npt.NDArray[np.float32]) -> float:

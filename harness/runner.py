@@ -272,6 +272,9 @@ def _bit_entry(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     tables = ctx.tables_by_bits.get(bits, {})
     entry["timestep_groups"] = tables.get("timestep_groups", [])
     entry["methods"] = tables.get("methods", [])
+    # every other table the runner measured (lists of rows), shown in the report as it is
+    entry["tables"] = {k: v for k, v in tables.items() if k not in ("timestep_groups", "methods")
+                       and isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
     entry["method"] = plan.method
     entry["fallback"] = plan.fallback
     entry["verdict"] = _bit_verdict(ctx, bits, unmeasured)
