@@ -89,6 +89,7 @@ class BitPlan:
     report: tuple[str, ...] = ()
     method: str = "rtn"
     compare: tuple[str, ...] = ()  # methods compared at this bit width (reported, not gated)
+    peers: tuple[str, ...] = ()  # llama.cpp formats compared beside them (harness.peers.PEERS)
     ladder: LadderSpec | None = None
 
     @property
@@ -185,6 +186,25 @@ def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | Non
     return LadderSpec(tuple(rungs), threshold, target, bool(data.get("fail_fast", False)))
 
 
+def _peers(entries: Any, where: str) -> tuple[str, ...]:
+    """``peers = ["Q8_0", "Q4_0"]``: llama.cpp formats (quantized by gguf-py) compared
+    beside the methods under ``--compare``; names from ``harness.peers.PEERS``."""
+    if not entries:
+        return ()
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigurationError(f"{where}peers must be a list of llama.cpp format names, e.g. [\"Q4_0\"]")
+    from harness.peers import get_peer  # imports gguf: only when a file lists peers
+
+    for name in entries:
+        try:
+            get_peer(name)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}{exc}") from None
+    if len(set(entries)) != len(entries):
+        raise ConfigurationError(f"{where}peers {entries}: a format is repeated")
+    return tuple(entries)
+
+
 def load_criteria(path: Path, model: str = "") -> Criteria:
     """Read and validate a criteria file; every problem is a ConfigurationError."""
     try:
@@ -222,8 +242,9 @@ def load_criteria(path: Path, model: str = "") -> Criteria:
         compare = tuple(str(m) for m in section.get("compare", []))
         for name in (method, *compare):
             _check_method(name, scheme, where)
+        peers = _peers(section.get("peers", []), where)
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
-                              method=method, compare=compare,
+                              method=method, compare=compare, peers=peers,
                               ladder=_ladder(section.get("ladder"), scheme, method, where))
     return Criteria(source=path, model=str(data.get("model", model)), plans=plans)
 

@@ -180,7 +180,7 @@ def _map_one(tmap: gguf.TensorNameMap, name: str) -> str | None:
     return None
 
 
-def gguf_names(names: Iterable[str]) -> NameMap:
+def gguf_names(names: Iterable[str], architectures: Iterable[gguf.MODEL_ARCH] = ARCHITECTURES) -> NameMap:
     """llama.cpp's GGUF names for a checkpoint's tensors (``gguf.get_tensor_name_map``).
 
     >>> gguf_names(["0.model.encoder.layer.3.attention.self.query.weight"]).names
@@ -190,7 +190,7 @@ def gguf_names(names: Iterable[str]) -> NameMap:
     numbers = [int(p) for n in names for p in n.split(".") if p.isdecimal()]
     n_blocks = min(max(numbers, default=0) + 1, 4096)
     best: tuple[int, str | None, dict[str, str]] = (0, None, {})
-    for arch in ARCHITECTURES:
+    for arch in architectures:
         tmap = gguf.get_tensor_name_map(arch, n_blocks)
         mapped = {n: g for n in names if (g := _map_one(tmap, n)) is not None}
         if len(set(mapped.values())) != len(mapped):
