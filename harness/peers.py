@@ -69,16 +69,19 @@ class PeerFormat:
     """One llama.cpp format a comparison can list (``peers = ["Q4_0"]`` in criteria).
 
     ``name`` is llama.cpp's own spelling (``llama-quantize`` and the GGUF type name);
-    ``file_type`` the ``general.file_type`` llama-quantize writes for that mix.
+    ``file_type`` the ``general.file_type`` llama-quantize writes for that mix. ``pure``
+    is ``llama-quantize --pure``: every quantizable tensor in the file type, the token
+    embeddings included (named ``<type>-pure``).
     """
 
     name: str
     ggml_type: gguf.GGMLQuantizationType
     file_type: gguf.LlamaFileType
     description: str
+    pure: bool = False
 
     def __post_init__(self) -> None:
-        if self.ggml_type.name != self.name:
+        if self.name != self.ggml_type.name + ("-pure" if self.pure else ""):
             raise ConfigurationError(f"peer {self.name!r}: ggml type is {self.ggml_type.name}, names must agree")
         if self.ggml_type not in _QUANTIZABLE:
             raise ConfigurationError(f"peer {self.name!r}: gguf {_GGUF_VERSION} cannot quantize "
@@ -128,6 +131,12 @@ _ROWS: Final[tuple[PeerFormat, ...]] = (
                "4-bit codes, FP16 scale and minimum per block of 32 (asymmetric, min/max range)"),
     PeerFormat("Q4_0", T.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0,
                "4-bit codes, one FP16 scale per block of 32 (symmetric, signed absmax / -8)"),
+    # --pure: the same codes on the token embeddings too (llama.cpp's default keeps them
+    # at Q6_K/Q8_0, half of MiniLM's parameters), so the size is near the nominal bits
+    PeerFormat("Q4_1-pure", T.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1,
+               "Q4_1 on every quantizable tensor, token embeddings included (llama-quantize --pure)", pure=True),
+    PeerFormat("Q4_0-pure", T.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0,
+               "Q4_0 on every quantizable tensor, token embeddings included (llama-quantize --pure)", pure=True),
 )
 PEERS: Final[dict[str, PeerFormat]] = {p.name: p for p in _ROWS}
 
@@ -235,9 +244,9 @@ def _block(qtype: gguf.GGMLQuantizationType) -> int:
 
 
 def choose_type(gguf_name: str, shape: tuple[int, ...], base: gguf.GGMLQuantizationType,
-                tied_embeddings: bool) -> tuple[gguf.GGMLQuantizationType, str]:
+                tied_embeddings: bool, pure: bool = False) -> tuple[gguf.GGMLQuantizationType, str]:
     """The type llama.cpp gives one tensor when a model is converted to F32/F16 and then
-    ``llama-quantize``d to ``base`` (no imatrix, not --pure), with the reason.
+    ``llama-quantize``d to ``base`` (no imatrix; ``pure``: --pure), with the reason.
 
     >>> choose_type("token_embd.weight", (30522, 384), T.Q4_0, True)[0].name
     'Q8_0'
@@ -256,14 +265,14 @@ def choose_type(gguf_name: str, shape: tuple[int, ...], base: gguf.GGMLQuantizat
     # llama-quantize (llama-quant.cpp, llama_tensor_get_type_impl)
     qtype, reason = base, f"{base.name} (the file type)"
     ncols = shape[-1]
-    if gguf_name == OUTPUT or (tied_embeddings and gguf_name == TOKEN_EMBD):
+    if not pure and (gguf_name == OUTPUT or (tied_embeddings and gguf_name == TOKEN_EMBD)):
         if ncols % _block(base) != 0:
             qtype, reason = T.Q8_0, "output / tied token embeddings with a row not a multiple of the block: Q8_0"
         elif base != T.Q8_0:
             qtype, reason = T.Q6_K, "output / tied token embeddings (no output.weight): Q6_K"
         else:
             reason = "output / tied token embeddings: Q8_0"
-    # tensor_type_fallback: the block must divide the row
+    # tensor_type_fallback: the block must divide the row (applies under --pure too)
     if ncols % _block(qtype) != 0:
         demoted = _FALLBACK.get(qtype, qtype)
         if ncols % _block(demoted) != 0:
@@ -280,7 +289,7 @@ def plan(weights: Mapping[str, FloatArray], peer: PeerFormat) -> tuple[NameMap, 
     choices = []
     for source, array in weights.items():
         shape = tuple(int(d) for d in array.shape)
-        qtype, reason = choose_type(names.names[source], shape, peer.ggml_type, tied)
+        qtype, reason = choose_type(names.names[source], shape, peer.ggml_type, tied, peer.pure)
         choices.append(TensorChoice(source, names.names[source], shape, qtype, reason))
     return names, choices
 
@@ -383,7 +392,8 @@ def quantize(weights: Mapping[str, FloatArray], peer: PeerFormat, path: Path, *,
     arch = names.architecture or "unknown"
     file_bytes = write_gguf(path, [(c.gguf_name, d, c.ggml_type) for c, d in zip(stored, data)], arch, {
         gguf.Keys.General.NAME: model_name,
-        gguf.Keys.General.QUANTIZED_BY: f"gguf-py {_GGUF_VERSION} (ArrowQuant harness.peers, llama.cpp rules)",
+        gguf.Keys.General.QUANTIZED_BY: f"gguf-py {_GGUF_VERSION} (ArrowQuant harness.peers, llama.cpp rules"
+                                        + (", --pure)" if peer.pure else ")"),
         gguf.Keys.General.FILE_TYPE: int(peer.file_type),
         gguf.Keys.General.QUANTIZATION_VERSION: int(gguf.GGML_QUANT_VERSION),
     })
@@ -448,3 +458,36 @@ def compare_rows(weights: Mapping[str, FloatArray], peers: Iterable[str], folder
         result = quantize(weights, peer, folder / f"{model_name}-{peer.name}.gguf", model_name=model_name)
         rows.append(peer_row(result, weights, compare))
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.peers --model minilm [--peers Q8_0,Q4_0] [--out DIR]``: every
+    peer's row on the model's evaluation set, as a Markdown table (no acceptance suite)."""
+    import argparse
+    import tempfile
+
+    from fixtures.checkpoint import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m harness.peers", description=main.__doc__)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated (default: every peer)")
+    parser.add_argument("--out", type=Path, help="keep the GGUF files here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    checkpoint = load_model(args.model)
+    runner = checkpoint.runner
+    with tempfile.TemporaryDirectory(prefix="arrowquant-peers-") as tmp:
+        rows = compare_rows(checkpoint.weights, [p for p in args.peers.split(",") if p], args.out or Path(tmp),
+                            checkpoint.name, runner.compare if runner is not None else None)
+    print("| format | bits/weight (file) | bits/weight (blocks) | weight SQNR dB | output cosine mean "
+          "| output cosine worst | quantize s | tensor types |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['format_bits_per_weight']:.3f} "
+              f"| {r['weight_sqnr_db']:.2f} | {r.get('output_cosine_mean', math.nan):.5f} "
+              f"| {r.get('output_cosine_min', math.nan):.5f} | {r['quantize_seconds']:.2f} "
+              f"| {', '.join(f'{k} x{v}' for k, v in r['ggml_types'].items())} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

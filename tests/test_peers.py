@@ -38,7 +38,7 @@ def bert_like(hidden: int = 64, vocab: int = 96, layers: int = 2, seed: int = 0)
 
 
 def test_table_and_lookup() -> None:
-    assert list(peers.PEERS) == ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
+    assert list(peers.PEERS) == ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q4_1-pure", "Q4_0-pure"]
     # bytes per block of 32 from ggml's block_q4_0 (FP16 scale + 16 bytes of nibbles)
     assert peers.get_peer("Q4_0").nominal_bits_per_weight == 18 * 8 / 32
     assert peers.get_peer("Q8_0").label == "llama.cpp Q8_0"
@@ -61,6 +61,9 @@ def test_llama_cpp_type_rules() -> None:
     assert pick("blk.0.attn_output_norm.weight", (384,), T.Q4_0, True)[0] == T.F32
     assert pick("blk.0.attn_q.bias", (384,), T.Q4_0, True)[0] == T.F32
     assert pick("blk.0.attn_q.weight", (384, 384), T.Q5_1, True)[0] == T.Q5_1
+    # --pure: the token embeddings take the file type too; norms and tables stay F32
+    assert pick("token_embd.weight", (30522, 384), T.Q4_0, True, pure=True)[0] == T.Q4_0
+    assert pick("position_embd.weight", (512, 384), T.Q4_0, True, pure=True)[0] == T.F32
     # a row not a multiple of the 32-value block: F16 (tensor_type_fallback)
     assert pick("blk.0.ffn_up.weight", (64, 48), T.Q4_0, True)[0] == T.F16
 
