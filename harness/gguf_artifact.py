@@ -258,18 +258,28 @@ def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
 
 @dataclass(frozen=True)
 class ArtifactLayer:
+    """Per-tensor quality, with the fields of ``harness.context.LayerRow`` (``scheme`` is
+    the ggml type), so the suite's weight gates read a GGUF like our own artifacts."""
+
     name: str
-    ggml_type: str
+    scheme: str
+    shape: tuple[int, ...]
+    parameters: int
     cosine: float
     sqnr_db: float
+    relative_error: float
 
 
 def layer_rows(art: GGUFArtifact, source: Mapping[str, FloatArray]) -> list[ArtifactLayer]:
-    """Per-tensor quality of every quantized tensor (filled and float ones excluded)."""
-    from arrowquant_core.metrics import cosine, sqnr_db
+    """Every quantized tensor's quality (float tensors and filled ones excluded)."""
+    from arrowquant_core.metrics import cosine, relative_error, sqnr_db
 
-    return [ArtifactLayer(n, art.types[n], cosine(np.asarray(source[n], np.float32), art.weights[n]),
-                          sqnr_db(np.asarray(source[n], np.float32), art.weights[n])) for n in art.quantized]
+    rows = []
+    for n in art.quantized:
+        ref, got = np.asarray(source[n], np.float32), art.weights[n]
+        rows.append(ArtifactLayer(n, art.types[n], tuple(ref.shape), int(ref.size), cosine(ref, got),
+                                  sqnr_db(ref, got), relative_error(ref, got)))
+    return rows
 
 
 def unquantized_matrices(art: GGUFArtifact) -> list[str]:
@@ -278,3 +288,24 @@ def unquantized_matrices(art: GGUFArtifact) -> list[str]:
     return [n for n, t in art.types.items() if t in ("F32", "F16") and art.weights[n].ndim >= 2]
 
 
+def plan_mismatches(art: GGUFArtifact) -> list[str] | None:
+    """Tensors stored in another type than llama.cpp's rules give them for the file's
+    ``general.file_type`` (``harness.peers.choose_type``, the default mix or --pure): a
+    hand-made mix or a different tool. None when the file type is not one whose rules are modelled (the legacy types
+    of ``harness.peers.PEERS``; K-quant mixes such as Q4_K_M are not)."""
+    from harness.peers import OUTPUT, PEERS, choose_type
+
+    stem = art.file_type.removeprefix("MOSTLY_")
+    peer = PEERS.get(stem)
+    if peer is None:
+        return None
+    tied = OUTPUT not in art.names.values()
+    out = []
+    for src, stored in art.types.items():
+        if stored == "source":
+            continue
+        expected, _why = choose_type(art.names[src], tuple(art.weights[src].shape), peer.ggml_type, tied)
+        pure, _ = choose_type(art.names[src], tuple(art.weights[src].shape), peer.ggml_type, tied, pure=True)
+        if stored not in (expected.name, pure.name):
+            out.append(f"{art.names[src]}: {stored}, llama.cpp {peer.name} gives {expected.name}")
+    return out

@@ -31,9 +31,9 @@ def write(path: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantization
 
 def llama_named(weights: dict[str, np.ndarray], qtype: gguf.GGMLQuantizationType = T.Q8_0,
                 drop_pooler: bool = True) -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]:
-    """What llama.cpp's converter + quantizer produce: llama.cpp names, pooler dropped."""
+    """What llama.cpp's converter + quantizer produce: llama.cpp names and types, pooler dropped."""
     names = peers.gguf_names(weights).names
-    return {names[n]: (a, qtype if a.ndim >= 2 else T.F32) for n, a in weights.items()
+    return {names[n]: (a, peers.choose_type(names[n], a.shape, qtype, True)[0]) for n, a in weights.items()
             if not (drop_pooler and n.startswith("0.model.pooler."))}
 
 
@@ -55,6 +55,11 @@ def test_llama_cpp_names_map_back_and_the_pooler_is_filled(tmp_path: Path) -> No
     assert got.shape == ref.shape and 0 < np.abs(got - ref).max() < 0.01 * np.abs(ref).max()
     assert "made-elsewhere" in art.produced_by and "llama-quantize test double" in art.produced_by
     assert art.main_type == "Q8_0" and art.bit_width([8, 4, 2]) == 8
+    assert gguf_artifact.plan_mismatches(art) == []  # what llama.cpp's Q8_0 rules give
+    rows = gguf_artifact.layer_rows(art, weights)
+    assert [r.name for r in rows] == art.quantized and all(r.scheme == "Q8_0" and r.cosine > 0.999 for r in rows)
+    assert gguf_artifact.unquantized_matrices(art) == ["0.model.embeddings.position_embeddings.weight",
+                                                       "0.model.embeddings.token_type_embeddings.weight"]
 
 
 def test_source_names_are_accepted_too(tmp_path: Path) -> None:
@@ -63,6 +68,10 @@ def test_source_names_are_accepted_too(tmp_path: Path) -> None:
     art = gguf_artifact.load(path, weights)
     assert art.filled_from_source == () and art.names[POOLER] == POOLER
     assert set(art.types.values()) == {"Q4_0", "F32"}
+    # the file says MOSTLY_Q8_0 but holds Q4_0: every quantized tensor breaks llama.cpp's rules
+    mismatches = gguf_artifact.plan_mismatches(art)
+    assert mismatches is not None and len(mismatches) == len(art.quantized)
+    assert "0.model.encoder.layer.0.attention.self.query.weight: Q4_0, llama.cpp Q8_0 gives Q8_0" in mismatches
 
 
 def _error(path: Path, weights: dict[str, np.ndarray]) -> str:
