@@ -158,3 +158,30 @@ def test_gguf_py_file_judged_as_artifact_matches_the_comparison_row(tmp_path: Pa
         assert art.types["0.model.embeddings.word_embeddings.weight"] == "Q8_0"  # llama.cpp's tied-embedding rule
         if compare is not None:
             assert 0.9 < judged["output_cosine_mean"] < 0.999  # measured 0.970 on all 240 sentences
+
+
+def test_a_broken_gguf_fails_the_weight_gates(tmp_path: Path) -> None:
+    """Injected fault: one tensor's FP16 block scales doubled inside a Q4_0 file (as a
+    buggy exporter would). The file still reads; the layer rows the suite gates on show
+    it: MiniLM's INT4 gate weight_sqnr_db_min >= 14 fails (a doubled scale gives ~0 dB)."""
+    from harness.criteria import parse_rule
+
+    weights = bert_like()
+    path = write(tmp_path / "ok.gguf", llama_named(weights, T.Q4_0))
+    gate = parse_rule("weight_sqnr_db_min >= 14", 4)
+    assert gate.check(min(r.sqnr_db for r in gguf_artifact.layer_rows(gguf_artifact.load(path, weights),
+                                                                       weights))) is None
+    reader = gguf.GGUFReader(path)
+    target = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight")
+    data = bytearray(path.read_bytes())
+    blocks = np.frombuffer(data, np.uint8, count=target.n_bytes, offset=target.data_offset).reshape(-1, 18).copy()
+    scales = blocks[:, :2].copy().view(np.float16) * np.float16(2)
+    blocks[:, :2] = scales.view(np.uint8).reshape(-1, 2)
+    data[target.data_offset:target.data_offset + target.n_bytes] = blocks.tobytes()
+    broken = tmp_path / "doubled-scales.gguf"
+    broken.write_bytes(bytes(data))
+    rows = {r.name: r for r in gguf_artifact.layer_rows(gguf_artifact.load(broken, weights), weights)}
+    worst = min(r.sqnr_db for r in rows.values())
+    assert worst == rows["0.model.encoder.layer.1.attention.self.value.weight"].sqnr_db and worst < 3
+    failure = gate.check(worst)
+    assert failure is not None and "weight_sqnr_db_min" in failure
