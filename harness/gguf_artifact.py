@@ -162,11 +162,9 @@ class GGUFArtifact:
         widths = sorted(set(available))
         if not widths:
             raise ConfigurationError(f"{self.path}: the criteria file has no [bits.N] section")
-        try:
-            block, size = gguf.GGML_QUANT_SIZES[T[self.main_type]]
-            nominal = size * 8 / block
-        except KeyError:
-            nominal = 16.0
+        qtype = T.__members__.get(self.main_type)
+        block, size = gguf.GGML_QUANT_SIZES[qtype] if qtype is not None else (1, 2)  # no quantized tensor: F16
+        nominal = size * 8 / block
         below = [b for b in widths if b <= nominal]
         return below[-1] if below else widths[0]
 
@@ -209,14 +207,14 @@ def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
         by_file_name[src] = src  # a source name always means itself
     found: dict[str, Any] = {}
     for tensor in reader.tensors:
-        src = by_file_name.get(tensor.name)
-        if src is None:
+        known = by_file_name.get(tensor.name)
+        if known is None:
             raise FormatError(f"{path}: tensor {tensor.name!r} is not a tensor of the model (neither a source name "
                               f"nor llama.cpp's {arch_name or '?'} name of one); rule: no unknown tensors")
-        if src in found:
-            raise FormatError(f"{path}: tensors {found[src].name!r} and {tensor.name!r} both map to {src!r}; "
+        if known in found:
+            raise FormatError(f"{path}: tensors {found[known].name!r} and {tensor.name!r} both map to {known!r}; "
                               "rule: one tensor per source tensor")
-        found[src] = tensor
+        found[known] = tensor
     dropped = DROPPED_BY_CONVERTER.get(arch_name, ())
     missing = [s for s in source if s not in found]
     filled = tuple(s for s in missing if any(s == d or s.endswith("." + d) for d in dropped))

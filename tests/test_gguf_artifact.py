@@ -95,6 +95,11 @@ def test_every_broken_rule_is_a_format_error_naming_file_tensor_and_rule(tmp_pat
     unknown["blk.9.attn_q.weight"] = (np.zeros((64, 64)), T.Q8_0)
     assert "'blk.9.attn_q.weight' is not a tensor of the model" in _error(write(tmp_path / "unk.gguf", unknown), weights)
 
+    twice = dict(good)
+    twice["0.model.embeddings.word_embeddings.weight"] = good["token_embd.weight"]
+    assert "both map to '0.model.embeddings.word_embeddings.weight'" in _error(write(tmp_path / "dup.gguf", twice),
+                                                                               weights)
+
     wrong = dict(good)
     wrong["blk.0.attn_q.weight"] = (np.zeros((32, 64)), T.Q8_0)
     assert re.search(r"'blk.0.attn_q.weight' has shape \[32, 64\].*reversed", _error(write(tmp_path / "shape.gguf", wrong),
