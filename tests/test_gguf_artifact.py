@@ -140,6 +140,17 @@ def test_cli_refuses_a_bad_artifact_option_with_exit_2(tmp_path: Path, capsys: p
     assert "no such file" in capsys.readouterr().err
 
 
+def test_cli_exits_2_on_a_truncated_gguf_naming_the_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fixtures.minilm.model import original_weights
+
+    result = peers.quantize(original_weights(), peers.get_peer("Q8_0"), tmp_path / "m.gguf")
+    (tmp_path / "cut.gguf").write_bytes(result.path.read_bytes()[:-1000])
+    assert main(["run", "--model", "minilm", "--artifact", str(tmp_path / "cut.gguf"), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cut.gguf: tensor '0.model.pooler.dense.bias' needs bytes up to" in err and "truncated" in err
+
+
 def test_gguf_py_file_judged_as_artifact_matches_the_comparison_row(tmp_path: Path) -> None:
     """Done-when of issue 13 item 2, on the real MiniLM: Q4_0 and Q8_0 files written by
     the peer path, read back by the artifact path (GGUFReader, name mapping, dequantize),
