@@ -51,6 +51,8 @@ DROPPED_BY_CONVERTER: Final[dict[str, tuple[str, ...]]] = {
     "bert": ("pooler.dense.weight", "pooler.dense.bias"),
 }
 _FLOAT_TYPES: Final = frozenset({T.F32, T.F16})
+# types that hold no quantized weights: floats, integer buffers, tensors taken from the source
+_NOT_QUANTIZED: Final = frozenset({"F32", "F16", "I8", "I16", "I32", "I64", "source"})
 
 
 def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
@@ -133,14 +135,14 @@ class GGUFArtifact:
                 return candidate
         counts: dict[str, int] = {}
         for t in self.types.values():
-            if t not in ("F32", "F16", "source"):
+            if t not in _NOT_QUANTIZED:
                 counts[t] = counts.get(t, 0) + 1
         return max(counts, key=lambda k: counts[k]) if counts else "F16/F32"
 
     @property
     def quantized(self) -> list[str]:
         """Source names stored in a quantized ggml type (not float, not filled)."""
-        return [n for n, t in self.types.items() if t not in ("F32", "F16", "source")]
+        return [n for n, t in self.types.items() if t not in _NOT_QUANTIZED]
 
     @property
     def produced_by(self) -> str:
@@ -234,6 +236,13 @@ def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
             continue
         tensor = found[src]
         qtype = tensor.tensor_type
+        if np.asarray(ref).dtype.kind != "f":  # an integer buffer: stored exactly, or wrong
+            got = np.asarray(tensor.data).reshape(tuple(reversed(tensor.shape.tolist())))
+            if got.shape != ref.shape or not np.array_equal(got, ref):
+                raise FormatError(f"{path}: tensor {tensor.name!r} ({qtype.name}) differs from the model's integer "
+                                  f"buffer {src!r}; rule: integer buffers are stored exactly")
+            weights[src], types[src], names[src] = np.asarray(ref).copy(), qtype.name, tensor.name
+            continue
         if not dequantizable(qtype):
             raise FormatError(f"{path}: tensor {tensor.name!r} is stored as {qtype.name}, which gguf "
                               f"{gguf_version()} cannot dequantize; rule: a float or quantized weight type")

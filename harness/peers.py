@@ -282,6 +282,21 @@ def choose_type(gguf_name: str, shape: tuple[int, ...], base: gguf.GGMLQuantizat
     return qtype, reason
 
 
+# Integer and boolean buffers (token-type ids, masks) are stored exactly, never quantized:
+# GGUF's integer types, the narrowest that holds the numpy dtype without loss.
+_INTEGER_TYPES: Final[dict[str, gguf.GGMLQuantizationType]] = {
+    "int8": T.I8, "int16": T.I16, "int32": T.I32, "int64": T.I64,
+    "bool": T.I8, "uint8": T.I16, "uint16": T.I32, "uint32": T.I64,
+}
+_NUMPY_OF: Final[dict[gguf.GGMLQuantizationType, type[np.generic]]] = {
+    T.I8: np.int8, T.I16: np.int16, T.I32: np.int32, T.I64: np.int64}
+
+
+def parameter_count(weights: Mapping[str, npt.NDArray[Any]]) -> int:
+    """Floating-point parameters (integer buffers are not weights)."""
+    return sum(int(a.size) for a in weights.values() if np.asarray(a).dtype.kind == "f")
+
+
 def plan(weights: Mapping[str, FloatArray], peer: PeerFormat) -> tuple[NameMap, list[TensorChoice]]:
     """Every tensor's GGUF name and llama.cpp type for ``peer``."""
     names = gguf_names(weights)
@@ -289,6 +304,13 @@ def plan(weights: Mapping[str, FloatArray], peer: PeerFormat) -> tuple[NameMap, 
     choices = []
     for source, array in weights.items():
         shape = tuple(int(d) for d in array.shape)
+        if np.asarray(array).dtype.kind != "f":
+            dtype = np.asarray(array).dtype.name
+            if dtype not in _INTEGER_TYPES:
+                raise QuantizationError(f"tensor {source!r}: dtype {dtype} has no GGUF type")
+            choices.append(TensorChoice(source, names.names[source], shape, _INTEGER_TYPES[dtype],
+                                        f"integer buffer ({dtype}): stored exactly"))
+            continue
         qtype, reason = choose_type(names.names[source], shape, peer.ggml_type, tied, peer.pure)
         choices.append(TensorChoice(source, names.names[source], shape, qtype, reason))
     return names, choices
@@ -373,7 +395,7 @@ def quantize(weights: Mapping[str, FloatArray], peer: PeerFormat, path: Path, *,
     notes: list[str] = []
     stored: list[TensorChoice] = []
     for c in choices:
-        if c.ggml_type not in _QUANTIZABLE:
+        if c.ggml_type not in _QUANTIZABLE and c.ggml_type not in _NUMPY_OF:
             # e.g. Q6_K for tied token embeddings whose rows are a multiple of 256
             notes.append(f"{c.source}: llama.cpp uses {c.ggml_type.name}, which gguf {_GGUF_VERSION} cannot "
                          "quantize; stored as Q8_0 (larger) instead")
@@ -382,6 +404,9 @@ def quantize(weights: Mapping[str, FloatArray], peer: PeerFormat, path: Path, *,
     t0 = time.perf_counter()
     data = []
     for c in stored:
+        if c.ggml_type in _NUMPY_OF:
+            data.append(np.asarray(weights[c.source]).astype(_NUMPY_OF[c.ggml_type]))
+            continue
         array = np.asarray(weights[c.source], dtype=np.float32)
         try:
             data.append(gguf.quants.quantize(array, c.ggml_type))
@@ -399,10 +424,13 @@ def quantize(weights: Mapping[str, FloatArray], peer: PeerFormat, path: Path, *,
     })
     out: dict[str, FloatArray] = {}
     for c, d in zip(stored, data):
+        if c.ggml_type in _NUMPY_OF:
+            out[c.source] = np.asarray(weights[c.source]).copy()  # stored exactly
+            continue
         out[c.source] = np.asarray(gguf.quants.dequantize(d, c.ggml_type), dtype=np.float32).reshape(c.shape)
     return PeerResult(peer=peer, weights=out, tensors=tuple(stored), architecture=names.architecture, path=path,
                       file_bytes=file_bytes, tensor_bytes=sum(_nbytes(c.shape, c.ggml_type) for c in stored),
-                      parameters=sum(int(np.asarray(a).size) for a in weights.values()),
+                      parameters=parameter_count(weights),
                       quantize_seconds=seconds, notes=tuple(notes))
 
 
@@ -414,7 +442,7 @@ def weight_sqnr_db(source: Mapping[str, FloatArray], candidate: Mapping[str, Flo
     total signal energy / total error energy, in dB."""
     signal = noise = 0.0
     for name, ref in source.items():
-        if ref.ndim < 2:
+        if ref.ndim < 2 or ref.dtype.kind != "f":
             continue
         ref64 = np.asarray(ref, np.float64)
         signal += float(np.sum(np.square(ref64)))
@@ -426,7 +454,7 @@ def row(label: str, source: Mapping[str, FloatArray], weights: Mapping[str, Floa
         seconds: float, compare: Callable[[Mapping[str, FloatArray]], Mapping[str, Any]] | None) -> dict[str, Any]:
     """A comparison row with the keys of a method row (harness.context.compare_methods):
     size and bits per weight from the file's bytes, weight SQNR, the runner's metrics."""
-    parameters = sum(int(np.asarray(a).size) for a in source.values())
+    parameters = parameter_count(source)
     out: dict[str, Any] = {
         "method": label, "scheme": SCHEME, "quantize_seconds": seconds,
         "size_mb": file_bytes / 1e6, "bits_per_weight": file_bytes * 8 / parameters,

@@ -144,3 +144,21 @@ def test_criteria_peers_list(tmp_path: Path) -> None:
     shipped = load_criteria(Path(__file__).resolve().parents[1] / "harness/criteria/minilm.toml")
     assert shipped.plan(8).peers == ("Q8_0",)
     assert set(shipped.plan(4).peers) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+
+
+def test_integer_buffers_are_stored_exactly_and_are_not_parameters(tmp_path: Path) -> None:
+    from harness import gguf_artifact
+
+    weights: dict[str, np.ndarray] = dict(bert_like())
+    weights["0.model.embeddings.position_ids"] = np.arange(32, dtype=np.int64).reshape(1, 32)
+    result = peers.quantize(weights, peers.get_peer("Q8_0"), tmp_path / "m.gguf")
+    assert result.type_counts()["I64"] == 1
+    assert result.parameters == sum(a.size for n, a in weights.items() if a.dtype.kind == "f")
+    art = gguf_artifact.load(result.path, weights)
+    np.testing.assert_array_equal(art.weights["0.model.embeddings.position_ids"], weights["0.model.embeddings.position_ids"])
+    assert art.weights["0.model.embeddings.position_ids"].dtype == np.int64
+    assert "0.model.embeddings.position_ids" not in art.quantized
+    changed = dict(weights)
+    changed["0.model.embeddings.position_ids"] = weights["0.model.embeddings.position_ids"] + 1
+    with pytest.raises(Exception, match="integer buffers are stored exactly"):
+        gguf_artifact.load(result.path, changed)
