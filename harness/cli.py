@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --profile edge  # INT2 with the fallback ladder and mixed precision
   python -m harness run --model minilm --compare       # plus every method compared at INT4 and INT2
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
+  python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made by llama.cpp
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness report reports/results.json        # re-render the report from results
   python -m harness list                               # models, schemes, metrics, faults
@@ -64,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
+    run.add_argument("--artifact", type=Path, metavar="FILE.gguf",
+                     help="judge this GGUF file (quantized by llama.cpp or gguf-py) instead of quantizing: its "
+                          "tensors are mapped to the model's names, dequantized and run through the same suite")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
@@ -104,6 +108,11 @@ def _list() -> int:
     print("metrics:")
     for metric in METRICS.values():
         print(f"  {metric.name:22s} {metric.description}")
+    from harness.peers import PEERS
+
+    print("peer formats (llama.cpp, quantized by gguf-py; criteria `peers = [...]`):")
+    for peer in PEERS.values():
+        print(f"  {peer.name:8s} {peer.nominal_bits_per_weight:5.2f} bpw  {peer.ggml_type.name:6s} {peer.description}")
     print("faults (for --inject-fault):")
     for fault in FAULTS.values():
         print(f"  {fault.name:24s} {fault.description}")
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.runner import run
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
-                           fault=args.fault, profile=args.profile, compare=args.compare,
+                           fault=args.fault, profile=args.profile, compare=args.compare, artifact=args.artifact,
                            benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner)
         result = run(config)
         print(f"{result.verdict}: {result.report_path}")

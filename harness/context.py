@@ -359,7 +359,11 @@ class RunContext:
         return self.output_by_bits[bits]
 
     def compared_methods(self, bits: int) -> tuple[str, ...]:
-        return self.criteria.plan(bits).compare if self.config.compare else ()
+        """Row labels of the comparison: our methods, then llama.cpp's peer formats."""
+        from harness.peers import LABEL_PREFIX
+
+        plan = self.criteria.plan(bits)
+        return (*plan.compare, *(LABEL_PREFIX + p for p in plan.peers)) if self.config.compare else ()
 
     def compare_methods(self, bits: int) -> list[dict[str, Any]]:
         """Quantize the whole model with each compared method at this bit width's scheme,
@@ -367,7 +371,7 @@ class RunContext:
         rows: list[dict[str, Any]] = []
         folder = self.workdir / "compare"
         plan = self.criteria.plan(bits)
-        for method in self.compared_methods(bits):
+        for method in plan.compare if self.config.compare else ():
             config = aq.QuantizationConfig(plan.scheme, method=method)
             hessians = self.hessians() if get_method(method).needs_hessian else None
             self.progress(f"INT{bits}: comparing method {method}")
@@ -391,6 +395,12 @@ class RunContext:
                 raw = self.checkpoint.runner.compare(weights)
                 row.update({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
             rows.append(row)
+        if self.config.compare and plan.peers:  # llama.cpp's formats (gguf-py), same tensors and sentences
+            from harness.peers import compare_rows
+
+            runner = self.checkpoint.runner
+            rows += compare_rows(self.checkpoint.weights, plan.peers, folder, self.checkpoint.name,
+                                 runner.compare if runner is not None else None, self.progress)
         self.tables_by_bits.setdefault(bits, {})["methods"] = rows
         return rows
 
