@@ -157,13 +157,21 @@ def pack(codes: U8, bits: int) -> U8:
             f"cannot pack code {int(flat.max())} into {bits} bits (codes must be < {1 << bits})")
     if per == 1:
         return flat.copy()
+    out = np.empty(-(-flat.size // per), dtype=np.uint8)
+    pack_into(flat, bits, out)
+    return out
+
+
+def _pack_lanes(flat: U8, bits: int) -> U8:
+    """Portable packing, lane by lane (big-endian machines and the odd tail)."""
+    per = 8 // bits
     pad = (-flat.size) % per
     if pad:
         flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
     lanes = flat.reshape(-1, per)
     out = lanes[:, 0].copy()
     for lane in range(1, per):  # at most 3 vectorized passes, not a loop over elements
-        out |= np.left_shift(lanes[:, lane], np.uint8(shifts[lane]))
+        out |= np.left_shift(lanes[:, lane], np.uint8(_SHIFTS[bits][lane]))
     return out
 
 
@@ -180,12 +188,9 @@ def unpack(packed: U8, bits: int, count: int) -> U8:
         raise ConfigurationError(
             f"packed buffer of {flat.size} bytes holds {flat.size * per} {bits}-bit codes, "
             f"{count} were asked for")
-    if per == 1:
-        return flat[:count].copy()
-    mask = np.uint8((1 << bits) - 1)
-    shift_row = np.array(shifts, dtype=np.uint8)
-    lanes = np.right_shift(flat[:, None], shift_row[None, :]) & mask
-    return np.ascontiguousarray(lanes.reshape(-1)[:count])
+    out = np.empty(count, dtype=np.uint8)
+    unpack_into(flat, bits, out)
+    return out
 
 
 # --- fused, chunked round-to-nearest over a whole matrix (issue 11) ----------------------
@@ -282,13 +287,9 @@ def pack_into(codes: U8, bits: int, out: U8) -> None:
             w32 |= t32
             np.copyto(out[:whole // 4], w32, casting="unsafe")
     elif whole:
-        lanes = codes[:whole].reshape(-1, per)
-        head = out[:whole // per]
-        np.copyto(head, lanes[:, 0])
-        for lane in range(1, per):
-            head |= np.left_shift(lanes[:, lane], np.uint8(_SHIFTS[bits][lane]))
+        np.copyto(out[:whole // per], _pack_lanes(codes[:whole], bits))
     if n > whole:
-        out[whole // per:] = pack(codes[whole:], bits)
+        out[whole // per:] = _pack_lanes(codes[whole:], bits)
 
 
 def unpack_into(packed: U8, bits: int, out: U8) -> None:
@@ -300,7 +301,24 @@ def unpack_into(packed: U8, bits: int, out: U8) -> None:
         return
     whole = n - n % per
     mask = np.uint8((1 << bits) - 1)
-    if whole:
+    if whole and _LITTLE_ENDIAN:
+        # Spread each byte over a uint16 (uint32) of the output itself, then mask the
+        # lanes: contiguous passes, ~3.5x faster than writing each lane with stride.
+        if per == 2:
+            o16 = out[:whole].view(np.uint16)
+            np.copyto(o16, packed[:whole // 2])
+            t16 = np.left_shift(o16, np.uint16(4))
+            o16 |= t16
+            o16 &= np.uint16(0x0F0F)
+        else:
+            o32 = out[:whole].view(np.uint32)
+            np.copyto(o32, packed[:whole // 4])
+            t32 = np.left_shift(o32, np.uint32(6))
+            o32 |= t32
+            np.left_shift(o32, np.uint32(12), out=t32)
+            o32 |= t32
+            o32 &= np.uint32(0x03030303)
+    elif whole:
         lanes = out[:whole].reshape(-1, per)
         src = packed[:whole // per]
         for lane in range(per):
@@ -312,7 +330,9 @@ def unpack_into(packed: U8, bits: int, out: U8) -> None:
             else:
                 np.bitwise_and(src, mask, out=lanes[:, lane])
     if n > whole:
-        out[whole:] = unpack(packed[whole // per:], bits, n - whole)
+        last = int(packed[whole // per])
+        for lane in range(n - whole):  # at most 3 codes of a last, partly filled byte
+            out[whole + lane] = (last >> _SHIFTS[bits][lane]) & ((1 << bits) - 1)
 
 
 def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F32,
