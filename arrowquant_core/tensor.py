@@ -64,6 +64,12 @@ class QuantizedTensor:
     method: str = "rtn"
     params: F32 = field(default_factory=_no_params)
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md); Ray
+        # tasks (harness/sweep.py) send QuantizedTensors between processes.
+        return (QuantizedTensor, (self.name, self.scheme, self.shape, self.dtype, self.codes, self.scales,
+                                  self.zeros, self.method, self.params))
+
     @property
     def is_lattice(self) -> bool:
         return self.method in LATTICE_METHODS
