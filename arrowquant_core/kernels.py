@@ -19,7 +19,7 @@ Code convention: codes are unsigned integers in ``[0, 2**bits - 1]`` and
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -335,6 +335,22 @@ def unpack_into(packed: U8, bits: int, out: U8) -> None:
             out[whole + lane] = (last >> _SHIFTS[bits][lane]) & ((1 << bits) - 1)
 
 
+_REPEAT_MAX: Final[int] = 4096
+
+
+def per_value(params: npt.NDArray[Any], block: int) -> npt.NDArray[Any]:
+    """Per-block values ``(m, n_groups)`` spread over their blocks, ``(m, n_groups, block)``.
+
+    A broadcast ``(m, n, 1)`` operand makes NumPy call its inner loop once per block
+    (64 values), which measured 5-8x slower than ``np.repeat`` followed by a plain
+    elementwise operation; a block longer than ``_REPEAT_MAX`` keeps the broadcast.
+    """
+    m, n = int(params.shape[0]), int(params.shape[1])
+    if block > _REPEAT_MAX:
+        return params[:, :, None]
+    return np.repeat(params.reshape(-1), block).reshape(m, n, block)
+
+
 def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F32,
                     zeros: U8) -> U8:
     """Packed codes of a C-contiguous ``(rows, cols)`` float32 matrix under given block
@@ -367,12 +383,12 @@ def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F
             src = padded[:m]
         s3 = src.reshape(m, n_groups, block)
         t3 = work[:m * width].reshape(m, n_groups, block)
-        np.multiply(s3, inv[r0:r1, :, None], out=t3)
+        np.multiply(s3, per_value(inv[r0:r1], block), out=t3)
         np.rint(t3, out=t3)
         if one_zero:  # one zero point for all blocks: a scalar add, no per-block broadcast
             t3 += zero0
         else:
-            t3 += zf[r0:r1, :, None]
+            t3 += per_value(zf[r0:r1], block)
         np.clip(t3, 0.0, qmax, out=t3)
         c = codes[:m * width]
         np.copyto(c.reshape(m, n_groups, block), t3, casting="unsafe")
@@ -408,14 +424,14 @@ def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: in
             c3 = np.zeros((m, width), dtype=np.uint8)
             c3[:, :cols] = c.reshape(m, cols)
             t3 = work[:m].reshape(m, n_groups, block)
-            np.subtract(c3.reshape(m, n_groups, block), z2[r0:r1, :, None], out=t3)
-            t3 *= s2[r0:r1, :, None]
+            np.subtract(c3.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=t3)
+            t3 *= per_value(s2[r0:r1], block)
             np.copyto(out[r0:r1], work[:m, :cols])
         else:
             o3 = out[r0:r1].reshape(m, n_groups, block)
             if one_zero:
                 np.subtract(c.reshape(m, n_groups, block), zero0, out=o3)
             else:
-                np.subtract(c.reshape(m, n_groups, block), z2[r0:r1, :, None], out=o3)
-            o3 *= s2[r0:r1, :, None]
+                np.subtract(c.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=o3)
+            o3 *= per_value(s2[r0:r1], block)
     return out
