@@ -174,5 +174,5 @@ def test_bench_load_dequantize_vs_safetensors(benchmark: BenchmarkFixture, int4_
     benchmark.extra_info.update({"compiled": arrowquant_core.is_compiled(), "ratio_to_fp32_read": round(ratio, 2),
                                  "read_fp32_ms": round(statistics.median(reads) * 1e3, 1),
                                  "target": LOAD_TARGET, "bound": LOAD_BOUND})
-    assert len(out[-1]) == 101
+    assert len(out[-1]) == 103  # every float tensor of MiniLM (position_ids is int64, not stored)
     assert ratio <= LOAD_BOUND, f"load + dequantize took {ratio:.2f}x the FP32 safetensors read (bound {LOAD_BOUND}x)"
