@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness report reports/results.json        # re-render the report from results
   python -m harness list                               # models, schemes, metrics, faults
+  python -m harness sweep --model dream-mini --bits 8,4 --methods rtn,hqq   # a grid of runs on Ray
 """
 
 
@@ -71,11 +72,43 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
+    _add_sweep(sub)
     sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
     rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
     rep.add_argument("results", type=Path)
     rep.add_argument("--out", type=Path, help="report path (default: next to results.json)")
     return top
+
+
+def _add_sweep(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sweep = sub.add_parser("sweep", help="models x bit widths x methods (x profiles), each cell a run on Ray",
+                           epilog="examples:\n  python -m harness sweep --model dream-mini --bits 8,4 --methods rtn\n"
+                                  "  python -m harness sweep --model minilm,dream-mini --bits 4 --methods rtn,hqq "
+                                  "--address ray://head:10001\n\n" + exitcodes.epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--model", required=True, help="comma-separated model names or paths")
+    sweep.add_argument("--bits", type=_bits, required=True, help="comma-separated bit widths")
+    sweep.add_argument("--methods", default="rtn", help="comma-separated methods (see `list`; default: rtn)")
+    sweep.add_argument("--profiles", default="", help="comma-separated profiles; 'default' = no profile")
+    sweep.add_argument("--out", type=Path, default=Path("reports/sweep"), help="output folder (default: reports/sweep)")
+    sweep.add_argument("--address", help="Ray cluster address (default: a private local Ray instance)")
+    sweep.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance (default: 2)")
+    sweep.add_argument("--rounds", type=int, default=3, help="benchmark rounds of each cell's timing gates (default: 3)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import SweepConfig, sweep
+
+    names = [p.strip() for p in args.profiles.split(",") if p.strip()] or ["default"]
+    config = SweepConfig(models=tuple(m.strip() for m in args.model.split(",") if m.strip()), bits=args.bits,
+                         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         profiles=tuple(None if p == "default" else p for p in names), out=args.out,
+                         address=args.address, num_cpus=args.num_cpus, quiet=args.quiet,
+                         benchmark_rounds=args.rounds)
+    code, report = sweep(config)
+    print(report)
+    return code
 
 
 def _list() -> int:
@@ -124,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "report":
             from harness.report import render_report
             from harness.results import read_results
