@@ -26,6 +26,8 @@ from arrowquant_core.schemes import Scheme, get_scheme
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
 FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
 # Methods whose codes are residual-lattice signs (params per block), not affine codes.
@@ -142,7 +144,13 @@ def blocks_of(values: F32, scheme: Scheme) -> tuple[F32, tuple[int, int, int, in
 
 
 def check_finite(values: npt.NDArray[Any], name: str) -> None:
-    """Raise QuantizationError naming the tensor if any value is NaN or infinite."""
+    """Raise QuantizationError naming the tensor if any value is NaN or infinite.
+
+    Every floating dtype is checked, bfloat16 included (its numpy kind is ``"V"``, not
+    ``"f"``, which is how bf16 NaN/Inf once slipped past a ``kind == "f"`` filter);
+    integer and boolean arrays are finite by construction and pass."""
+    if values.dtype.kind not in "fc" and values.dtype != _BF16:
+        return
     finite = np.isfinite(values)
     if not bool(np.all(finite)):
         bad = np.flatnonzero(~finite.reshape(-1))
@@ -249,7 +257,11 @@ def dequantize(qt: object) -> npt.NDArray[np.floating]:
     if not isinstance(qt, QuantizedTensor):
         raise QuantizationError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
     values = dequantize_float32(qt)
-    if qt.dtype == "float32":
-        return values
+    if qt.dtype == "float32" or qt.dtype == "float64":
+        return values if qt.dtype == "float32" else values.astype(np.float64)
     target = ml_dtypes.bfloat16 if qt.dtype == "bfloat16" else np.dtype(qt.dtype)
+    # A block at float16's +-65504 dequantizes up to half a step past it (integer zero
+    # point): saturate to the target's largest finite value, never cast to inf.
+    limit = float(ml_dtypes.finfo(target).max)
+    np.clip(values, -limit, limit, out=values)
     return values.astype(target)
