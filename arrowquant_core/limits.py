@@ -134,7 +134,7 @@ def check_parquet_footprint(path: StrPath, what: str, expansion: int = PARQUET_E
 
     size = check_regular(path, what)
     try:
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(os.fspath(path))
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:

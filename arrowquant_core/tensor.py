@@ -28,6 +28,10 @@ U8 = npt.NDArray[np.uint8]
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
+# Largest finite value of each narrow output dtype (bfloat16: 8-bit mantissa, float32's exponent).
+_FINITE_MAX: dict[str, float] = {"float16": float(np.finfo(np.float16).max),
+                                 "bfloat16": (2.0 - 2.0 ** -7) * 2.0 ** 127}
+
 FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
 # Methods whose codes are residual-lattice signs (params per block), not affine codes.
@@ -262,6 +266,6 @@ def dequantize(qt: object) -> npt.NDArray[np.floating]:
     target = ml_dtypes.bfloat16 if qt.dtype == "bfloat16" else np.dtype(qt.dtype)
     # A block at float16's +-65504 dequantizes up to half a step past it (integer zero
     # point): saturate to the target's largest finite value, never cast to inf.
-    limit = float(ml_dtypes.finfo(target).max)
+    limit = _FINITE_MAX[qt.dtype]
     np.clip(values, -limit, limit, out=values)
     return values.astype(target)
