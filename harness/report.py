@@ -14,6 +14,7 @@ from typing import Any
 import jinja2
 
 from arrowquant_core.schemes import SCHEMES
+from harness.escape import md_code, md_text
 from harness.measures import METRICS
 from harness.results import write_text_atomic
 
@@ -126,14 +127,14 @@ def recommendations(results: dict[str, Any]) -> list[str]:
         best = min(usable)
         m = by_bits[best]["metrics"]
         out.append(f"Smallest configuration that passes every gate with usable outputs: INT{best} "
-                   f"({by_bits[best]['scheme']}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
+                   f"({md_text(by_bits[best]['scheme'])}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
                    f"{_fmt(m.get('compression_vs_fp32'), '{:.2f}')}x smaller than FP32.")
     for bits, entry in sorted(by_bits.items(), reverse=True):
         m = entry["metrics"]
         cos = m.get("output_cosine_mean")
         collapse = _collapsed(m)
         if collapse:
-            out.append(f"INT{bits} ({entry['scheme']}) wrecks the model's outputs: {collapse}, even though "
+            out.append(f"INT{bits} ({md_text(entry['scheme'])}) wrecks the model's outputs: {collapse}, even though "
                        f"its weight cosine is {_num(m.get('weight_cosine_mean')):.3f}. Do not ship it; "
                        "use a calibrated method or mixed precision for this bit width.")
         elif cos is not None and _num(cos) < 0.99 and entry.get("method", "rtn") == "rtn":
@@ -142,13 +143,13 @@ def recommendations(results: dict[str, Any]) -> list[str]:
         if entry["layers"]:
             worst = min(entry["layers"], key=lambda l: _num(l["cosine"]))
             if _num(worst["cosine"]) < 0.999:
-                out.append(f"INT{bits}: the most damaged tensor is `{worst['name']}` (cosine "
+                out.append(f"INT{bits}: the most damaged tensor is {md_code(worst['name'])} (cosine "
                            f"{_num(worst['cosine']):.4f}, SQNR {_fmt(_num(worst['sqnr_db']), '{:.1f}')} dB); "
                            "it is the first candidate for more bits.")
     for bits in sorted(failed_bits, reverse=True):
         if bits in by_bits:
             rules = [c["rule"] for c in results["criteria"] if c["bits"] == bits and not c["passed"]]
-            out.append(f"INT{bits} fails {len(rules)} gate(s): {', '.join(rules)}.")
+            out.append(f"INT{bits} fails {len(rules)} gate(s): {', '.join(md_code(r) for r in rules)}.")
     return out
 
 
@@ -156,24 +157,24 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
     prov, run = results["provenance"], results["run"]
     entries = results["bit_widths"]
     present = [c for c in SUMMARY_COLUMNS if any(c[0] in e["metrics"] for e in entries)]
-    summary_rows = [[f"INT{e['bits']}", f"`{e['scheme']}`",
-                     "ladder" if e.get("plan") else f"`{e.get('method', 'rtn')}`"]
+    summary_rows = [[f"INT{md_text(e['bits'])}", md_code(e['scheme']),
+                     "ladder" if e.get("plan") else md_code(e.get('method', 'rtn'))]
                     + [_fmt(e["metrics"].get(key), pattern) for key, _t, pattern in present]
                     for e in entries]
     worst = []
     for e in entries:
         layers = sorted(e["layers"], key=lambda l: _num(l["cosine"]))[:WORST_LAYERS]
         worst.append({"bits": e["bits"], "rows": [
-            [f"`{l['name']}`", "×".join(map(str, l["shape"])), f"{l['parameters']:,}",
+            [md_code(l['name']), md_text("×".join(map(str, l["shape"]))), md_text(f"{l['parameters']:,}"),
              _fmt(_num(l["cosine"]), "{:.5f}"), _fmt(_num(l["sqnr_db"]), "{:.2f}"),
              _fmt(_num(l["relative_error"]), "{:.4f}")] for l in layers]})
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
     groups = [{"bits": e["bits"], "rows": [
-        [g["mask_ratio"], _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
+        [md_text(g["mask_ratio"]), _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
          _fmt(g["top1_agreement"], "{:.3f}"), str(int(g["positions"]))] for g in e.get("timestep_groups", [])]}
         for e in entries if e.get("timestep_groups")]
     methods = [{"bits": e["bits"], "scheme": e["scheme"], "rows": [
-        [f"`{m['method']}`", _fmt(m["quantize_seconds"], "{:.2f}"), _fmt(m["size_mb"], "{:.2f}"),
+        [md_code(m['method']), _fmt(m["quantize_seconds"], "{:.2f}"), _fmt(m["size_mb"], "{:.2f}"),
          _fmt(m["bits_per_weight"], "{:.2f}"), _fmt(_num(m["weight_sqnr_db"]), "{:.2f}"),
          _fmt(m.get(quality_key(m)), "{:.4f}"), _fmt(m.get(quality_min_key(m)), "{:.4f}")]
         for m in e.get("methods", [])]} for e in entries if e.get("methods")]
@@ -187,43 +188,45 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
             counts[layer["rung"]] = counts.get(layer["rung"], 0) + 1
         plans.append({
             "bits": e["bits"], "promotions": p["promotions"], "score": _fmt(p["calibration_score"], "{:.4f}"),
-            "seconds": _fmt(p.get("plan_seconds"), "{:.1f}"), "rungs": " → ".join(p["rungs"]),
-            "mix": ", ".join(f"{n} × {r}" for r, n in counts.items()),
+            "seconds": _fmt(p.get("plan_seconds"), "{:.1f}"), "rungs": " → ".join(md_text(r) for r in p["rungs"]),
+            "mix": ", ".join(f"{n} × {md_text(r)}" for r, n in counts.items()),
             "bits_per_weight": _fmt(e["metrics"].get("bits_per_weight"), "{:.2f}"),
-            "rows": [[f"`{l['name']}`", l["stored"], _fmt(l["damage"][0], "{:.5f}"),
-                      _fmt(l["weight_cosine"], "{:.4f}"), f"{l['parameters']:,}", l["reason"]]
+            "rows": [[md_code(l['name']), md_text(l["stored"]), _fmt(l["damage"][0], "{:.5f}"),
+                      _fmt(l["weight_cosine"], "{:.4f}"), md_text(f"{l['parameters']:,}"), md_text(l["reason"])]
                      for l in p["layers"]]})
-    criteria = [[f"INT{c['bits']}", f"`{c['rule']}`", _fmt(_num(c["value"]), "{:.6g}"),
-                 ("PASS" if c["passed"] else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
-                 c["why"]] for c in ordered]
+    criteria = [[f"INT{md_text(c['bits'])}", md_code(c['rule']), _fmt(_num(c["value"]), "{:.6g}"),
+                 ("PASS" if c["passed"] is True else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
+                 md_text(c["why"])] for c in ordered]
     tests = results["tests"]
     base = results.get("baselines") or {}
-    inputs = [f"`{i['path']}` ({i['bytes']:,} bytes, sha256 `{i['sha256'][:16]}…`)" for i in prov["inputs"]]
+    inputs = [f"{md_code(i['path'])} ({md_text(format(i['bytes'], ','))} bytes, "
+              f"sha256 {md_code(str(i['sha256'])[:16] + '…')})" for i in prov["inputs"]]
     used_schemes = sorted({e["scheme"] for e in entries})
     used_metrics = sorted({k for e in entries for k in e["metrics"] if k in METRICS})
     return {
-        "verdict": results["verdict"],
-        "model": run["model"],
-        "fault": run.get("fault"),
-        "started_at": run["started_at"],
+        "verdict": md_text(results["verdict"]),
+        "model": md_text(run["model"]),
+        "fault": md_code(run["fault"]) if run.get("fault") else None,
+        "started_at": md_text(run["started_at"]),
         "wall_seconds": _fmt(run.get("wall_seconds"), "{:.1f}"),
-        "bits": ", ".join(f"INT{e['bits']}" for e in entries),
-        "tests": tests,
+        "bits": ", ".join(f"INT{md_text(e['bits'])}" for e in entries),
+        "tests": {k: md_text(v) for k, v in tests.items() if k in ("total", "passed", "failed", "errors")},
         "gates_total": len(results["criteria"]),
         "gates_failed": sum(1 for c in results["criteria"] if not c["passed"]),
-        "failures": tests["failures"],
+        "failures": [{"test": md_code(f["test"]), "message": md_text(f["message"])} for f in tests["failures"]],
         "environment": [
-            ("Git commit", f"`{prov['git_commit']}`" + (" (uncommitted changes)" if prov["git_dirty"] else "")),
-            ("Python", prov["python"]), ("Platform", prov["platform"]),
-            ("CPU", f"{prov['cpu']} ({prov['cores']} cores)"),
+            ("Git commit", md_code(prov['git_commit']) + (" (uncommitted changes)" if prov["git_dirty"] else "")),
+            ("Python", md_text(prov["python"])), ("Platform", md_text(prov["platform"])),
+            ("CPU", md_text(f"{prov['cpu']} ({prov['cores']} cores)")),
             ("Core compiled with mypyc", "yes" if prov["core_compiled"] else "NO (pure Python)"),
-            ("Threads", ", ".join(f"{k}={v}" for k, v in prov["threads"].items())),
-            ("Packages", ", ".join(f"{k} {v}" for k, v in prov["packages"].items())),
+            ("Threads", md_text(", ".join(f"{k}={v}" for k, v in prov["threads"].items()))),
+            ("Packages", md_text(", ".join(f"{k} {v}" for k, v in prov["packages"].items()))),
             ("Model files", "; ".join(inputs) or "—"),
-            ("Evaluation", ", ".join(f"{k}={v}" for k, v in (prov.get("runner") or {}).items()) or "weights only"),
-            ("Baselines", f"FP32 {base.get('fp32_bytes', 0):,} bytes, FP16 {base.get('fp16_bytes', 0):,} bytes, "
-                          f"{base.get('parameters', 0):,} parameters — {base.get('how', '—')}"),
-            ("Criteria", f"`{run['criteria_file']}`"),
+            ("Evaluation", md_text(", ".join(f"{k}={v}" for k, v in (prov.get("runner") or {}).items()))
+             or "weights only"),
+            ("Baselines", md_text(f"FP32 {base.get('fp32_bytes', 0):,} bytes, FP16 {base.get('fp16_bytes', 0):,} "
+                                  f"bytes, {base.get('parameters', 0):,} parameters — {base.get('how', '—')}")),
+            ("Criteria", md_code(run['criteria_file'])),
         ],
         "summary_header": ["Bits", "Scheme", "Method"] + [title for _k, title, _p in present],
         "summary_rows": summary_rows,

@@ -11,6 +11,8 @@ named next to it::
       started_at, finished_at  ISO-8601 UTC
       wall_seconds          float  whole run, set-up to report
       criteria_file         str    criteria TOML used
+      criteria_integrity    {file, sha256, default_file, default_sha256, default_source,
+                             differs_from_default}  (harness.integrity.criteria_record)
       out_dir               str
       fault                 str|null  injected fault (self-test runs only)
     provenance
@@ -25,7 +27,7 @@ named next to it::
     baselines               {fp32_bytes, fp16_bytes, parameters, how}
     bit_widths[]            one entry per bit width
       bits, scheme, scheme_description
-      artifact              {path, bytes}
+      artifact              {path, bytes, sha256}
       metrics               {metric: value}  (names: harness.measures.METRICS)
       layers[]              {name, scheme, shape, parameters, cosine, sqnr_db, relative_error}
     criteria[]              {test, bits, metric, rule, threshold, value, passed, why}
@@ -51,6 +53,7 @@ from arrowquant_core.atomic import write_bytes_atomic
 from typing import Any
 
 SCHEMA_VERSION = 1
+MAX_RESULTS_BYTES = 64 * 1024 * 1024  # a results.json is tens of KB; bounded read (issue 10)
 PACKAGES = ("arrowquant", "numpy", "pyarrow", "torch", "sentence-transformers", "transformers",
             "pytest", "pytest-benchmark", "pytest-json-report", "jinja2", "mypy", "ml_dtypes")
 
@@ -148,12 +151,21 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 def read_results(path: Path) -> dict[str, Any]:
     from arrowquant_core.errors import ConfigurationError
 
+    from arrowquant_core.errors import FormatError
+    from arrowquant_core.limits import read_capped
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_capped(path, MAX_RESULTS_BYTES, "results file").decode("utf-8"))
     except FileNotFoundError:
         raise ConfigurationError(f"results file {path} does not exist") from None
+    except FormatError as exc:
+        raise ConfigurationError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"results file {path}: not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"results file {path}: invalid JSON at line {exc.lineno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigurationError(f"results file {path}: invalid JSON ({type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         raise ConfigurationError(
             f"results file {path}: schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"

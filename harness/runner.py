@@ -19,7 +19,7 @@ from typing import Any
 
 from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.schemes import get_scheme
-from harness import exitcodes
+from harness import exitcodes, integrity
 from harness.config import RunConfig
 from harness.criteria import default_criteria_path, load_criteria
 from harness.context import stored_as
@@ -30,6 +30,7 @@ SUITE_DIR = Path(__file__).resolve().parent / "suite"
 REPORT_NAME = "QUANTIZATION_VALIDATION_REPORT.md"
 SUITE_LOG = "suite.log"
 RESULTS_NAME = "results.json"
+BENCHMARKS_NAME = "benchmarks.json"
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def run(config: RunConfig) -> RunResult:
     criteria = load_criteria(criteria_path, config.model)
     for bits in config.bits:
         criteria.plan(bits)  # every requested bit width must have criteria
+    integrity.prepare_out(config.out)  # writable --out before any work; stale temp files removed
 
     progress(f"loading model {config.model!r}")
     checkpoint = load_model(config.model)
@@ -83,6 +85,7 @@ def run(config: RunConfig) -> RunResult:
                      progress=progress, fault=fault)
     plugin = SuitePlugin(ctx)
     json_report = JSONReport()
+    bench_tmp = integrity.temp_path(out / BENCHMARKS_NAME)  # pytest-benchmark writes in place
     with tempfile.TemporaryDirectory(prefix="arrowquant-suite-") as tmp:
         args = [str(SUITE_DIR), "-c", str(SUITE_DIR / "suite.ini"), "--rootdir", str(SUITE_DIR),
                 "-q", "--no-header", "-rfE",
@@ -91,11 +94,12 @@ def run(config: RunConfig) -> RunResult:
                 "--import-mode=importlib",
                 "-W", "ignore::pytest.PytestAssertRewriteWarning", "-p", "no:randomly", "--basetemp", str(Path(tmp) / "basetemp"),
                 "--json-report-file=none", "--benchmark-disable-gc",
-                "--benchmark-json", str(out / "benchmarks.json"), "--benchmark-quiet"]
+                "--benchmark-json", str(bench_tmp), "--benchmark-quiet"]
         progress(f"running the acceptance suite for INT{', INT'.join(map(str, ctx.bits))} "
                  f"(pytest output: {out / SUITE_LOG})")
-        with open(out / SUITE_LOG, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        with integrity.atomic_text(out / SUITE_LOG) as log, contextlib.redirect_stdout(log):
             code = pytest.main(args, plugins=[json_report, plugin])
+    integrity.commit_file(bench_tmp, out / BENCHMARKS_NAME)
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise RuntimeError(f"the acceptance suite could not run (pytest exit {int(code)})")
 
@@ -120,6 +124,7 @@ def run(config: RunConfig) -> RunResult:
             "finished_at": now(),
             "wall_seconds": None,  # filled in below, after the report is rendered
             "criteria_file": str(criteria_path),
+            "criteria_integrity": integrity.criteria_record(criteria_path, _default_or_none(config)),
             "out_dir": str(out),
             "fault": config.fault,
             "profile": config.profile,
@@ -164,6 +169,13 @@ def _default_criteria(model: str, profile: str | None) -> Path:
     return default_criteria_path("weights")
 
 
+def _default_or_none(config: RunConfig) -> Path | None:
+    try:
+        return _default_criteria(config.model, config.profile)
+    except ConfigurationError:
+        return None
+
+
 def _bit_entry(ctx: Any, bits: int) -> dict[str, Any]:
     plan = ctx.criteria.plan(bits)
     entry: dict[str, Any] = {
@@ -173,7 +185,7 @@ def _bit_entry(ctx: Any, bits: int) -> dict[str, Any]:
     }
     written = ctx.written_by_bits.get(bits)
     if written is not None:
-        entry["artifact"] = {"path": str(written.path), "bytes": written.bytes}
+        entry["artifact"] = integrity.artifact_record(written.path, written.bytes)
     reloaded = ctx.reloaded_by_bits.get(bits)
     if reloaded is not None:
         entry["layers"] = [asdict(row) for row in reloaded.layers]
