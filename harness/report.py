@@ -153,6 +153,20 @@ def recommendations(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def criteria_note(record: Any) -> str:
+    """sha256 of the criteria file and whether it is the committed default (a weakened
+    gate must show in the report, not only in results.json)."""
+    if not isinstance(record, dict):
+        return " (no criteria digest recorded)"
+    note = f", sha256 {md_code(str(record.get('sha256'))[:16] + '…')}"
+    if record.get("differs_from_default") is False:
+        return note + f", identical to the committed default ({md_text(record.get('default_source'))})"
+    if record.get("default_file"):
+        return note + (f" — **DIFFERS from the committed default** {md_code(record['default_file'])} "
+                       f"({md_text(record.get('default_source'))}): gates may have been changed")
+    return note + " — **no committed default for this model**"
+
+
 def view(results: dict[str, Any]) -> dict[str, Any]:
     prov, run = results["provenance"], results["run"]
     entries = results["bit_widths"]
@@ -226,7 +240,7 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
              or "weights only"),
             ("Baselines", md_text(f"FP32 {base.get('fp32_bytes', 0):,} bytes, FP16 {base.get('fp16_bytes', 0):,} "
                                   f"bytes, {base.get('parameters', 0):,} parameters — {base.get('how', '—')}")),
-            ("Criteria", md_code(run['criteria_file'])),
+            ("Criteria", md_code(run['criteria_file']) + criteria_note(run.get("criteria_integrity"))),
         ],
         "summary_header": ["Bits", "Scheme", "Method"] + [title for _k, title, _p in present],
         "summary_rows": summary_rows,
