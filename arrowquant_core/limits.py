@@ -18,7 +18,8 @@ from typing import Final, Union
 
 from arrowquant_core.errors import FormatError
 
-__all__ = ["MESSAGE_LIMIT", "check_regular", "cut", "read_capped", "short"]
+__all__ = ["MAX_NDIM", "MESSAGE_LIMIT", "check_parquet_footprint", "check_regular", "check_shape", "cut",
+           "read_capped", "short"]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -49,6 +50,37 @@ def short(value: object, limit: int = MESSAGE_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return text[:limit] + count
+
+
+MAX_NDIM: Final = 64
+"""numpy's own limit on dimensions; a longer shape list is refused before it is used."""
+
+_MAX_BYTES: Final = 1 << 62
+"""Bytes numpy can allocate or index (``np.empty`` refuses beyond ~2**63)."""
+
+
+def check_shape(at: str, shape: object, itemsize: int) -> tuple[int, ...]:
+    """A shape numpy can represent, else FormatError: at most MAX_NDIM non-negative ints,
+    and the product of its non-zero dims times ``itemsize`` within numpy's reach (so a
+    zero-size tensor cannot hide an absurd dim that fails later, far from the file).
+
+    >>> check_shape("t", [0, 1 << 70], 4)
+    Traceback (most recent call last):
+    ...
+    arrowquant_core.errors.FormatError: t: shape [0, 1180591620717411303424] is not representable (more than 2**62 bytes, even if another dimension is 0)
+    """
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise FormatError(f"{at}: shape {short(shape)} must be a list of non-negative integers "
+                          f"(at most {MAX_NDIM} of them)")
+    dims = tuple(int(d) for d in shape)
+    reach = 1
+    for d in dims:
+        reach *= max(d, 1)
+        if reach * itemsize > _MAX_BYTES:
+            raise FormatError(f"{at}: shape {short(list(dims))} is not representable (more than 2**62 bytes, "
+                              "even if another dimension is 0)")
+    return dims
 
 
 def cut(text: str, limit: int = 2 * MESSAGE_LIMIT) -> str:

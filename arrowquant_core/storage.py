@@ -28,7 +28,14 @@ Model tensors (every kind but "aux") keep the source order; "aux" rows follow th
 Every write goes to a temporary file in the destination folder and is renamed over the
 target only when complete (safetensors' "write to tempfile + rename"), so a crash never
 leaves a half-written artifact and never destroys the previous one. Every load checks
-each row's checksum. ``load_weights`` is the v1 reading path: it reads v1 files and v2
+each row's checksum, then the **manifest digest** (schema metadata
+``arrowquant.manifest_sha256``): one sha256 over the format version, the exact model
+metadata bytes, the row count and every row's (name, kind, checksum) in file order, so a
+deleted, reordered, renamed or added row, or edited metadata, is a ``FormatError`` even
+when each remaining row is intact (per-row checksums cannot see that). Every row kind
+(quantized, float, buffer, tied, aux, v1) is covered. Before any column is read, the
+footer's declared decoded size is checked against the file's real size
+(``limits.check_parquet_footprint``: a small zstd file declaring GiBs is refused). ``load_weights`` is the v1 reading path: it reads v1 files and v2
 files alike, dequantizing the latter. Any damage raises ``FormatError`` naming the file
 and the tensor, never a raw pyarrow or NumPy error.
 """
@@ -51,6 +58,7 @@ import pyarrow.parquet as pq
 
 from arrowquant_core.atomic import write_atomic
 from arrowquant_core.errors import ArrowQuantError, FormatError
+from arrowquant_core.limits import check_parquet_footprint, check_shape, cut, short
 from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import SCHEMES
 from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor
@@ -59,6 +67,7 @@ FloatArray = npt.NDArray[np.floating]
 
 VERSION_KEY: Final = b"arrowquant.format_version"
 METADATA_KEY: Final = b"arrowquant.metadata"
+MANIFEST_KEY: Final = b"arrowquant.manifest_sha256"
 FORMAT_V1: Final = 1
 FORMAT_V2: Final = 2
 
@@ -126,7 +135,40 @@ def _quantized_row(qt: QuantizedTensor) -> dict[str, Any]:
             "zeros": zeros, "params": params, "sha256": _checksum([codes, scales, zeros, params], header)}
 
 
-def _schema(version: int, metadata: Mapping[str, str]) -> pa.Schema:
+def _manifest(version: int, metadata_json: bytes, rows: list[tuple[str, str, str]]) -> str:
+    """sha256 over the version, the metadata bytes and each row's (name, kind, checksum),
+    every field length-prefixed (no two manifests share an encoding)."""
+    digest = hashlib.sha256(b"arrowquant-manifest-1")
+    digest.update(version.to_bytes(8, "little"))
+    digest.update(len(metadata_json).to_bytes(8, "little"))
+    digest.update(metadata_json)
+    digest.update(len(rows).to_bytes(8, "little"))
+    for name, kind, checksum in rows:
+        for text in (name, kind, checksum):
+            part = text.encode("utf-8", "surrogatepass")
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def _manifest_rows(rows: list[dict[str, Any]], version: int) -> list[tuple[str, str, str]]:
+    return [(str(row["name"]), str(row.get("kind") if version == FORMAT_V2 else "v1"), str(row["sha256"]))
+            for row in rows]
+
+
+def _check_manifest(table: pa.Table, version: int, rows: list[tuple[str, str, str]], path: Path) -> None:
+    raw: Any = getattr(table.schema, "metadata", None) or {}
+    recorded = raw.get(MANIFEST_KEY)
+    if recorded is None:
+        raise FormatError(f"{path}: schema metadata has no {MANIFEST_KEY.decode()!r} (written before manifest "
+                          "digests, or stripped); re-quantize the model to get a verifiable artifact")
+    expected = _manifest(version, bytes(raw.get(METADATA_KEY, b"{}")), rows)
+    if recorded != expected.encode():
+        raise FormatError(f"{path}: manifest digest mismatch: rows deleted, added, reordered or renamed, or the "
+                          "model metadata edited (each remaining row's own checksum may still hold)")
+
+
+def _schema(version: int, metadata: Mapping[str, str], rows: list[dict[str, Any]]) -> pa.Schema:
     fields: list[pa.Field[Any]] = [
         pa.field("name", pa.string(), nullable=False),
         pa.field("shape", pa.list_(pa.int64()), nullable=False),
@@ -145,8 +187,10 @@ def _schema(version: int, metadata: Mapping[str, str]) -> pa.Schema:
             pa.field("params", pa.large_binary()),
             pa.field("tied_to", pa.string()),
         ]
-    meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(),
-            METADATA_KEY: json.dumps(dict(metadata), sort_keys=True).encode()}
+    metadata_json = json.dumps(dict(metadata), sort_keys=True).encode()
+    meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(), METADATA_KEY: metadata_json,
+                                            MANIFEST_KEY: _manifest(version, metadata_json,
+                                                                    _manifest_rows(rows, version)).encode()}
     return pa.schema(fields, metadata=meta)
 
 
@@ -192,7 +236,7 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
     if clash:
         raise FormatError(f"{target}: auxiliary array(s) {clash[:3]} share a name with a model tensor")
     rows.extend(_raw_row(name, array, "aux") for name, array in model.aux.items())
-    _write_atomic(rows, _schema(FORMAT_V2, model.metadata), target)
+    _write_atomic(rows, _schema(FORMAT_V2, model.metadata, rows), target)
     return target
 
 
@@ -201,7 +245,7 @@ def save_weights(weights: Mapping[str, FloatArray], path: str | os.PathLike[str]
     """Write float tensors as a format-v1 Parquet file, atomically."""
     target = Path(path)
     rows = [_raw_row(name, array, "v1") for name, array in weights.items()]
-    _write_atomic(rows, _schema(FORMAT_V1, metadata or {}), target)
+    _write_atomic(rows, _schema(FORMAT_V1, metadata or {}, rows), target)
     return target
 
 
@@ -211,9 +255,13 @@ def _read_table(path: Path) -> tuple[pa.Table, int, dict[str, str]]:
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     try:
+        check_parquet_footprint(path, "artifact")  # declared sizes vs real size, before reading
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    try:
         table = pq.read_table(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
+        raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {cut(str(exc))})") from None
     try:
         return _inspect(table, path)
     except UnicodeDecodeError:
@@ -243,8 +291,10 @@ def _inspect(table: pa.Table, path: Path) -> tuple[pa.Table, int, dict[str, str]
         metadata = json.loads(raw.get(METADATA_KEY, b"{}").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError(f"{path}: model metadata is not valid JSON") from None
-    if not isinstance(metadata, dict):
-        raise FormatError(f"{path}: model metadata must be a JSON object")
+    except (RecursionError, ValueError, MemoryError) as exc:  # absurd nesting, huge ints
+        raise FormatError(f"{path}: model metadata is not usable JSON ({type(exc).__name__})") from None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: model metadata must be a JSON object of str to str")
     return table, version, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -254,15 +304,13 @@ def _rows(table: pa.Table, fields: tuple[str, ...]) -> list[dict[str, Any]]:
 
 
 def _shape(row: dict[str, Any], path: Path) -> tuple[int, ...]:
-    shape = row["shape"]
-    if not isinstance(shape, list) or any(not isinstance(d, int) or d < 0 for d in shape):
-        raise FormatError(f"{path}: tensor {row['name']!r}: shape {shape!r} must be non-negative integers")
-    return tuple(int(d) for d in shape)
+    # also refuses zero-size tensors with absurd dims, which would fail deep in NumPy
+    return check_shape(f"{path}: tensor {short(row['name'])}", row["shape"], 8)
 
 
 def _verify(row: dict[str, Any], parts: list[bytes], header: str, path: Path) -> None:
     if _checksum(parts, header) != row["sha256"]:
-        raise FormatError(f"{path}: tensor {row['name']!r}: checksum mismatch (file corrupted or edited)")
+        raise FormatError(f"{path}: tensor {short(row['name'])}: checksum mismatch (file corrupted or edited)")
 
 
 def _decode_raw(row: dict[str, Any], path: Path, kind: str = "float") -> npt.NDArray[Any]:
@@ -307,8 +355,8 @@ def _guard(path: Path, action: Callable[[], Any]) -> Any:
         return action()
     except ArrowQuantError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
-        raise FormatError(f"{path}: malformed content ({type(exc).__name__}: {exc})") from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
+        raise FormatError(f"{path}: malformed content ({type(exc).__name__}: {cut(str(exc))})") from None
 
 
 def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> QuantizedModel:
@@ -321,7 +369,8 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
     order: list[str] = []
     fields = _V2_FIELDS + tuple(f for f in _V2_OPTIONAL if f in table.schema.names)
     seen: set[str] = set()
-    for row in _rows(table, fields):
+    rows = _rows(table, fields)
+    for row in rows:
         name, kind = row["name"], row["kind"]
         if name in seen:
             raise FormatError(f"{source}: tensor {name!r} appears twice")
@@ -359,16 +408,19 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
             raise FormatError(f"{source}: tensor {alias!r}: declared {dtype}{shape[:8]} but tied to {canonical!r} "
                               f"of {target_dtype}{target_shape[:8]}")
         ties[alias] = canonical
+    _check_manifest(table, FORMAT_V2, _manifest_rows(rows, FORMAT_V2), source)
     return QuantizedModel(tensors=tensors, floats=floats, order=tuple(order), metadata=metadata,
                           buffers=buffers, ties=ties, aux=aux)
 
 
 def _build_weights(table: pa.Table, source: Path) -> dict[str, FloatArray]:
     out: dict[str, FloatArray] = {}
-    for row in _rows(table, _V1_FIELDS):
+    rows = _rows(table, _V1_FIELDS)
+    for row in rows:
         if row["name"] in out:
-            raise FormatError(f"{source}: tensor {row['name']!r} appears twice")
+            raise FormatError(f"{source}: tensor {short(row['name'])} appears twice")
         out[row["name"]] = _decode_raw(row, source, "v1")
+    _check_manifest(table, FORMAT_V1, _manifest_rows(rows, FORMAT_V1), source)
     return out
 
 
