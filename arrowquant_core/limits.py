@@ -148,7 +148,7 @@ PARQUET_EXPANSION: Final = 64
 ``PARQUET_SLACK``. zstd on real weights and codes gains 1-4x; a 35 KB file declaring
 1 GiB of codes (30,000x) is a decompression bomb (issue 10: it took 4-8 GB to load)."""
 
-PARQUET_SLACK: Final = 64 * 1024 * 1024
+PARQUET_SLACK: Final = 16 * 1024 * 1024
 """Absolute allowance on top of the ratio, so tiny files with all-zero tensors still load."""
 
 

@@ -155,8 +155,31 @@ def _peak_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``),
+    so several bombs can be measured one after another in one process."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _child_many(jobs: list[tuple[str, str]]) -> None:
+    """Run in the subprocess: for each (reader, path), reset the peak, call, print JSON."""
+    import gc
+    import importlib
+
+    for reader, _path in jobs:  # import everything first: imports are not the bomb's cost
+        importlib.import_module(reader.split(":")[0])
+    for reader, path in jobs:
+        gc.collect()
+        _reset_peak()
+        _child(reader, path)
+
+
 def _child(reader: str, path: str) -> None:
-    """Run in the subprocess: import, note RSS, call the reader, print one JSON line."""
+    """Import, note RSS, call the reader, print one JSON line."""
     import importlib
 
     from arrowquant_core.errors import ArrowQuantError
@@ -178,35 +201,38 @@ def _child(reader: str, path: str) -> None:
                       "seconds": seconds, "base_kib": base, "peak_kib": peak}))
 
 
-def measure(bomb: Bomb, folder: Path, scale: int, timeout: float = 120.0) -> dict[str, Any]:
-    """Make the bomb in ``folder`` and read it in a subprocess; the child's report plus
-    the file size and the RSS it added (KiB)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = bomb.make(folder / bomb.path_name, scale)
+def measure_all(bombs: list[tuple[Bomb, int]], folder: Path, timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Make each bomb (at its scale) in ``folder`` and read them all in one subprocess,
+    the peak RSS reset before each; returns one report per bomb: the child's outcome,
+    message length, seconds and RSS added (KiB) above the RSS before the call."""
+    paths = []
+    for bomb, scale in bombs:
+        (folder / bomb.name).mkdir(parents=True, exist_ok=True)
+        paths.append(bomb.make(folder / bomb.name / bomb.path_name, scale))
+    jobs = [(bomb.reader, str(path)) for (bomb, _s), path in zip(bombs, paths)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
            "OPENBLAS_NUM_THREADS": "1"}
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", f"from fuzz.bombs import _child; _child({bomb.reader!r}, {str(path)!r})"],
+    done = subprocess.run([sys.executable, "-c", f"from fuzz.bombs import _child_many; _child_many({jobs!r})"],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if done.returncode != 0 or not done.stdout.strip():
-        raise RuntimeError(f"bomb {bomb.name}: child failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    real = path.stat().st_size if path.is_file() else 0
-    allocated = path.stat().st_blocks * 512 if path.is_file() else 0
-    report.update(bomb=bomb.name, claims=bomb.claims.replace("scale", str(scale)), file_bytes=real,
-                  disk_bytes=allocated, added_kib=report["peak_kib"] - report["base_kib"],
-                  wall_seconds=time.perf_counter() - started)
-    return report
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or len(lines) != len(bombs):
+        raise RuntimeError(f"bomb child failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    reports = []
+    for (bomb, scale), path, line in zip(bombs, paths, lines):
+        report: dict[str, Any] = json.loads(line)
+        real = path.stat().st_size if path.is_file() else 0
+        report.update(bomb=bomb.name, claims=bomb.claims.replace("scale", str(scale)), file_bytes=real,
+                      added_kib=report["peak_kib"] - report["base_kib"])
+        reports.append(report)
+    return reports
 
 
 def main() -> int:
     import tempfile
 
-    scale = int(os.environ.get("ARROWQUANT_BOMB_SCALE", "64"))
-    rows = []
+    scale = int(os.environ.get("ARROWQUANT_BOMB_SCALE", "256"))
     with tempfile.TemporaryDirectory(prefix="aq-bombs-") as tmp:
-        for bomb in BOMBS.values():
-            rows.append(measure(bomb, Path(tmp) / bomb.name, scale))
+        rows = measure_all([(bomb, scale) for bomb in BOMBS.values()], Path(tmp))
     print(f"{'bomb':26s} {'file bytes':>12s} {'added RSS MiB':>14s} {'s':>6s}  outcome")
     for r in rows:
         print(f"{r['bomb']:26s} {r['file_bytes']:12d} {r['added_kib'] / 1024:14.1f} {r['seconds']:6.2f}  {r['outcome']}")
