@@ -1,7 +1,7 @@
 """Fuzzing in the suite: every reader of an outside file, fed mutated and generated input.
 
 Default run: a short, derandomized budget per target (``ARROWQUANT_FUZZ_EXAMPLES``,
-default 25) plus the regression corpus in ``tests/fuzz/corpus/`` (inputs that once
+default 15) plus the regression corpus in ``tests/fuzz/corpus/`` (inputs that once
 crashed a reader, kept small). ``make fuzz`` runs the long campaign
 (``tests/fuzz/campaign.py``): random seeds, thousands of cases, new crashes saved to the
 corpus. A reader may accept an input or refuse it with an ``ArrowQuantError``; any
@@ -20,7 +20,7 @@ import pytest
 from fuzz import strategies as gen
 from fuzz.targets import SEEDS, TARGETS, mutate, run_target
 
-EXAMPLES = int(os.environ.get("ARROWQUANT_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("ARROWQUANT_FUZZ_EXAMPLES", "15"))
 CORPUS = Path(__file__).parent / "fuzz" / "corpus"
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))

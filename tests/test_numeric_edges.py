@@ -50,7 +50,7 @@ def edge_tensors(draw: st.DrawFn) -> tuple[str, np.ndarray]:
     return dtype, np.array(flat, dtype=np.float64).reshape(rows, cols).astype(DTYPES[dtype])
 
 
-@settings(max_examples=60, derandomize=True, deadline=None, database=None)
+@settings(max_examples=40, derandomize=True, deadline=None, database=None)
 @given(case=edge_tensors(), scheme=st.sampled_from(sorted(SCHEMES)))
 def test_round_to_nearest_dequantizes_finite_for_every_scheme_and_dtype(case: tuple[str, np.ndarray],
                                                                         scheme: str) -> None:
