@@ -214,3 +214,20 @@ def test_bombs_are_read_in_memory_bounded_by_their_real_size(tmp_path: Path) -> 
         assert report["message_chars"] < 1000, report
         if report["bomb"] != "safetensors-header-max":
             assert report["outcome"].startswith("typed:"), report
+
+
+def test_a_none_scheme_is_a_configuration_error_not_a_type_error() -> None:
+    from arrowquant_core.model import QuantizationConfig
+
+    with pytest.raises(ConfigurationError, match="must be a scheme name"):
+        QuantizationConfig(None)  # type: ignore[arg-type]
+
+
+def test_report_of_a_device_or_a_deeply_nested_results_file_is_exit_2(tmp_path: Path) -> None:
+    from harness.cli import main
+
+    nested = tmp_path / "results.json"
+    nested.write_bytes(b"[" * 100_000)
+    assert main(["report", "/dev/zero"]) == 2
+    assert main(["report", str(nested)]) == 2
+    assert main(["verify", str(nested)]) == 2
