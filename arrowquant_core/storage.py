@@ -78,6 +78,7 @@ _V2_OPTIONAL: Final[tuple[str, ...]] = ("tied_to",)
 _STORED_DTYPES: Final[tuple[str, ...]] = FLOAT_DTYPES + RAW_DTYPES
 # row kinds holding raw values in ``data``, and the checksum prefix of each
 _RAW_KINDS: Final[tuple[str, ...]] = ("float", "buffer", "aux")
+_MESSAGE_CAP: Final = 2000
 
 
 def _np_dtype(name: str) -> np.dtype[Any]:
@@ -108,7 +109,7 @@ def _allowed(kind: str) -> tuple[str, ...]:
 def _raw_row(name: str, array: npt.NDArray[Any], kind: str = "float") -> dict[str, Any]:
     dtype = array.dtype.name
     if dtype not in _allowed(kind):
-        raise FormatError(f"tensor {name!r}: dtype {dtype} cannot be stored as a {kind} row; "
+        raise FormatError(f"tensor {short(name)}: dtype {dtype} cannot be stored as a {kind} row; "
                           f"accepted: {list(_allowed(kind))}")
     header_kind = "float" if kind == "v1" else kind
     data = _float_bytes(array)
@@ -223,7 +224,7 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
         elif name in model.buffers:
             by_name[name] = _raw_row(name, model.buffers[name], "buffer")
         else:
-            raise FormatError(f"{target}: tensor {name!r} is in the model's order but has no data")
+            raise FormatError(f"{target}: tensor {short(name)} is in the model's order but has no data")
     for name in model.order:
         canonical = model.ties.get(name)
         if canonical is None:
@@ -231,7 +232,7 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
         elif canonical in by_name:
             rows.append(_tied_row(name, canonical, by_name[canonical]))
         else:
-            raise FormatError(f"{target}: tensor {name!r} is tied to {canonical!r}, which the model does not hold")
+            raise FormatError(f"{target}: tensor {short(name)} is tied to {canonical!r}, which the model does not hold")
     clash = sorted(set(model.aux) & set(model.order))
     if clash:
         raise FormatError(f"{target}: auxiliary array(s) {clash[:3]} share a name with a model tensor")
@@ -280,7 +281,7 @@ def _inspect(table: pa.Table, path: Path) -> tuple[pa.Table, int, dict[str, str]
     try:
         version = int(version_text.decode())
     except (UnicodeDecodeError, ValueError):
-        raise FormatError(f"{path}: format version {version_text!r} is not an integer") from None
+        raise FormatError(f"{path}: format version {short(version_text)} is not an integer") from None
     if version not in (FORMAT_V1, FORMAT_V2):
         raise FormatError(f"{path}: format version {version} is not supported (known: 1, 2)")
     needed = _V2_FIELDS if version == FORMAT_V2 else _V1_FIELDS
@@ -317,12 +318,12 @@ def _decode_raw(row: dict[str, Any], path: Path, kind: str = "float") -> npt.NDA
     name, dtype, data = row["name"], row["dtype"], row["data"]
     allowed = _allowed(kind)
     if dtype not in allowed or not isinstance(data, bytes):
-        raise FormatError(f"{path}: tensor {name!r}: {kind} row needs a dtype in {list(allowed)} and data bytes")
+        raise FormatError(f"{path}: tensor {short(name)}: {kind} row needs a dtype in {list(allowed)} and data bytes")
     shape = _shape(row, path)
     _verify(row, [data], f"{'float' if kind == 'v1' else kind}|{name}|{list(shape)}|{dtype}", path)
     np_dtype = _np_dtype(dtype)
     if len(data) != math.prod(shape) * np_dtype.itemsize:
-        raise FormatError(f"{path}: tensor {name!r}: {len(data)} data bytes, shape {list(shape)} "
+        raise FormatError(f"{path}: tensor {short(name)}: {len(data)} data bytes, shape {list(shape)} "
                           f"of {dtype} needs {math.prod(shape) * np_dtype.itemsize}")
     return np.frombuffer(data, dtype=np_dtype.newbyteorder("<")).astype(np_dtype).reshape(shape)
 
@@ -331,15 +332,15 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
     name = row["name"]
     scheme = SCHEMES.get(row["scheme"] or "")
     if scheme is None:
-        raise FormatError(f"{path}: tensor {name!r}: unknown scheme {row['scheme']!r}")
+        raise FormatError(f"{path}: tensor {short(name)}: unknown scheme {short(row['scheme'])}")
     blobs = [row["codes"], row["scales"], row["zeros"], row["params"]]
     if not all(isinstance(b, bytes) for b in blobs):
-        raise FormatError(f"{path}: tensor {name!r}: codes, scales, zeros and params must all be present")
+        raise FormatError(f"{path}: tensor {short(name)}: codes, scales, zeros and params must all be present")
     shape = _shape(row, path)
     method = str(row["method"] or "rtn")
     _verify(row, blobs, f"quantized|{name}|{list(shape)}|{row['dtype']}|{scheme.name}|{method}", path)
     if len(blobs[1]) % 4 or len(blobs[3]) % 4:
-        raise FormatError(f"{path}: tensor {name!r}: scale and param bytes must be multiples of 4 (float32)")
+        raise FormatError(f"{path}: tensor {short(name)}: scale and param bytes must be multiples of 4 (float32)")
     qt = QuantizedTensor(
         name=name, scheme=scheme, shape=shape, dtype=str(row["dtype"]),
         codes=np.frombuffer(blobs[0], dtype=np.uint8),
@@ -353,8 +354,12 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
 def _guard(path: Path, action: Callable[[], Any]) -> Any:
     try:
         return action()
-    except ArrowQuantError:
-        raise
+    except ArrowQuantError as exc:
+        text = str(exc)
+        if len(text) <= _MESSAGE_CAP:
+            raise
+        # names and values quoted deeper down (tensor.py) come from the file: bound them
+        raise type(exc)(cut(text, _MESSAGE_CAP)) from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
         raise FormatError(f"{path}: malformed content ({type(exc).__name__}: {cut(str(exc))})") from None
 
@@ -373,13 +378,13 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
     for row in rows:
         name, kind = row["name"], row["kind"]
         if name in seen:
-            raise FormatError(f"{source}: tensor {name!r} appears twice")
+            raise FormatError(f"{source}: tensor {short(name)} appears twice")
         seen.add(name)
         if kind == "aux":
             aux[name] = _decode_raw(row, source, "aux")
             continue
         if aux:
-            raise FormatError(f"{source}: tensor {name!r} comes after the auxiliary rows; model tensors come first")
+            raise FormatError(f"{source}: tensor {short(name)} comes after the auxiliary rows; model tensors come first")
         order.append(name)
         if kind == "quantized":
             tensors[name] = _decode_quantized(row, source)
@@ -390,11 +395,11 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
         elif kind == "tied":
             tied_rows[name] = row
         else:
-            raise FormatError(f"{source}: tensor {name!r}: unknown kind {str(kind)[:40]!r}")
+            raise FormatError(f"{source}: tensor {short(name)}: unknown kind {str(kind)[:40]!r}")
     for alias, row in tied_rows.items():
         canonical = row.get("tied_to")
         if not isinstance(canonical, str) or canonical in tied_rows or canonical not in seen or canonical in aux:
-            raise FormatError(f"{source}: tensor {alias!r}: tied to {str(canonical)[:80]!r}, which is not a stored "
+            raise FormatError(f"{source}: tensor {short(alias)}: tied to {str(canonical)[:80]!r}, which is not a stored "
                               "model tensor")
         shape, dtype = list(_shape(row, source)), row["dtype"]
         _verify(row, [], f"tied|{alias}|{canonical}|{shape}|{dtype}", source)
@@ -405,7 +410,7 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
             kept = floats[canonical] if canonical in floats else buffers[canonical]
             target_shape, target_dtype = list(kept.shape), kept.dtype.name
         if shape != target_shape or dtype != target_dtype:
-            raise FormatError(f"{source}: tensor {alias!r}: declared {dtype}{shape[:8]} but tied to {canonical!r} "
+            raise FormatError(f"{source}: tensor {short(alias)}: declared {dtype}{shape[:8]} but tied to {short(canonical)} "
                               f"of {target_dtype}{target_shape[:8]}")
         ties[alias] = canonical
     _check_manifest(table, FORMAT_V2, _manifest_rows(rows, FORMAT_V2), source)

@@ -15,6 +15,7 @@ from typing import Any
 
 from arrowquant_core.diffusion import PROFILES
 from arrowquant_core.errors import ArrowQuantError, ConfigurationError
+from arrowquant_core.limits import cut
 from harness import exitcodes
 
 EXAMPLES = """examples:
@@ -177,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"{result.verdict}: {result.report_path}")
         return result.exit_code
     except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cut(str(exc), 4000)}", file=sys.stderr)
         return exitcodes.USAGE
     except ArrowQuantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cut(str(exc), 4000)}", file=sys.stderr)  # bounded, whatever a file held
         return exitcodes.USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
