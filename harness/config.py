@@ -28,6 +28,7 @@ class RunConfig:
     compare: bool = False  # also run the method comparisons the criteria list (slower)
     benchmark_rounds: int = 3
     quiet: bool = False
+    runner: str | None = None  # override runner detection ("none": weights only)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b not in BIT_WIDTHS]
