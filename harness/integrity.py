@@ -40,6 +40,7 @@ from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.limits import short
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+NOT_APPLICABLE = "NOT APPLICABLE:"  # the ``why`` prefix harness.context.gate records
 
 
 # --------------------------------------------------------------------------- the --out folder
@@ -137,9 +138,15 @@ def _committed_sha256(path: Path) -> tuple[str | None, str]:
 def criteria_record(used: Path, default: Path | None) -> dict[str, Any]:
     """What results.json records about the criteria: the file used, its sha256, the
     committed default for this model and whether the used file differs from it."""
+    from harness.criteria import inherited_path
+
     sha = sha256_file(used)
+    parent = inherited_path(used)
     record: dict[str, Any] = {"file": str(used), "sha256": sha, "default_file": None,
-                              "default_sha256": None, "default_source": None, "differs_from_default": True}
+                              "default_sha256": None, "default_source": None, "differs_from_default": True,
+                              "inherits": None}
+    if parent is not None and parent.is_file():
+        record["inherits"] = {"file": str(parent), "sha256": sha256_file(parent)}
     if default is not None:
         default_sha, source = _committed_sha256(default)
         record.update(default_file=str(default), default_sha256=default_sha, default_source=source,
@@ -184,7 +191,15 @@ def _gate_passes(gate: dict[str, Any]) -> bool | None:
     value = _number(gate.get("value"))
     if value is None:
         return None
+    if math.isnan(value) and _not_applicable(gate):
+        return True  # a metric this model does not have (harness.context.gate, not_applicable)
     return not math.isnan(value) and _OPS[parsed.op](value, threshold)
+
+
+def _not_applicable(gate: dict[str, Any]) -> bool:
+    """A gate recorded as not applicable: NaN value, passed, ``why`` says why. Only the
+    suite can decide that; ``verify`` lists such gates so a reader sees each one."""
+    return str(gate.get("why", "")).startswith(NOT_APPLICABLE) and gate.get("test") != "not measured"
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,21 @@ def consistency_problems(results: dict[str, Any]) -> list[Problem]:
                 problems.append(Problem(where, f"value {short(gate.get('value'), 40)} differs from the measured "
                                                f"metric {short(recorded[gate['metric']], 40)} in bit_widths"))
         all_pass = all_pass and expected
+    for entry in results.get("bit_widths", []):
+        verdict = entry.get("verdict") if isinstance(entry, dict) else None
+        if not isinstance(verdict, dict):
+            continue
+        bits = entry.get("bits")
+        failed = sorted(str(g.get("rule")) for g in gates
+                        if isinstance(g, dict) and g.get("bits") == bits and g.get("passed") is not True)
+        decision = "do not ship" if failed else "ship"
+        where = f"bit_widths INT{short(bits, 8)} verdict"
+        if verdict.get("decision") != decision:
+            problems.append(Problem(where, f"recorded {short(verdict.get('decision'), 20)} but its gates give "
+                                           f"{decision!r}"))
+        recorded_failed = verdict.get("failed_gates")
+        if not isinstance(recorded_failed, list) or sorted(map(str, recorded_failed)) != failed:
+            problems.append(Problem(where, "failed_gates differ from the gates recorded as failed"))
     tests = results.get("tests") if isinstance(results.get("tests"), dict) else {}
     counts_clean = all(tests.get(k) == 0 for k in ("failed", "errors", "skipped")) and not tests.get("failures")
     expected_verdict = "PASS" if all_pass and counts_clean and gates else "FAIL"
@@ -269,6 +299,12 @@ def verify(results: dict[str, Any], results_path: Path) -> list[Problem]:
     if sha256_file(criteria_path) != record.get("sha256"):
         problems.append(Problem("criteria", f"{short(str(criteria_path))}: sha256 differs from the one recorded "
                                             "(the criteria file changed since the run)"))
+    parent = record.get("inherits")
+    if isinstance(parent, dict):
+        parent_path = Path(str(parent.get("file")))
+        if not parent_path.is_file() or sha256_file(parent_path) != parent.get("sha256"):
+            problems.append(Problem("criteria", f"{short(str(parent_path))} (inherited): missing or changed "
+                                                "since the run"))
     criteria = load_criteria(criteria_path)
     recorded = {(g.get("bits"), g.get("rule")): g for g in results.get("criteria", []) if isinstance(g, dict)}
     ran = {e.get("bits") for e in results.get("bit_widths", []) if isinstance(e, dict)}
@@ -282,7 +318,8 @@ def verify(results: dict[str, Any], results_path: Path) -> list[Problem]:
                 problems.append(Problem(where, "gate of the criteria file is missing from the results"))
                 continue
             value = _number(gate.get("value"))
-            expected = value is not None and criterion.check(value) is None
+            expected = value is not None and (criterion.check(value) is None
+                                              or (math.isnan(value) and _not_applicable(gate)))
             if gate.get("passed") is not expected:
                 problems.append(Problem(where, f"recorded passed={short(gate.get('passed'), 20)}, the criteria "
                                                f"file's rule gives {expected}"))

@@ -12,7 +12,8 @@ named next to it::
       wall_seconds          float  whole run, set-up to report
       criteria_file         str    criteria TOML used
       criteria_integrity    {file, sha256, default_file, default_sha256, default_source,
-                             differs_from_default}  (harness.integrity.criteria_record)
+                             differs_from_default, inherits {file, sha256} | null}
+                             (harness.integrity.criteria_record)
       out_dir               str
       fault                 str|null  injected fault (self-test runs only)
       profile               str|null  deployment profile
