@@ -14,6 +14,7 @@ from setuptools import setup
 CORE = [
     "arrowquant_core/errors.py",
     "arrowquant_core/atomic.py",
+    "arrowquant_core/limits.py",
     "arrowquant_core/schemes.py",
     "arrowquant_core/kernels.py",
     "arrowquant_core/tensor.py",

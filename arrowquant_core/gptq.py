@@ -223,9 +223,15 @@ def prepare_hessian(hessian: object, cols: int, damp: float, name: str) -> tuple
 
 # --- the GPTQ loop ---------------------------------------------------------------------
 
+_F32_MAX: Final[float] = float(np.finfo(np.float32).max)
+_EXTREME: Final[float] = 1e30
+"""Above this |weight| a float32 GPTQ loop can overflow (errors times Hessian factors)."""
+
+
 def _group_params(cur_t: Floats, bits: int, symmetric: bool, mse: bool) -> tuple[F32, U8]:
     """Scale and zero per output row for a group given transposed weights ``(g, rows)``."""
-    blocks = np.ascontiguousarray(cur_t.T, dtype=np.float32)
+    wide = np.clip(cur_t.T, -_F32_MAX, _F32_MAX)  # error updates may leave float32's range
+    blocks = np.ascontiguousarray(wide, dtype=np.float32)
     if mse:
         _codes, scales, zeros = clip_search_blocks(blocks, bits, symmetric, DEFAULT_GRID)
         return scales, zeros
@@ -369,8 +375,11 @@ def _gptq_tensor(values: F32, dtype: str, sch: Scheme, name: str, u: F64,
     shape = tuple(int(d) for d in values.shape)
     group = gptq_group_size(sch, shape, name)
     rows, cols, block, n_groups = layout(shape, sch)
+    # Near float32's max the propagated errors overflow a float32 loop: run such a tensor
+    # in float64 (rare; ordinary weights keep the float32 loop and its exact codes).
+    extreme = values.size > 0 and float(np.max(np.abs(values))) > _EXTREME
     codes, scales, zeros = gptq_matrix(values.reshape(rows, cols), u, sch.bits, sch.symmetric, group, block_size, perm,
-                                       mse=mse_clip)
+                                       float64=extreme, mse=mse_clip)
     pad = block * n_groups - cols
     if pad:
         codes = np.pad(codes, ((0, 0), (0, pad)))

@@ -102,11 +102,22 @@ def quantize_with(blocks: F32, scales: F32, zeros: U8, bits: int) -> U8:
 
 
 def dequantize_blocks(codes: U8, scales: F32, zeros: U8) -> F32:
-    """``(codes - zero) * scale`` for each block; float32 out."""
+    """``(codes - zero) * scale`` for each block; float32 out, always finite.
+
+    A block spanning nearly float32's whole range has ``|code - zero| * scale`` up to half
+    a step beyond ``float32`` max (the zero point is an integer, and the scale is rounded
+    to float32): saturate to the largest finite value instead of overflowing to inf.
+    For every other input the product is exact-then-rounded as before (bit-identical).
+    """
     t = codes.astype(np.float32)
     t -= zeros[:, None].astype(np.float32)
-    t *= scales[:, None]
+    with np.errstate(over="ignore"):
+        t *= scales[:, None]
+    np.clip(t, -_F32_MAX, _F32_MAX, out=t)
     return t
+
+
+_F32_MAX: Final[float] = float(np.finfo(np.float32).max)
 
 
 # --- residual 2-bit lattice (R2Q-style; see residual.py) ---------------------------------
@@ -116,9 +127,12 @@ def dequantize_blocks(codes: U8, scales: F32, zeros: U8) -> F32:
 
 def residual2_levels(params: F32) -> F32:
     """The four values of each block, in code order 0..3: ``(n, 4)``."""
-    p = params.astype(np.float32)
+    p = params.astype(np.float64)  # m +- a1 +- a2 can pass float32's max near its edge
     m, a1, a2 = p[:, 0:1], p[:, 1:2], p[:, 2:3]
-    return np.concatenate([m - a1 - a2, m - a1 + a2, m + a1 - a2, m + a1 + a2], axis=1)
+    levels = np.concatenate([m - a1 - a2, m - a1 + a2, m + a1 - a2, m + a1 + a2], axis=1)
+    np.clip(levels, -_F32_MAX, _F32_MAX, out=levels)
+    out: F32 = levels.astype(np.float32)
+    return out
 
 
 def residual2_dequantize_blocks(codes: U8, params: F32) -> F32:

@@ -34,6 +34,12 @@ from arrowquant_core.schemes import Scheme, get_scheme
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# Largest finite value of each narrow output dtype (bfloat16: 8-bit mantissa, float32's exponent).
+_FINITE_MAX: dict[str, float] = {"float16": float(np.finfo(np.float16).max),
+                                 "bfloat16": (2.0 - 2.0 ** -7) * 2.0 ** 127}
+
 FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
 # Methods whose codes are residual-lattice signs (params per block), not affine codes.
@@ -156,7 +162,13 @@ def blocks_of(values: F32, scheme: Scheme) -> tuple[F32, tuple[int, int, int, in
 
 
 def check_finite(values: npt.NDArray[Any], name: str) -> None:
-    """Raise QuantizationError naming the tensor if any value is NaN or infinite."""
+    """Raise QuantizationError naming the tensor if any value is NaN or infinite.
+
+    Every floating dtype is checked, bfloat16 included (its numpy kind is ``"V"``, not
+    ``"f"``, which is how bf16 NaN/Inf once slipped past a ``kind == "f"`` filter);
+    integer and boolean arrays are finite by construction and pass."""
+    if values.dtype.kind not in "fc" and values.dtype != _BF16:
+        return
     finite = np.isfinite(values)
     if not bool(np.all(finite)):
         bad = np.flatnonzero(~finite.reshape(-1))
@@ -284,7 +296,11 @@ def dequantize(qt: object) -> npt.NDArray[np.floating]:
     if not isinstance(qt, QuantizedTensor):
         raise QuantizationError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
     values = dequantize_float32(qt)
-    if qt.dtype == "float32":
-        return values
+    if qt.dtype == "float32" or qt.dtype == "float64":
+        return values if qt.dtype == "float32" else values.astype(np.float64)
     target = ml_dtypes.bfloat16 if qt.dtype == "bfloat16" else np.dtype(qt.dtype)
+    # A block at float16's +-65504 dequantizes up to half a step past it (integer zero
+    # point): saturate to the target's largest finite value, never cast to inf.
+    limit = _FINITE_MAX[qt.dtype]
+    np.clip(values, -limit, limit, out=values)
     return values.astype(target)

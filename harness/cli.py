@@ -7,12 +7,15 @@ imports (torch, pytest) happen inside the command so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 import sys
 import traceback
+from typing import Any
 
 from harness.criteria import profiled
 from arrowquant_core.errors import ArrowQuantError, ConfigurationError
+from arrowquant_core.limits import cut
 from harness import exitcodes
 
 EXAMPLES = """examples:
@@ -24,6 +27,7 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made by llama.cpp
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness report reports/results.json        # re-render the report from results
+  python -m harness verify reports/results.json        # re-check results against artifacts and criteria
   python -m harness list                               # models, schemes, metrics, faults
   python -m harness sweep --model dream-mini --bits 8,4 --methods rtn,hqq   # a grid of runs on Ray
 """
@@ -77,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
     rep.add_argument("results", type=Path)
     rep.add_argument("--out", type=Path, help="report path (default: next to results.json)")
+    ver = sub.add_parser("verify", help="re-check a results.json against its artifacts (sha256) and criteria "
+                                        "(sha256, every gate re-evaluated); exit 0/1 = the verified verdict, "
+                                        "2 = the results do not hold up")
+    ver.add_argument("results", type=Path)
     return top
 
 
@@ -152,21 +160,72 @@ def _list() -> int:
     return exitcodes.OK
 
 
+def _say(text: str) -> None:
+    """print to stdout; a reader that went away (``| head -1``) is not an error and must
+    not change the exit code: stdout is pointed at /dev/null so the interpreter's final
+    flush stays quiet too (Python docs, "Note on SIGPIPE")."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _refuse(path: Path, problems: list[Any], consequence: str) -> int:
+    shown = problems[:20]
+    print(f"error: {path}: {len(problems)} integrity problem(s); {consequence}:", file=sys.stderr)
+    for problem in shown:
+        print(f"  - {problem}", file=sys.stderr)
+    if len(problems) > len(shown):
+        print(f"  ... and {len(problems) - len(shown)} more", file=sys.stderr)
+    return exitcodes.USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "list":
-            return _list()
+            try:
+                code = _list()
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _stdout_gone()
+                code = exitcodes.OK
+            return code
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
+            from harness.integrity import consistency_problems
             from harness.report import render_report
             from harness.results import read_results
 
+            results = read_results(args.results)
+            problems = consistency_problems(results)
+            if problems:
+                return _refuse(args.results, problems, "the report was not written")
             out = args.out or args.results.parent / "QUANTIZATION_VALIDATION_REPORT.md"
-            render_report(read_results(args.results), out)
-            print(out)
+            render_report(results, out)
+            _say(str(out))
             return exitcodes.OK
+        if args.command == "verify":
+            from harness.integrity import verify
+            from harness.results import read_results
+
+            results = read_results(args.results)
+            problems = verify(results, args.results)
+            if problems:
+                return _refuse(args.results, problems, "it does not hold up")
+            _say(f"verified {args.results}: verdict {results['verdict']}, artifacts and criteria match")
+            return exitcodes.OK if results["verdict"] == "PASS" else exitcodes.GATE_FAILED
         from harness.config import RunConfig
         from harness.runner import run
 
@@ -174,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
                            fault=args.fault, profile=args.profile, compare=args.compare, artifact=args.artifact,
                            benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner)
         result = run(config)
-        print(f"{result.verdict}: {result.report_path}")
+        _say(f"{result.verdict}: {result.report_path}")
         return result.exit_code
     except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cut(str(exc), 4000)}", file=sys.stderr)
         return exitcodes.USAGE
     except ArrowQuantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cut(str(exc), 4000)}", file=sys.stderr)  # bounded, whatever a file held
         return exitcodes.USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

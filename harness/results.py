@@ -11,6 +11,9 @@ named next to it::
       started_at, finished_at  ISO-8601 UTC
       wall_seconds          float  whole run, set-up to report
       criteria_file         str    criteria TOML used
+      criteria_integrity    {file, sha256, default_file, default_sha256, default_source,
+                             differs_from_default, inherits {file, sha256} | null}
+                             (harness.integrity.criteria_record)
       out_dir               str
       fault                 str|null  injected fault (self-test runs only)
       profile               str|null  deployment profile
@@ -31,7 +34,7 @@ named next to it::
       bits, scheme, scheme_description, method, fallback (allowed fallback method or null)
       verdict               {decision: "ship" | "do not ship", failed_gates [rules], gates (count),
                              outputs_measured bool, output_gates [rules]}
-      artifact              {path, bytes}
+      artifact              {path, bytes, sha256}
       metrics               {metric: value}  (names: harness.measures.METRICS)
       layers[]              {name, scheme, method (as stored), shape, parameters, cosine, sqnr_db,
                              relative_error, row_cosine_min, group_range_ratio_min/max}
@@ -59,6 +62,7 @@ from arrowquant_core.atomic import write_bytes_atomic
 from typing import Any
 
 SCHEMA_VERSION = 1
+MAX_RESULTS_BYTES = 64 * 1024 * 1024  # a results.json is tens of KB; bounded read (issue 10)
 OUTPUTS_MEASURED = "outputs measured"
 WEIGHTS_ONLY = "WEIGHTS ONLY: outputs not measured"
 PACKAGES = ("arrowquant", "numpy", "pyarrow", "torch", "sentence-transformers", "transformers",
@@ -158,12 +162,21 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 def read_results(path: Path) -> dict[str, Any]:
     from arrowquant_core.errors import ConfigurationError
 
+    from arrowquant_core.errors import FormatError
+    from arrowquant_core.limits import read_capped
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_capped(path, MAX_RESULTS_BYTES, "results file").decode("utf-8"))
     except FileNotFoundError:
         raise ConfigurationError(f"results file {path} does not exist") from None
+    except FormatError as exc:
+        raise ConfigurationError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"results file {path}: not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"results file {path}: invalid JSON at line {exc.lineno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigurationError(f"results file {path}: invalid JSON ({type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         raise ConfigurationError(
             f"results file {path}: schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.schemes import get_scheme
-from harness import exitcodes
+from harness import exitcodes, integrity
 from harness.config import RunConfig
 from arrowquant_core.model import RAW_DTYPES
 from harness.criteria import Criteria, criteria_base, default_criteria_path, load_criteria, profiles_for
@@ -31,6 +31,7 @@ SUITE_DIR = Path(__file__).resolve().parent / "suite"
 REPORT_NAME = "QUANTIZATION_VALIDATION_REPORT.md"
 SUITE_LOG = "suite.log"
 RESULTS_NAME = "results.json"
+BENCHMARKS_NAME = "benchmarks.json"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def run(config: RunConfig) -> RunResult:
     if config.compare and not any(criteria.plan(b).compare for b in bit_widths):
         raise ConfigurationError(f"--compare: {criteria_path} lists no methods to compare for "
                                  f"INT{', INT'.join(map(str, bit_widths))} (a `compare = [...]` list per bit width)")
+    integrity.prepare_out(config.out)  # writable --out before any work; stale temp files removed
 
     progress(f"loading model {config.model!r}")
     checkpoint = load_model(config.model, config.runner)
@@ -98,6 +100,7 @@ def run(config: RunConfig) -> RunResult:
             _check_hessian_coverage(ctx, bits, criteria_path)
     plugin = SuitePlugin(ctx)
     json_report = JSONReport()
+    bench_tmp = integrity.temp_path(out / BENCHMARKS_NAME)  # pytest-benchmark writes in place
     with tempfile.TemporaryDirectory(prefix="arrowquant-suite-") as tmp:
         args = [str(SUITE_DIR), "-c", str(SUITE_DIR / "suite.ini"), "--rootdir", str(SUITE_DIR),
                 "-q", "--no-header", "-rfE",
@@ -106,11 +109,12 @@ def run(config: RunConfig) -> RunResult:
                 "--import-mode=importlib",
                 "-W", "ignore::pytest.PytestAssertRewriteWarning", "-p", "no:randomly", "--basetemp", str(Path(tmp) / "basetemp"),
                 "--json-report-file=none", "--benchmark-disable-gc",
-                "--benchmark-json", str(out / "benchmarks.json"), "--benchmark-quiet"]
+                "--benchmark-json", str(bench_tmp), "--benchmark-quiet"]
         progress(f"running the acceptance suite for INT{', INT'.join(map(str, ctx.bits))} "
                  f"(pytest output: {out / SUITE_LOG})")
-        with open(out / SUITE_LOG, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        with integrity.atomic_text(out / SUITE_LOG) as log, contextlib.redirect_stdout(log):
             code = pytest.main(args, plugins=[json_report, plugin])
+    integrity.commit_file(bench_tmp, out / BENCHMARKS_NAME)
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise RuntimeError(f"the acceptance suite could not run (pytest exit {int(code)})")
 
@@ -136,6 +140,7 @@ def run(config: RunConfig) -> RunResult:
             "finished_at": now(),
             "wall_seconds": None,  # filled in below, after the report is rendered
             "criteria_file": str(criteria_path),
+            "criteria_integrity": integrity.criteria_record(criteria_path, _default_or_none(config.model, kind, config.profile)),
             "out_dir": str(out),
             "fault": config.fault,
             "profile": config.profile,
@@ -185,6 +190,14 @@ def _default_criteria(model: str, runner: str | None, profile: str | None) -> Pa
                              + (f"profiles with criteria for it: {', '.join(have)}" if have
                                 else "it has no profile criteria")
                              + "; or pass --criteria FILE")
+
+
+def _default_or_none(model: str, kind: str | None, profile: str | None) -> Path | None:
+    """The committed default criteria for this model, or None (its digest is compared)."""
+    try:
+        return _default_criteria(model, kind, profile)
+    except ConfigurationError:
+        return None
 
 
 def _check_gates_cover_outputs(criteria: Criteria, bit_widths: tuple[int, ...], runner: str | None,
@@ -274,7 +287,7 @@ def _bit_entry(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     }
     written = ctx.written_by_bits.get(bits)
     if written is not None:
-        entry["artifact"] = {"path": str(written.path), "bytes": written.bytes}
+        entry["artifact"] = integrity.artifact_record(written.path, written.bytes)
     reloaded = ctx.reloaded_by_bits.get(bits)
     if reloaded is not None:
         entry["layers"] = [asdict(row) for row in reloaded.layers]
