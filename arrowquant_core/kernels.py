@@ -127,11 +127,19 @@ _F32_MAX: Final[float] = float(np.finfo(np.float32).max)
 
 def residual2_levels(params: F32) -> F32:
     """The four values of each block, in code order 0..3: ``(n, 4)``."""
-    p = params.astype(np.float64)  # m +- a1 +- a2 can pass float32's max near its edge
+    p = params.astype(np.float32)
     m, a1, a2 = p[:, 0:1], p[:, 1:2], p[:, 2:3]
-    levels = np.concatenate([m - a1 - a2, m - a1 + a2, m + a1 - a2, m + a1 + a2], axis=1)
-    np.clip(levels, -_F32_MAX, _F32_MAX, out=levels)
-    out: F32 = levels.astype(np.float32)
+    with np.errstate(over="ignore"):
+        levels = np.concatenate([m - a1 - a2, m - a1 + a2, m + a1 - a2, m + a1 + a2], axis=1)
+    if not bool(np.all(np.isfinite(levels))):
+        # m +- a1 +- a2 can pass float32's max near its edge: those blocks in float64,
+        # saturated; every other block keeps the float32 arithmetic (and its exact codes)
+        q = params.astype(np.float64)
+        m64, b1, b2 = q[:, 0:1], q[:, 1:2], q[:, 2:3]
+        wide = np.concatenate([m64 - b1 - b2, m64 - b1 + b2, m64 + b1 - b2, m64 + b1 + b2], axis=1)
+        np.clip(wide, -_F32_MAX, _F32_MAX, out=wide)
+        levels = wide.astype(np.float32)
+    out: F32 = levels
     return out
 
 
@@ -439,7 +447,9 @@ def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: in
             c3[:, :cols] = c.reshape(m, cols)
             t3 = work[:m].reshape(m, n_groups, block)
             np.subtract(c3.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=t3)
-            t3 *= per_value(s2[r0:r1], block)
+            with np.errstate(over="ignore"):
+                t3 *= per_value(s2[r0:r1], block)
+            np.clip(t3, -_F32_MAX, _F32_MAX, out=t3)  # saturate as dequantize_blocks does
             np.copyto(out[r0:r1], work[:m, :cols])
         else:
             o3 = out[r0:r1].reshape(m, n_groups, block)
@@ -447,5 +457,7 @@ def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: in
                 np.subtract(c.reshape(m, n_groups, block), zero0, out=o3)
             else:
                 np.subtract(c.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=o3)
-            o3 *= per_value(s2[r0:r1], block)
+            with np.errstate(over="ignore"):
+                o3 *= per_value(s2[r0:r1], block)
+            np.clip(o3, -_F32_MAX, _F32_MAX, out=o3)  # saturate as dequantize_blocks does
     return out
