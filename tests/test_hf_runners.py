@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 import dataclasses
 import hashlib
+import json
 import math
 from pathlib import Path
 import shutil
@@ -288,3 +289,33 @@ def test_encoder_without_tokenizer_hessians_and_score(tmp_path: Path) -> None:
     score = runner.calibration_score()
     assert score(dict(weights)) == pytest.approx(1.0, abs=1e-12)
     assert score(rtn(weights, "int2-g64-asym")) < 0.999
+
+
+def test_task_checkpoints_and_configs_without_architectures(tmp_path: Path) -> None:
+    """A BertForMaskedLM checkpoint (``bert.`` prefix, ``cls.*`` head) is loaded whole and
+    judged on its encoder, the head listed as not evaluated; a config.json without
+    ``architectures`` falls back to AutoModelForCausalLM."""
+    torch = import_torch()
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=48, max_position_embeddings=40)).save_pretrained(tmp_path / "mlm")
+    weights = load_file(tmp_path / "mlm" / "model.safetensors")
+    runner = build_runner(tmp_path / "mlm", weights)
+    assert isinstance(runner, HFEncoderRunner) and type(runner.reference).__name__ == "BertForMaskedLM"
+    assert runner.compare(weights)["pooled_cosine_min"] == pytest.approx(1.0, abs=1e-12)
+    assert "cls.predictions.transform.dense.weight" in runner.describe()["tensors_not_evaluated"]
+    assert "cls.predictions.decoder.weight" not in runner.describe()["tensors_not_evaluated"], "tied to the encoder"
+    assert all(n.startswith("bert.encoder.") for n in runner.calibration_hessians())
+    with pytest.raises(ConfigurationError, match=r"cls\.predictions\.bias"):
+        runner.compare({n: a for n, a in weights.items() if n != "cls.predictions.bias"})
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "lm")
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    lm_weights = load_file(tmp_path / "lm" / "model.safetensors")
+    lm = build_runner(tmp_path / "lm", lm_weights)
+    assert isinstance(lm, HFCausalLMRunner) and lm.compare(lm_weights)["kl_max"] == 0.0
