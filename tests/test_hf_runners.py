@@ -114,18 +114,44 @@ def test_tiny_gpt2_predicts_far_better_than_chance(gpt2_folder: Path) -> None:
     assert np.mean(hit) > np.mean(frequent) + 0.03, f"top-1 {np.mean(hit):.3f} vs {np.mean(frequent):.3f}"
 
 
-def test_tiny_lm_build_is_deterministic_and_cached(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tiny_lm.TinyLMConfig]:
+    """The second family (LlamaForCausalLM: nn.Linear, RMSNorm, rotary, untied head),
+    one layer and one epoch: enough to check building and the runner, cheap to build."""
+    config = dataclasses.replace(tiny_lm.TINY_LLAMA, n_layer=1, epochs=1)
+    return tiny_lm.ensure_tiny_lm(config, tmp_path_factory.mktemp("llama-a")), config
+
+
+def test_tiny_lm_build_is_deterministic_and_cached(small_llama: tuple[Path, tiny_lm.TinyLMConfig],
+                                                   tmp_path: Path) -> None:
     """Two builds write byte-identical files; a damaged cached file is rebuilt."""
-    config = dataclasses.replace(tiny_lm.TINY_GPT2, n_layer=1, epochs=1)
-    a = tiny_lm.ensure_tiny_lm(config, tmp_path / "a")
-    b = tiny_lm.ensure_tiny_lm(config, tmp_path / "b")
+    a, config = small_llama
+    b = tiny_lm.ensure_tiny_lm(config, tmp_path)
 
     def digests(folder: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
     assert digests(a) == digests(b)
-    assert tiny_lm.ensure_tiny_lm(config, tmp_path / "a") == a, "a matching manifest is reused"
-    (a / "model.safetensors").write_bytes(b"damaged")
-    assert digests(tiny_lm.ensure_tiny_lm(config, tmp_path / "a")) == digests(b), "a damaged file is rebuilt"
+    assert tiny_lm.ensure_tiny_lm(config, tmp_path) == b, "a matching manifest is reused"
+    (b / "model.safetensors").write_bytes(b"damaged")
+    assert digests(tiny_lm.ensure_tiny_lm(config, tmp_path)) == digests(a), "a damaged file is rebuilt"
+
+
+def test_llama_family_hessians_feed_gptq(small_llama: tuple[Path, tiny_lm.TinyLMConfig]) -> None:
+    """Every nn.Linear of a Llama (the untied lm_head too) gets an (in, in) Hessian that
+    the core's GPTQ uses; the embedding table, with no input activations, falls back."""
+    folder, _config = small_llama
+    weights = load_file(folder / "model.safetensors")
+    runner = build_runner(folder, weights)
+    assert isinstance(runner, HFCausalLMRunner) and runner.compare(weights)["kl_max"] == 0.0
+    hessians = runner.calibration_hessians()
+    linears = sorted(n for n, a in weights.items() if a.ndim == 2 and n != "model.embed_tokens.weight")
+    assert sorted(hessians) == linears and "lm_head.weight" in hessians
+    assert runner.describe()["hessians_excluded"] == {}
+    assert all(h.shape == (weights[n].shape[1],) * 2 for n, h in hessians.items())
+    model = quantize_model(weights, QuantizationConfig("int4-g64-asym", method="gptq-act-mse"), hessians=hessians)
+    assert {n: t.method for n, t in model.tensors.items()} == {**dict.fromkeys(linears, "gptq-act-mse"),
+                                                               "model.embed_tokens.weight": "clip"}
+    assert runner.compare(model.dequantize())["kl_mean"] > 0.0
 
 
 # -- detection ------------------------------------------------------------------------
