@@ -234,11 +234,13 @@ def test_calibration_hessians_leave_out_conv1d(gpt2_runner: HFCausalLMRunner) ->
     """GPT-2's Conv1D weights are (in, out): no Hessian is given that GPTQ would apply along
     the output axis; the tied head has none either; describe() says why."""
     assert gpt2_runner.calibration_hessians() == {}
-    excluded = gpt2_runner.describe()["hessians_excluded"]
+    excluded = {name: reason for reason, names in gpt2_runner.describe()["hessians_excluded"].items()
+                for name in names}
     assert sorted(excluded) == sorted([f"transformer.h.{i}.{m}.weight" for i in range(2)
                                        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
                                       + ["lm_head.weight"])
     assert "Conv1D" in excluded["transformer.h.0.attn.c_proj.weight"]
+    assert "tied" in excluded["lm_head.weight"]
 
 
 def test_conv1d_hessian_is_over_its_inputs() -> None:
