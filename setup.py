@@ -28,6 +28,7 @@ CORE = [
     "arrowquant_core/residual.py",
     "arrowquant_core/methods.py",
     "arrowquant_core/plan.py",
+    "arrowquant_core/actquant.py",
 ]
 
 # Metadata-only invocations would compile everything a second time for nothing (~7 s).

@@ -84,7 +84,7 @@ __all__ = [
     "unpack",
 ]
 
-COMPILED_MODULES = ("atomic", "clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
+COMPILED_MODULES = ("actquant", "atomic", "clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
                     "plan", "residual", "safetensors_io", "schemes", "storage", "tensor")
 
 
