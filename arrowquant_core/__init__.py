@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 COMPILED_MODULES = ("actquant", "atomic", "clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
-                    "plan", "residual", "safetensors_io", "schemes", "storage", "tensor")
+                    "plan", "residual", "safetensors_io", "schemes", "storage", "tensor", "timeaware")
 
 
 def is_compiled() -> bool:
