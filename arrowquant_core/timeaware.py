@@ -31,6 +31,7 @@ comparison of the two changes nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import json
 from typing import Final
@@ -216,23 +217,31 @@ class TimeGroupTable:
                                      f"(sites: {', '.join(self.sites)})")
         return self.scales[site][group], self.zeros[site][group]
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Named arrays for storage (all prefixed ``timeaware.``); ``from_arrays`` inverts it
-        exactly. The scheme, grouping kind and site order travel as a UTF-8 JSON header."""
+    def to_arrays(self, prefix: str = PREFIX) -> dict[str, np.ndarray]:
+        """Named arrays for storage (all names start with ``prefix``); ``from_arrays``
+        inverts it exactly. The scheme, grouping kind and site order travel as a UTF-8
+        JSON header.
+
+        >>> cal = TimeAwareCalibrator(ActScheme(8, "tensor"), TimeGrouping.uniform(2))
+        >>> for g in (0, 1): cal.observe(g, "fc", np.ones((1, 3), np.float32))
+        >>> sorted(cal.table().to_arrays())
+        ['timeaware.edges', 'timeaware.fc.scale', 'timeaware.fc.stats', 'timeaware.fc.zero', 'timeaware.header']
+        """
         header = json.dumps({"scheme": self.scheme.name, "kind": self.grouping.kind,
                              "sites": list(self.sites)}, sort_keys=True)
         out: dict[str, np.ndarray] = {
-            PREFIX + "header": np.frombuffer(header.encode("utf-8"), dtype=np.uint8).copy(),
-            PREFIX + "edges": np.asarray(self.grouping.edges, dtype=np.float64),
+            prefix + "header": np.frombuffer(header.encode("utf-8"), dtype=np.uint8).copy(),
+            prefix + "edges": np.asarray(self.grouping.edges, dtype=np.float64),
         }
         for site in self.sites:
-            out[f"{PREFIX}{site}.scale"] = self.scales[site]
-            out[f"{PREFIX}{site}.zero"] = self.zeros[site]
-            out[f"{PREFIX}{site}.stats"] = self.stats[site]
+            out[f"{prefix}{site}.scale"] = self.scales[site]
+            out[f"{prefix}{site}.zero"] = self.zeros[site]
+            out[f"{prefix}{site}.stats"] = self.stats[site]
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], source: str = "artifact") -> TimeGroupTable:
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], source: str = "artifact",
+                    prefix: str = PREFIX) -> TimeGroupTable:
         """Rebuild a table from ``to_arrays`` output; a missing or malformed piece is a
         ``FormatError`` naming ``source`` and the array."""
         def need(name: str) -> np.ndarray:
@@ -242,19 +251,19 @@ class TimeGroupTable:
             return np.asarray(a)
 
         try:
-            header = json.loads(need(PREFIX + "header").astype(np.uint8).tobytes().decode("utf-8"))
+            header = json.loads(need(prefix + "header").astype(np.uint8).tobytes().decode("utf-8"))
             scheme = parse_act_scheme(str(header["scheme"]))
             kind = str(header["kind"])
             sites = tuple(str(s) for s in header["sites"])
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ConfigurationError) as exc:
             raise FormatError(f"{source}: time-group table header unreadable ({exc})") from None
-        edges = tuple(float(e) for e in need(PREFIX + "edges").tolist())
+        edges = tuple(float(e) for e in need(prefix + "edges").tolist())
         try:
             grouping = TimeGrouping(edges, kind)
             return cls(scheme, grouping, sites,
-                       {s: need(f"{PREFIX}{s}.scale").astype(np.float32, copy=False) for s in sites},
-                       {s: need(f"{PREFIX}{s}.zero").astype(np.float32, copy=False) for s in sites},
-                       {s: need(f"{PREFIX}{s}.stats").astype(np.float32, copy=False) for s in sites})
+                       {s: need(f"{prefix}{s}.scale").astype(np.float32, copy=False) for s in sites},
+                       {s: need(f"{prefix}{s}.zero").astype(np.float32, copy=False) for s in sites},
+                       {s: need(f"{prefix}{s}.stats").astype(np.float32, copy=False) for s in sites})
         except ConfigurationError as exc:
             raise FormatError(f"{source}: time-group table inconsistent ({exc})") from None
 

@@ -66,6 +66,13 @@ _ROWS: Final[tuple[Metric, ...]] = (
     *(Metric(f"{c.key}_{m}", "output", "nats" if m.startswith("kl") else "",
              not (m.startswith("kl") or m.startswith("frontier")), f"{c.label} activations: {d}")
       for c in ACT_CONFIGS for m, d in ACT_METRICS.items()),
+    Metric("a8_timeaware_kl_ratio", "output", "", False,
+           "A8 per-tensor static: KL with time-aware activation parameters / KL with time-agnostic ones"),
+    Metric("a4_timeaware_kl_ratio", "output", "", False,
+           "A4 per-tensor static: KL with time-aware activation parameters / KL with time-agnostic ones"),
+    Metric("activation_tables_stored", "artifact", "", True,
+           "1: the activation tables were read from the artifact; 0: a table is missing there; "
+           "-1: not checked (no artifact tables handed to the runner)"),
     # end dream-mini time-aware
     Metric("quantize_seconds", "time", "s", False, "median wall time of quantize_model over the benchmark rounds"),
     Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),
