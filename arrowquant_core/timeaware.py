@@ -155,6 +155,15 @@ def stratify(grouping: TimeGrouping, timesteps: list[int], min_per_group: int) -
     return out
 
 
+def aux_prefix(scheme: ActScheme, groups: int) -> str:
+    """Where an activation table lives among an artifact's auxiliary arrays.
+
+    >>> aux_prefix(ActScheme(8, "tensor", False), 10)
+    'timeaware.a8-tensor-asym.g10.'
+    """
+    return f"{PREFIX}{scheme.name}.g{groups}."
+
+
 def _stat_rows(count: F64, total: F64, squares: F64, lo: F32, hi: F32) -> F32:
     mean = total / np.maximum(count, 1.0)
     var = np.maximum(squares / np.maximum(count, 1.0) - mean * mean, 0.0)
