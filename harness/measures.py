@@ -73,6 +73,9 @@ _ROWS: Final[tuple[Metric, ...]] = (
     Metric("activation_tables_stored", "artifact", "", True,
            "1: the activation tables were read from the artifact; 0: a table is missing there; "
            "-1: not checked (no artifact tables handed to the runner)"),
+    Metric("activation_tables_match", "artifact", "", True,
+           "1: every activation table in the artifact equals the one calibrated from this model "
+           "(bit for bit); 0: one differs or is missing; -1: not checked"),
     # end dream-mini time-aware
     Metric("quantize_seconds", "time", "s", False, "median wall time of quantize_model over the benchmark rounds"),
     Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),

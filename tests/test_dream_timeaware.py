@@ -122,7 +122,7 @@ def test_clean_tables_pass_and_every_table_fault_fails_a_named_gate(runner: Drea
     assert set(EXPECTED) == set(AUX_FAULTS)
     weights = int8.dequantize()
     clean = runner.compare(weights, aux=int8.aux)
-    assert clean["activation_tables_stored"] == 1
+    assert clean["activation_tables_stored"] == 1 and clean["activation_tables_match"] == 1
     assert 0.0 <= clean["frontier_flip_rate4"] <= 1.0 and 0.0 <= clean["frontier_flip_rate8"] <= 1.0
     assert {r["sampler_steps"] for r in clean["frontier_flips"]} == {4, 8}
     assert {r["params"] for r in clean["time_aware_comparison"]} == {"time-agnostic", "time-aware"}
@@ -133,6 +133,7 @@ def test_clean_tables_pass_and_every_table_fault_fails_a_named_gate(runner: Drea
         failed = _failed_gates(measured, 8)
         assert failed & EXPECTED[name], f"{name}: failed gates {failed}"
         assert measured["activation_tables_stored"] == (0 if name == "time-group-table-dropped" else 1)
+        assert measured["activation_tables_match"] == 0, name  # the integrity check sees every fault
 
 
 def test_cached_reference_gives_the_numbers_of_quality_compare(runner: DreamRunner) -> None:
