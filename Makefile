@@ -21,12 +21,15 @@ export OPENBLAS_NUM_THREADS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test clean help
+FUZZ_EXAMPLES ?= 400
+
+.PHONY: setup run test fuzz clean help
 
 help:
 	@echo "make run    set up .venv and run: python -m harness run --model $(MODEL) $(ARGS)"
 	@echo "make test   set up .venv and run the project's tests"
 	@echo "make setup  only set up .venv (torch CPU, then the project with its mypyc-compiled core)"
+	@echo "make fuzz   the long hostile-input campaign (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) per target) and bombs"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +49,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The default test run fuzzes briefly (tests/test_fuzz.py, 15 cases per target); this is
+# the long campaign: random seed, every target, the bombs at 256 MiB, crashes saved to
+# tests/fuzz/corpus/ (commit them: the default run replays them).
+fuzz: $(STAMP)
+	$(PY) tests/fuzz/campaign.py --examples $(FUZZ_EXAMPLES) --json reports/fuzz-campaign.json
+	ARROWQUANT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
 
 clean:
 	rm -rf build *.egg-info arrowquant_core/*.so *__mypyc*.so reports/artifacts

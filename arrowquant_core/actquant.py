@@ -194,7 +194,7 @@ def fake_quant(x: npt.NDArray[np.floating], scheme: ActScheme,
     else:
         if scale is None or zero is None:
             raise ConfigurationError(
-                f"fake_quant: scheme {scheme.name} is static and needs calibrated scale and zero")
+                f"fake_quant: scheme {scheme.name} has a static granularity and needs calibrated scale and zero")
         features = x.shape[-1]
         want = (1,) if scheme.granularity == "tensor" else (features,)
         if scale.shape != want or zero.shape != want:

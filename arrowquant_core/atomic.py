@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 import os
 from pathlib import Path
+import re
 import secrets
-from typing import IO
+from typing import IO, Final
 
 
 def open_temp(path: Path) -> tuple[IO[bytes], Path]:
@@ -28,11 +29,44 @@ def open_temp(path: Path) -> tuple[IO[bytes], Path]:
 
 
 def commit(handle: IO[bytes], tmp: Path, path: Path) -> None:
-    """Flush to disk and rename the temp file over ``path``."""
+    """Flush to disk, rename the temp file over ``path``, and fsync the folder so the
+    rename itself survives a power loss (the rename is a change to the folder)."""
     handle.flush()
     os.fsync(handle.fileno())
     handle.close()
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders; the data itself was synced
+    finally:
+        os.close(fd)
+
+
+_TEMP_NAME: Final = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files that killed writes left in ``folder`` (the ``open_temp`` naming
+    only); returns what was removed. Call it only where no other writer is active (the
+    harness does, at the start of a run, for its ``--out`` folder)."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        if _TEMP_NAME.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def discard(handle: IO[bytes], tmp: Path) -> None:

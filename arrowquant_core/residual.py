@@ -32,7 +32,7 @@ method tag saying the codes are residual signs, not affine.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -89,6 +89,9 @@ def residual2_refine(blocks: F32, codes: U8) -> F32:
         # Degenerate sign patterns (a level pair unused): minimum-norm least squares.
         bad = ~ok
         theta[bad] = (np.linalg.pinv(g[bad], rcond=PINV_RCOND) @ rhs[bad][:, :, None])[:, :, 0]
+    # Near float32's max the float64 optimum can pass it: saturate, never store inf.
+    limit = float(np.finfo(np.float32).max)
+    np.clip(theta, -limit, limit, out=theta)
     return theta.astype(np.float32)
 
 
@@ -114,17 +117,31 @@ def _sq_error(blocks: F32, codes: U8, params: F32) -> F64:
 
 
 def residual2_greedy(blocks: F32) -> tuple[U8, F32]:
-    """The plain two-step residual sign quantizer (no refinement)."""
-    x = blocks.astype(np.float32)
-    m = np.mean(x, axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    """The plain two-step residual sign quantizer (no refinement).
+
+    Residuals of a block near float32's max (``x - m`` up to twice the max) overflow
+    float32; such input is redone in float64 with the parameters saturated, so finite
+    weights never give inf levels. Ordinary blocks keep the float32 arithmetic."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        codes, params = _greedy(blocks.astype(np.float32))
+    if not bool(np.all(np.isfinite(params))):
+        codes, params64 = _greedy(blocks.astype(np.float64))
+        limit = float(np.finfo(np.float32).max)
+        np.clip(params64, -limit, limit, out=params64)
+        params = params64.astype(np.float32)
+    return codes, params
+
+
+def _greedy(x: npt.NDArray[np.floating[Any]]) -> tuple[U8, npt.NDArray[np.floating[Any]]]:
+    m = np.mean(x, axis=1, keepdims=True, dtype=np.float64).astype(x.dtype)
     r = x - m
     b1 = r >= 0
-    a1 = np.mean(np.abs(r), axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    a1 = np.mean(np.abs(r), axis=1, keepdims=True, dtype=np.float64).astype(x.dtype)
     r -= np.where(b1, a1, -a1)
     b2 = r >= 0
-    a2 = np.mean(np.abs(r), axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    a2 = np.mean(np.abs(r), axis=1, keepdims=True, dtype=np.float64).astype(x.dtype)
     codes = (b1.astype(np.uint8) * np.uint8(2) + b2.astype(np.uint8)).astype(np.uint8)
-    return codes, np.concatenate([m, a1, a2], axis=1).astype(np.float32)
+    return codes, np.concatenate([m, a1, a2], axis=1)
 
 
 def _range_start(blocks: F32, ratio: float) -> U8:

@@ -112,12 +112,18 @@ def _build_table() -> dict[str, Scheme]:
 SCHEMES: Final[dict[str, Scheme]] = _build_table()
 
 
-def get_scheme(name: str) -> Scheme:
+def get_scheme(name: object) -> Scheme:
     """Look a scheme up by name; an unknown name says what is available.
+
+    ``object``, not ``str``: compiled code would turn ``None`` (say, from a config file)
+    into a bare TypeError at the call boundary instead of this ConfigurationError.
 
     >>> get_scheme("int8-channel-sym").bits
     8
     """
+    if not isinstance(name, str):
+        raise ConfigurationError(f"scheme {repr(name)[:80]} must be a scheme name (str); "
+                                 f"available: {', '.join(SCHEMES)}")
     scheme = SCHEMES.get(name)
     if scheme is None:
         raise unknown_name("scheme", name, SCHEMES)

@@ -28,14 +28,21 @@ Model tensors (every kind but "aux") keep the source order; "aux" rows follow th
 Every write goes to a temporary file in the destination folder and is renamed over the
 target only when complete (safetensors' "write to tempfile + rename"), so a crash never
 leaves a half-written artifact and never destroys the previous one. Every load checks
-each row's checksum. ``load_weights`` is the v1 reading path: it reads v1 files and v2
+each row's checksum, then the **manifest digest** (schema metadata
+``arrowquant.manifest_sha256``): one sha256 over the format version, the exact model
+metadata bytes, the row count and every row's (name, kind, checksum) in file order, so a
+deleted, reordered, renamed or added row, or edited metadata, is a ``FormatError`` even
+when each remaining row is intact (per-row checksums cannot see that). Every row kind
+(quantized, float, buffer, tied, aux, v1) is covered. Before any column is read, the
+footer's declared decoded size is checked against the file's real size
+(``limits.check_parquet_footprint``: a small zstd file declaring GiBs is refused). ``load_weights`` is the v1 reading path: it reads v1 files and v2
 files alike, dequantizing the latter. Any damage raises ``FormatError`` naming the file
 and the tensor, never a raw pyarrow or NumPy error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import hashlib
 import json
 import math
@@ -51,6 +58,7 @@ import pyarrow.parquet as pq
 
 from arrowquant_core.atomic import write_atomic
 from arrowquant_core.errors import ArrowQuantError, FormatError
+from arrowquant_core.limits import check_parquet_footprint, check_shape, cut, short
 from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import SCHEMES
 from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor
@@ -59,6 +67,7 @@ FloatArray = npt.NDArray[np.floating]
 
 VERSION_KEY: Final = b"arrowquant.format_version"
 METADATA_KEY: Final = b"arrowquant.metadata"
+MANIFEST_KEY: Final = b"arrowquant.manifest_sha256"
 FORMAT_V1: Final = 1
 FORMAT_V2: Final = 2
 
@@ -69,6 +78,7 @@ _V2_OPTIONAL: Final[tuple[str, ...]] = ("tied_to",)
 _STORED_DTYPES: Final[tuple[str, ...]] = FLOAT_DTYPES + RAW_DTYPES
 # row kinds holding raw values in ``data``, and the checksum prefix of each
 _RAW_KINDS: Final[tuple[str, ...]] = ("float", "buffer", "aux")
+_MESSAGE_CAP: Final = 2000
 
 
 def _np_dtype(name: str) -> np.dtype[Any]:
@@ -76,7 +86,7 @@ def _np_dtype(name: str) -> np.dtype[Any]:
     return dtype
 
 
-def _checksum(parts: list[bytes], header: str) -> str:
+def _checksum(parts: Sequence[bytes | memoryview], header: str) -> str:
     digest = hashlib.sha256(header.encode("utf-8"))
     for part in parts:
         digest.update(len(part).to_bytes(8, "little"))
@@ -99,7 +109,7 @@ def _allowed(kind: str) -> tuple[str, ...]:
 def _raw_row(name: str, array: npt.NDArray[Any], kind: str = "float") -> dict[str, Any]:
     dtype = array.dtype.name
     if dtype not in _allowed(kind):
-        raise FormatError(f"tensor {name!r}: dtype {dtype} cannot be stored as a {kind} row; "
+        raise FormatError(f"tensor {short(name)}: dtype {dtype} cannot be stored as a {kind} row; "
                           f"accepted: {list(_allowed(kind))}")
     header_kind = "float" if kind == "v1" else kind
     data = _float_bytes(array)
@@ -126,7 +136,40 @@ def _quantized_row(qt: QuantizedTensor) -> dict[str, Any]:
             "zeros": zeros, "params": params, "sha256": _checksum([codes, scales, zeros, params], header)}
 
 
-def _schema(version: int, metadata: Mapping[str, str]) -> pa.Schema:
+def _manifest(version: int, metadata_json: bytes, rows: list[tuple[str, str, str]]) -> str:
+    """sha256 over the version, the metadata bytes and each row's (name, kind, checksum),
+    every field length-prefixed (no two manifests share an encoding)."""
+    digest = hashlib.sha256(b"arrowquant-manifest-1")
+    digest.update(version.to_bytes(8, "little"))
+    digest.update(len(metadata_json).to_bytes(8, "little"))
+    digest.update(metadata_json)
+    digest.update(len(rows).to_bytes(8, "little"))
+    for name, kind, checksum in rows:
+        for text in (name, kind, checksum):
+            part = text.encode("utf-8", "surrogatepass")
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def _manifest_rows(rows: list[dict[str, Any]], version: int) -> list[tuple[str, str, str]]:
+    return [(str(row["name"]), str(row.get("kind") if version == FORMAT_V2 else "v1"), str(row["sha256"]))
+            for row in rows]
+
+
+def _check_manifest(table: pa.Table, version: int, rows: list[tuple[str, str, str]], path: Path) -> None:
+    raw: Any = getattr(table.schema, "metadata", None) or {}
+    recorded = raw.get(MANIFEST_KEY)
+    if recorded is None:
+        raise FormatError(f"{path}: schema metadata has no {MANIFEST_KEY.decode()!r} (written before manifest "
+                          "digests, or stripped); re-quantize the model to get a verifiable artifact")
+    expected = _manifest(version, bytes(raw.get(METADATA_KEY, b"{}")), rows)
+    if recorded != expected.encode():
+        raise FormatError(f"{path}: manifest digest mismatch: rows deleted, added, reordered or renamed, or the "
+                          "model metadata edited (each remaining row's own checksum may still hold)")
+
+
+def _schema(version: int, metadata: Mapping[str, str], rows: list[dict[str, Any]]) -> pa.Schema:
     fields: list[pa.Field[Any]] = [
         pa.field("name", pa.string(), nullable=False),
         pa.field("shape", pa.list_(pa.int64()), nullable=False),
@@ -145,8 +188,10 @@ def _schema(version: int, metadata: Mapping[str, str]) -> pa.Schema:
             pa.field("params", pa.large_binary()),
             pa.field("tied_to", pa.string()),
         ]
-    meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(),
-            METADATA_KEY: json.dumps(dict(metadata), sort_keys=True).encode()}
+    metadata_json = json.dumps(dict(metadata), sort_keys=True).encode()
+    meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(), METADATA_KEY: metadata_json,
+                                            MANIFEST_KEY: _manifest(version, metadata_json,
+                                                                    _manifest_rows(rows, version)).encode()}
     return pa.schema(fields, metadata=meta)
 
 
@@ -179,7 +224,7 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
         elif name in model.buffers:
             by_name[name] = _raw_row(name, model.buffers[name], "buffer")
         else:
-            raise FormatError(f"{target}: tensor {name!r} is in the model's order but has no data")
+            raise FormatError(f"{target}: tensor {short(name)} is in the model's order but has no data")
     for name in model.order:
         canonical = model.ties.get(name)
         if canonical is None:
@@ -187,12 +232,12 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
         elif canonical in by_name:
             rows.append(_tied_row(name, canonical, by_name[canonical]))
         else:
-            raise FormatError(f"{target}: tensor {name!r} is tied to {canonical!r}, which the model does not hold")
+            raise FormatError(f"{target}: tensor {short(name)} is tied to {canonical!r}, which the model does not hold")
     clash = sorted(set(model.aux) & set(model.order))
     if clash:
         raise FormatError(f"{target}: auxiliary array(s) {clash[:3]} share a name with a model tensor")
     rows.extend(_raw_row(name, array, "aux") for name, array in model.aux.items())
-    _write_atomic(rows, _schema(FORMAT_V2, model.metadata), target)
+    _write_atomic(rows, _schema(FORMAT_V2, model.metadata, rows), target)
     return target
 
 
@@ -201,7 +246,7 @@ def save_weights(weights: Mapping[str, FloatArray], path: str | os.PathLike[str]
     """Write float tensors as a format-v1 Parquet file, atomically."""
     target = Path(path)
     rows = [_raw_row(name, array, "v1") for name, array in weights.items()]
-    _write_atomic(rows, _schema(FORMAT_V1, metadata or {}), target)
+    _write_atomic(rows, _schema(FORMAT_V1, metadata or {}, rows), target)
     return target
 
 
@@ -211,9 +256,13 @@ def _read_table(path: Path) -> tuple[pa.Table, int, dict[str, str]]:
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     try:
+        check_parquet_footprint(path, "artifact")  # declared sizes vs real size, before reading
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    try:
         table = pq.read_table(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
+        raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {cut(str(exc))})") from None
     try:
         return _inspect(table, path)
     except UnicodeDecodeError:
@@ -232,7 +281,7 @@ def _inspect(table: pa.Table, path: Path) -> tuple[pa.Table, int, dict[str, str]
     try:
         version = int(version_text.decode())
     except (UnicodeDecodeError, ValueError):
-        raise FormatError(f"{path}: format version {version_text!r} is not an integer") from None
+        raise FormatError(f"{path}: format version {short(version_text)} is not an integer") from None
     if version not in (FORMAT_V1, FORMAT_V2):
         raise FormatError(f"{path}: format version {version} is not supported (known: 1, 2)")
     needed = _V2_FIELDS if version == FORMAT_V2 else _V1_FIELDS
@@ -243,38 +292,62 @@ def _inspect(table: pa.Table, path: Path) -> tuple[pa.Table, int, dict[str, str]
         metadata = json.loads(raw.get(METADATA_KEY, b"{}").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError(f"{path}: model metadata is not valid JSON") from None
-    if not isinstance(metadata, dict):
-        raise FormatError(f"{path}: model metadata must be a JSON object")
+    except (RecursionError, ValueError, MemoryError) as exc:  # absurd nesting, huge ints
+        raise FormatError(f"{path}: model metadata is not usable JSON ({type(exc).__name__})") from None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: model metadata must be a JSON object of str to str")
     return table, version, {str(k): str(v) for k, v in metadata.items()}
 
 
 def _rows(table: pa.Table, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    columns = {f: table.column(f).to_pylist() for f in fields}
+    columns = {f: _binary_views(table.column(f)) if f in _BLOB_FIELDS else table.column(f).to_pylist()
+               for f in fields}
     return [{f: columns[f][i] for f in fields} for i in range(table.num_rows)]
 
 
+# Binary columns are read as zero-copy memoryviews of Arrow's buffers, not to_pylist()
+# bytes (one copy of every tensor fewer on load, issue 11); hashlib and np.frombuffer
+# take them as they are.
+_BLOB_FIELDS: Final[frozenset[str]] = frozenset({"data", "codes", "scales", "zeros", "params"})
+
+
+def _binary_views(column: Any) -> list[memoryview | None]:
+    out: list[memoryview | None] = []
+    for chunk in column.chunks:
+        if not (pa.types.is_large_binary(chunk.type) or pa.types.is_binary(chunk.type)):
+            out += [None if v is None else memoryview(v) for v in chunk.to_pylist()]
+            continue
+        _validity, offsets_buffer, data_buffer = chunk.buffers()
+        width = 8 if pa.types.is_large_binary(chunk.type) else 4
+        offsets = np.frombuffer(offsets_buffer, dtype=f"<i{width}", count=len(chunk) + 1,
+                                offset=chunk.offset * width)
+        data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
+        valid = chunk.is_valid().to_pylist()
+        for i in range(len(chunk)):
+            out.append(data[int(offsets[i]):int(offsets[i + 1])] if valid[i] else None)
+    return out
+
+
 def _shape(row: dict[str, Any], path: Path) -> tuple[int, ...]:
-    shape = row["shape"]
-    if not isinstance(shape, list) or any(not isinstance(d, int) or d < 0 for d in shape):
-        raise FormatError(f"{path}: tensor {row['name']!r}: shape {shape!r} must be non-negative integers")
-    return tuple(int(d) for d in shape)
+    # also refuses zero-size tensors with absurd dims, which would fail deep in NumPy
+    return check_shape(f"{path}: tensor {short(row['name'])}", row["shape"], 8)
 
 
-def _verify(row: dict[str, Any], parts: list[bytes], header: str, path: Path) -> None:
+def _verify(row: dict[str, Any], parts: Sequence[bytes | memoryview], header: str, path: Path) -> None:
     if _checksum(parts, header) != row["sha256"]:
-        raise FormatError(f"{path}: tensor {row['name']!r}: checksum mismatch (file corrupted or edited)")
+        raise FormatError(f"{path}: tensor {short(row['name'])}: checksum mismatch (file corrupted or edited)")
 
 
 def _decode_raw(row: dict[str, Any], path: Path, kind: str = "float") -> npt.NDArray[Any]:
     name, dtype, data = row["name"], row["dtype"], row["data"]
     allowed = _allowed(kind)
-    if dtype not in allowed or not isinstance(data, bytes):
-        raise FormatError(f"{path}: tensor {name!r}: {kind} row needs a dtype in {list(allowed)} and data bytes")
+    if dtype not in allowed or not isinstance(data, (bytes, memoryview)):
+        raise FormatError(f"{path}: tensor {short(name)}: {kind} row needs a dtype in {list(allowed)} and data bytes")
     shape = _shape(row, path)
     _verify(row, [data], f"{'float' if kind == 'v1' else kind}|{name}|{list(shape)}|{dtype}", path)
     np_dtype = _np_dtype(dtype)
     if len(data) != math.prod(shape) * np_dtype.itemsize:
-        raise FormatError(f"{path}: tensor {name!r}: {len(data)} data bytes, shape {list(shape)} "
+        raise FormatError(f"{path}: tensor {short(name)}: {len(data)} data bytes, shape {list(shape)} "
                           f"of {dtype} needs {math.prod(shape) * np_dtype.itemsize}")
     return np.frombuffer(data, dtype=np_dtype.newbyteorder("<")).astype(np_dtype).reshape(shape)
 
@@ -283,15 +356,15 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
     name = row["name"]
     scheme = SCHEMES.get(row["scheme"] or "")
     if scheme is None:
-        raise FormatError(f"{path}: tensor {name!r}: unknown scheme {row['scheme']!r}")
+        raise FormatError(f"{path}: tensor {short(name)}: unknown scheme {short(row['scheme'])}")
     blobs = [row["codes"], row["scales"], row["zeros"], row["params"]]
-    if not all(isinstance(b, bytes) for b in blobs):
-        raise FormatError(f"{path}: tensor {name!r}: codes, scales, zeros and params must all be present")
+    if not all(isinstance(b, (bytes, memoryview)) for b in blobs):
+        raise FormatError(f"{path}: tensor {short(name)}: codes, scales, zeros and params must all be present")
     shape = _shape(row, path)
     method = str(row["method"] or "rtn")
     _verify(row, blobs, f"quantized|{name}|{list(shape)}|{row['dtype']}|{scheme.name}|{method}", path)
     if len(blobs[1]) % 4 or len(blobs[3]) % 4:
-        raise FormatError(f"{path}: tensor {name!r}: scale and param bytes must be multiples of 4 (float32)")
+        raise FormatError(f"{path}: tensor {short(name)}: scale and param bytes must be multiples of 4 (float32)")
     qt = QuantizedTensor(
         name=name, scheme=scheme, shape=shape, dtype=str(row["dtype"]),
         codes=np.frombuffer(blobs[0], dtype=np.uint8),
@@ -305,10 +378,14 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
 def _guard(path: Path, action: Callable[[], Any]) -> Any:
     try:
         return action()
-    except ArrowQuantError:
-        raise
-    except (ValueError, TypeError, KeyError) as exc:
-        raise FormatError(f"{path}: malformed content ({type(exc).__name__}: {exc})") from None
+    except ArrowQuantError as exc:
+        text = str(exc)
+        if len(text) <= _MESSAGE_CAP:
+            raise
+        # names and values quoted deeper down (tensor.py) come from the file: bound them
+        raise type(exc)(cut(text, _MESSAGE_CAP)) from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
+        raise FormatError(f"{path}: malformed content ({type(exc).__name__}: {cut(str(exc))})") from None
 
 
 def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> QuantizedModel:
@@ -321,16 +398,17 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
     order: list[str] = []
     fields = _V2_FIELDS + tuple(f for f in _V2_OPTIONAL if f in table.schema.names)
     seen: set[str] = set()
-    for row in _rows(table, fields):
+    rows = _rows(table, fields)
+    for row in rows:
         name, kind = row["name"], row["kind"]
         if name in seen:
-            raise FormatError(f"{source}: tensor {name!r} appears twice")
+            raise FormatError(f"{source}: tensor {short(name)} appears twice")
         seen.add(name)
         if kind == "aux":
             aux[name] = _decode_raw(row, source, "aux")
             continue
         if aux:
-            raise FormatError(f"{source}: tensor {name!r} comes after the auxiliary rows; model tensors come first")
+            raise FormatError(f"{source}: tensor {short(name)} comes after the auxiliary rows; model tensors come first")
         order.append(name)
         if kind == "quantized":
             tensors[name] = _decode_quantized(row, source)
@@ -341,11 +419,11 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
         elif kind == "tied":
             tied_rows[name] = row
         else:
-            raise FormatError(f"{source}: tensor {name!r}: unknown kind {str(kind)[:40]!r}")
+            raise FormatError(f"{source}: tensor {short(name)}: unknown kind {str(kind)[:40]!r}")
     for alias, row in tied_rows.items():
         canonical = row.get("tied_to")
         if not isinstance(canonical, str) or canonical in tied_rows or canonical not in seen or canonical in aux:
-            raise FormatError(f"{source}: tensor {alias!r}: tied to {str(canonical)[:80]!r}, which is not a stored "
+            raise FormatError(f"{source}: tensor {short(alias)}: tied to {str(canonical)[:80]!r}, which is not a stored "
                               "model tensor")
         shape, dtype = list(_shape(row, source)), row["dtype"]
         _verify(row, [], f"tied|{alias}|{canonical}|{shape}|{dtype}", source)
@@ -356,19 +434,22 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
             kept = floats[canonical] if canonical in floats else buffers[canonical]
             target_shape, target_dtype = list(kept.shape), kept.dtype.name
         if shape != target_shape or dtype != target_dtype:
-            raise FormatError(f"{source}: tensor {alias!r}: declared {dtype}{shape[:8]} but tied to {canonical!r} "
+            raise FormatError(f"{source}: tensor {short(alias)}: declared {dtype}{shape[:8]} but tied to {short(canonical)} "
                               f"of {target_dtype}{target_shape[:8]}")
         ties[alias] = canonical
+    _check_manifest(table, FORMAT_V2, _manifest_rows(rows, FORMAT_V2), source)
     return QuantizedModel(tensors=tensors, floats=floats, order=tuple(order), metadata=metadata,
                           buffers=buffers, ties=ties, aux=aux)
 
 
 def _build_weights(table: pa.Table, source: Path) -> dict[str, FloatArray]:
     out: dict[str, FloatArray] = {}
-    for row in _rows(table, _V1_FIELDS):
+    rows = _rows(table, _V1_FIELDS)
+    for row in rows:
         if row["name"] in out:
-            raise FormatError(f"{source}: tensor {row['name']!r} appears twice")
+            raise FormatError(f"{source}: tensor {short(row['name'])} appears twice")
         out[row["name"]] = _decode_raw(row, source, "v1")
+    _check_manifest(table, FORMAT_V1, _manifest_rows(rows, FORMAT_V1), source)
     return out
 
 

@@ -7,12 +7,15 @@ imports (torch, pytest) happen inside the command so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 import sys
 import traceback
+from typing import Any
 
-from arrowquant_core.diffusion import PROFILES
+from harness.criteria import profiled
 from arrowquant_core.errors import ArrowQuantError, ConfigurationError
+from arrowquant_core.limits import cut
 from harness import exitcodes
 
 EXAMPLES = """examples:
@@ -21,9 +24,12 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --profile edge  # INT2 with the fallback ladder and mixed precision
   python -m harness run --model minilm --compare       # plus every method compared at INT4 and INT2
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
+  python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made by llama.cpp
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness report reports/results.json        # re-render the report from results
+  python -m harness verify reports/results.json        # re-check results against artifacts and criteria
   python -m harness list                               # models, schemes, metrics, faults
+  python -m harness sweep --model dream-mini --bits 8,4 --methods rtn,hqq   # a grid of runs on Ray
 """
 
 
@@ -50,22 +56,67 @@ def parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--model", required=True, help="model name (see `list`) or path to a checkpoint")
     run.add_argument("--bits", type=_bits, default=(), help="comma-separated bit widths (default: all in the criteria file)")
-    run.add_argument("--criteria", type=Path, help="criteria TOML (default: harness/criteria/<model>.toml)")
-    run.add_argument("--profile", choices=sorted(PROFILES),
-                     help="deployment profile: use harness/criteria/<model>-<profile>.toml (edge runs the "
-                          "INT2 fallback ladder)")
+    run.add_argument("--criteria", type=Path,
+                     help="criteria TOML (default: harness/criteria/<model>.toml; for a path, the criteria of its "
+                          "runner, runner-<runner>.toml, or weights.toml when no runner can run it)")
+    profiles = profiled()
+    run.add_argument("--profile", choices=sorted(profiles),
+                     help="deployment profile, for the models that have criteria for it: "
+                          + "; ".join(f"{p}: {', '.join(bases)}" for p, bases in sorted(profiles.items()))
+                          + " (edge runs the INT2 fallback ladder)")
+    run.add_argument("--runner", help="how to run the model for output-level metrics (default: detected from the "
+                                      "folder; see `list`), or `none` for weight-level validation only")
     run.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
-    run.add_argument("--rounds", type=int, default=3, help="benchmark rounds for timing gates (default: 3)")
+    run.add_argument("--artifact", type=Path, metavar="FILE.gguf",
+                     help="judge this GGUF file (quantized by llama.cpp or gguf-py) instead of quantizing: its "
+                          "tensors are mapped to the model's names, dequantized and run through the same suite")
+    run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
+    _add_sweep(sub)
     sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
     rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
     rep.add_argument("results", type=Path)
     rep.add_argument("--out", type=Path, help="report path (default: next to results.json)")
+    ver = sub.add_parser("verify", help="re-check a results.json against its artifacts (sha256) and criteria "
+                                        "(sha256, every gate re-evaluated); exit 0/1 = the verified verdict, "
+                                        "2 = the results do not hold up")
+    ver.add_argument("results", type=Path)
     return top
+
+
+def _add_sweep(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sweep = sub.add_parser("sweep", help="models x bit widths x methods (x profiles), each cell a run on Ray",
+                           epilog="examples:\n  python -m harness sweep --model dream-mini --bits 8,4 --methods rtn\n"
+                                  "  python -m harness sweep --model minilm,dream-mini --bits 4 --methods rtn,hqq "
+                                  "--address ray://head:10001\n\n" + exitcodes.epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--model", required=True, help="comma-separated model names or paths")
+    sweep.add_argument("--bits", type=_bits, required=True, help="comma-separated bit widths")
+    sweep.add_argument("--methods", default="rtn", help="comma-separated methods (see `list`; default: rtn)")
+    sweep.add_argument("--profiles", default="", help="comma-separated profiles; 'default' = no profile")
+    sweep.add_argument("--out", type=Path, default=Path("reports/sweep"), help="output folder (default: reports/sweep)")
+    sweep.add_argument("--address", help="Ray cluster address (default: a private local Ray instance)")
+    sweep.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance (default: 2)")
+    sweep.add_argument("--rounds", type=int, default=3, help="benchmark rounds of each cell's timing gates (default: 3)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import SweepConfig, sweep
+
+    names = [p.strip() for p in args.profiles.split(",") if p.strip()] or ["default"]
+    config = SweepConfig(models=tuple(m.strip() for m in args.model.split(",") if m.strip()), bits=args.bits,
+                         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         profiles=tuple(None if p == "default" else p for p in names), out=args.out,
+                         address=args.address, num_cpus=args.num_cpus, quiet=args.quiet,
+                         benchmark_rounds=args.rounds)
+    code, report = sweep(config)
+    print(report)
+    return code
 
 
 def _list() -> int:
@@ -75,10 +126,17 @@ def _list() -> int:
     from harness.faults import FAULTS
     from harness.measures import METRICS
 
+    from fixtures.runners import RUNNERS
+
     print("models:")
     for entry in MODELS.values():
-        print(f"  {entry.name:24s} {entry.description}")
-    print("  <path>                   folder of safetensors (sharded ok) or .npy files, or a Parquet v1 file")
+        print(f"  {entry.name:24s} {entry.description} [runner {entry.runner}]")
+    print("  <path>                   model folder (safetensors, sharded ok; .npy; sentence-transformers), "
+          "a .safetensors or Parquet v1 file")
+    print("runners (detected from a model folder in this order; --runner NAME overrides, --runner none = "
+          "weights only):")
+    for runner in RUNNERS.values():
+        print(f"  {runner.name:24s} {runner.description} [detects: {runner.detects}]")
     print("criteria files: " + ", ".join(available()))
     print("schemes:")
     for scheme in SCHEMES.values():
@@ -91,38 +149,97 @@ def _list() -> int:
     print("metrics:")
     for metric in METRICS.values():
         print(f"  {metric.name:22s} {metric.description}")
+    from harness.peers import PEERS
+
+    print("peer formats (llama.cpp, quantized by gguf-py; criteria `peers = [...]`):")
+    for peer in PEERS.values():
+        print(f"  {peer.name:8s} {peer.nominal_bits_per_weight:5.2f} bpw  {peer.ggml_type.name:6s} {peer.description}")
     print("faults (for --inject-fault):")
     for fault in FAULTS.values():
         print(f"  {fault.name:24s} {fault.description}")
     return exitcodes.OK
 
 
+def _say(text: str) -> None:
+    """print to stdout; a reader that went away (``| head -1``) is not an error and must
+    not change the exit code: stdout is pointed at /dev/null so the interpreter's final
+    flush stays quiet too (Python docs, "Note on SIGPIPE")."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _refuse(path: Path, problems: list[Any], consequence: str) -> int:
+    shown = problems[:20]
+    print(f"error: {path}: {len(problems)} integrity problem(s); {consequence}:", file=sys.stderr)
+    for problem in shown:
+        print(f"  - {problem}", file=sys.stderr)
+    if len(problems) > len(shown):
+        print(f"  ... and {len(problems) - len(shown)} more", file=sys.stderr)
+    return exitcodes.USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "list":
-            return _list()
+            try:
+                code = _list()
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _stdout_gone()
+                code = exitcodes.OK
+            return code
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "report":
+            from harness.integrity import consistency_problems
             from harness.report import render_report
             from harness.results import read_results
 
+            results = read_results(args.results)
+            problems = consistency_problems(results)
+            if problems:
+                return _refuse(args.results, problems, "the report was not written")
             out = args.out or args.results.parent / "QUANTIZATION_VALIDATION_REPORT.md"
-            render_report(read_results(args.results), out)
-            print(out)
+            render_report(results, out)
+            _say(str(out))
             return exitcodes.OK
+        if args.command == "verify":
+            from harness.integrity import verify
+            from harness.results import read_results
+
+            results = read_results(args.results)
+            problems = verify(results, args.results)
+            if problems:
+                return _refuse(args.results, problems, "it does not hold up")
+            _say(f"verified {args.results}: verdict {results['verdict']}, artifacts and criteria match")
+            return exitcodes.OK if results["verdict"] == "PASS" else exitcodes.GATE_FAILED
         from harness.config import RunConfig
         from harness.runner import run
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
-                           fault=args.fault, profile=args.profile, compare=args.compare, benchmark_rounds=args.rounds, quiet=args.quiet)
+                           fault=args.fault, profile=args.profile, compare=args.compare, artifact=args.artifact,
+                           benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner)
         result = run(config)
-        print(f"{result.verdict}: {result.report_path}")
+        _say(f"{result.verdict}: {result.report_path}")
         return result.exit_code
     except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cut(str(exc), 4000)}", file=sys.stderr)
         return exitcodes.USAGE
     except ArrowQuantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cut(str(exc), 4000)}", file=sys.stderr)  # bounded, whatever a file held
         return exitcodes.USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,7 +29,8 @@ import re
 import tomllib
 from typing import Any, Callable, Final
 
-from arrowquant_core.errors import ConfigurationError, unknown_name
+from arrowquant_core.errors import ConfigurationError, FormatError, unknown_name
+from arrowquant_core.limits import cut, read_capped, short
 from arrowquant_core.schemes import get_scheme
 from harness.measures import METRICS
 
@@ -38,6 +39,8 @@ _OPS: Final[dict[str, Callable[[float, float], bool]]] = {
 }
 _RULE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+|inf)\s*$")
 CRITERIA_DIR: Final = Path(__file__).resolve().parent / "criteria"
+MAX_CRITERIA_BYTES: Final = 1 << 20
+"""A criteria file is a few KB; anything past 1 MiB (or a device, FIFO, /dev/zero) is refused."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,11 @@ class BitPlan:
     report: tuple[str, ...] = ()
     method: str = "rtn"
     compare: tuple[str, ...] = ()  # methods compared at this bit width (reported, not gated)
+    peers: tuple[str, ...] = ()  # llama.cpp formats compared beside them (harness.peers.PEERS)
     ladder: LadderSpec | None = None
+    # A Hessian method on a tensor without calibration activations (an embedding table,
+    # or a model without a runner) is an error unless this names the allowed fallback.
+    fallback: str | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -124,11 +131,15 @@ def parse_rule(text: str, bits: int, why: str = "", where: str = "") -> Criterio
     """
     match = _RULE.match(text)
     if match is None:
-        raise ConfigurationError(f"{where}rule {text!r} is not 'metric OP number' with OP in {list(_OPS)}")
+        raise ConfigurationError(f"{where}rule {short(text)} is not 'metric OP number' with OP in {list(_OPS)}")
     metric, op, number = match.groups()
     if metric not in METRICS:
-        raise ConfigurationError(f"{where}{unknown_name('metric', metric, METRICS)}")
-    return Criterion(bits=bits, metric=metric, op=op, threshold=float(number), why=why)
+        raise ConfigurationError(f"{where}{unknown_name('metric', short(metric, 60), METRICS)}")
+    try:
+        threshold = float(number)
+    except ValueError:
+        raise ConfigurationError(f"{where}rule {short(text)}: threshold {short(number)} is not a number") from None
+    return Criterion(bits=bits, metric=metric, op=op, threshold=threshold, why=why)
 
 
 def _gates(entries: Any, bits: int, where: str) -> list[Criterion]:
@@ -138,10 +149,11 @@ def _gates(entries: Any, bits: int, where: str) -> list[Criterion]:
     for entry in entries:
         if isinstance(entry, str):
             out.append(parse_rule(entry, bits, where=where))
-        elif isinstance(entry, dict) and isinstance(entry.get("rule"), str):
+        elif isinstance(entry, dict) and isinstance(entry.get("rule"), str) \
+                and isinstance(entry.get("why", ""), str):
             out.append(parse_rule(entry["rule"], bits, str(entry.get("why", "")), where))
         else:
-            raise ConfigurationError(f"{where}gate {entry!r} must be a string or {{rule = ..., why = ...}}")
+            raise ConfigurationError(f"{where}gate {short(entry)} must be a string or {{rule = \"...\", why = \"...\"}}")
     return out
 
 
@@ -151,7 +163,7 @@ def _check_method(method: str, scheme: str, where: str) -> None:
     try:
         check_method(method, get_scheme(scheme))
     except ConfigurationError as exc:
-        raise ConfigurationError(f"{where}{exc}") from None
+        raise ConfigurationError(f"{where}{cut(str(exc))}") from None
 
 
 def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | None:
@@ -164,72 +176,203 @@ def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | Non
     if not isinstance(data, dict):
         raise ConfigurationError(f"{where}ladder must be a table")
     rungs: list[tuple[str, str]] = [(scheme, method)]
-    for rung in data.get("rungs", []):
+    for rung in _list_of(data.get("rungs", []), object, "ladder rungs", where):
         if not (isinstance(rung, list) and len(rung) == 2 and all(isinstance(x, str) for x in rung)):
-            raise ConfigurationError(f"{where}ladder rung {rung!r} must be [scheme, method]")
+            raise ConfigurationError(f"{where}ladder rung {short(rung)} must be [scheme, method]")
         if rung[0] != "fp16":
             _check_method(rung[1], rung[0], where)
         rungs.append((rung[0], rung[1]))
     budget = data.get("budget_mb")
     if budget is not None:
-        if not isinstance(budget, (int, float)) or budget <= 0:
-            raise ConfigurationError(f"{where}ladder budget_mb = {budget!r} must be a positive number")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+            raise ConfigurationError(f"{where}ladder budget_mb = {short(budget)} must be a positive number")
         return LadderSpec(tuple(rungs), 0.0, 1.0, False, float(budget))
     try:
         threshold, target = float(data["layer_threshold"]), float(data["target"])
     except (KeyError, TypeError, ValueError):
         raise ConfigurationError(f"{where}ladder needs numeric layer_threshold and target "
                                  "(or budget_mb for the size-budget mode)") from None
-    if not 0.0 < target <= 1.0 or threshold < 0.0:
+    if not 0.0 < target <= 1.0 or not 0.0 <= threshold < math.inf:
         raise ConfigurationError(f"{where}ladder target must be in (0, 1] and layer_threshold >= 0")
-    return LadderSpec(tuple(rungs), threshold, target, bool(data.get("fail_fast", False)))
+    fail_fast = data.get("fail_fast", False)
+    if not isinstance(fail_fast, bool):
+        raise ConfigurationError(f"{where}ladder fail_fast = {short(fail_fast)} must be true or false")
+    return LadderSpec(tuple(rungs), threshold, target, fail_fast)
+
+
+def _list_of(value: Any, kind: type, what: str, where: str) -> list[Any]:
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+        raise ConfigurationError(f"{where}{what} = {short(value)} must be a list"
+                                 + (f" of {kind.__name__}" if kind is not object else ""))
+    return value
+
+
+def _table(value: Any, what: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{where}{what} must be a table ([section]), got {type(value).__name__}")
+    return value
+
+
+def read_criteria_text(path: Path) -> str:
+    """The text of a criteria file, read under the one input rule (regular file, at most
+    ``MAX_CRITERIA_BYTES``, UTF-8); every failure is a ConfigurationError naming the file."""
+    try:
+        raw = read_capped(path, MAX_CRITERIA_BYTES, "criteria file")
+    except FileNotFoundError:
+        raise ConfigurationError(f"criteria file {path} does not exist") from None
+    except FormatError as exc:
+        raise ConfigurationError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigurationError(f"criteria file {path}: cannot be read ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigurationError(f"criteria file {path}: line {line}: not valid UTF-8 (byte {exc.start})") from None
+
+
+def _peers(entries: Any, where: str) -> tuple[str, ...]:
+    """``peers = ["Q8_0", "Q4_0"]``: llama.cpp formats (quantized by gguf-py) compared
+    beside the methods under ``--compare``; names from ``harness.peers.PEERS``."""
+    if not entries:
+        return ()
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigurationError(f"{where}peers must be a list of llama.cpp format names, e.g. [\"Q4_0\"]")
+    from harness.peers import get_peer  # imports gguf: only when a file lists peers
+
+    for name in entries:
+        try:
+            get_peer(name)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}{exc}") from None
+    if len(set(entries)) != len(entries):
+        raise ConfigurationError(f"{where}peers {entries}: a format is repeated")
+    return tuple(entries)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    text = read_criteria_text(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"criteria file {path}: invalid TOML ({short(str(exc))})") from None
+    except (RecursionError, ValueError, MemoryError) as exc:
+        raise ConfigurationError(f"criteria file {path}: invalid TOML ({type(exc).__name__})") from None
+    return data
+
+
+def _with_parent(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``inherit = "other.toml"`` (a file next to this one): start from that file's
+    sections; this file's ``[all]`` and ``[bits.N]`` sections replace the parent's whole."""
+    parent_name = data.get("inherit")
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str) or "/" in parent_name or "\\" in parent_name:
+        raise ConfigurationError(f"criteria file {path}: inherit must name a file in the same folder")
+    parent = _read_toml(path.parent / parent_name)
+    if "inherit" in parent:
+        raise ConfigurationError(f"criteria file {path}: {short(parent_name)} inherits again; one level only")
+    bits_parent = _table(parent.get("bits", {}), "[bits]", f"criteria file {path.parent / parent_name}: ")
+    bits_child = _table(data.get("bits", {}), "[bits]", f"criteria file {path}: ")
+    merged = {**parent, **{k: v for k, v in data.items() if k not in ("bits", "inherit")}}
+    merged["bits"] = {**bits_parent, **bits_child}
+    return merged
+
+
+def inherited_path(path: Path) -> Path | None:
+    """The parent criteria file ``path`` inherits from, if any (for its digest)."""
+    parent = _read_toml(path).get("inherit")
+    return path.parent / parent if isinstance(parent, str) else None
 
 
 def load_criteria(path: Path, model: str = "") -> Criteria:
-    """Read and validate a criteria file; every problem is a ConfigurationError."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigurationError(f"criteria file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"criteria file {path}: invalid TOML ({exc})") from None
-    shared = _gates(data.get("all", {}).get("gates", []), 0, f"{path} [all]: ")
+    """Read and validate a criteria file; every problem is a ConfigurationError naming the
+    file, the section and the rule (wrong types included), never a raw TypeError."""
+    data = _with_parent(_read_toml(path), path)
+    shared_section = _table(data.get("all", {}), "[all]", f"criteria file {path}: ")
+    shared = _gates(shared_section.get("gates", []), 0, f"{path} [all]: ")
     sections = data.get("bits")
     if not isinstance(sections, dict) or not sections:
         raise ConfigurationError(f"criteria file {path}: needs at least one [bits.N] section")
+    model_name = data.get("model", model)
+    if not isinstance(model_name, str):
+        raise ConfigurationError(f"criteria file {path}: model = {short(model_name)} must be a string")
     plans: dict[int, BitPlan] = {}
-    for key, section in sections.items():
-        where = f"{path} [bits.{key}]: "
-        if not key.isdigit():
+    for key, section_obj in sections.items():
+        where = f"{path} [bits.{short(key, 40)}]: "
+        if not (key.isascii() and key.isdigit() and len(key) <= 2):
             raise ConfigurationError(f"{where}section name must be a bit width")
         bits = int(key)
+        section = _table(section_obj, f"[bits.{key}]", where)
         scheme = section.get("scheme")
         if not isinstance(scheme, str):
             raise ConfigurationError(f"{where}needs scheme = \"<name>\"")
         try:
             scheme_bits = get_scheme(scheme).bits
         except ConfigurationError as exc:
-            raise ConfigurationError(f"{where}{exc}") from None
+            raise ConfigurationError(f"{where}{cut(str(exc))}") from None
         if scheme_bits != bits:
-            raise ConfigurationError(f"{where}scheme {scheme!r} is not {bits}-bit")
+            raise ConfigurationError(f"{where}scheme {short(scheme)} is not {bits}-bit")
         gates = _gates(section.get("gates", []), bits, where)
         gates += [Criterion(bits, c.metric, c.op, c.threshold, c.why) for c in shared]
-        report = section.get("report", [])
+        report = _list_of(section.get("report", []), str, "report", where)
         for metric in report:
             if metric not in METRICS:
-                raise ConfigurationError(f"{where}report: {unknown_name('metric', metric, METRICS)}")
-        method = str(section.get("method", "rtn"))
-        compare = tuple(str(m) for m in section.get("compare", []))
+                raise ConfigurationError(f"{where}report: {unknown_name('metric', short(metric, 60), METRICS)}")
+        method = section.get("method", "rtn")
+        if not isinstance(method, str):
+            raise ConfigurationError(f"{where}method = {short(method)} must be a string")
+        compare = tuple(_list_of(section.get("compare", []), str, "compare", where))
         for name in (method, *compare):
             _check_method(name, scheme, where)
+        fallback = section.get("fallback")
+        if fallback is not None:
+            from arrowquant_core.methods import FALLBACK
+
+            if fallback != FALLBACK:
+                raise ConfigurationError(f"{where}fallback = {str(fallback)[:40]!r}: the only fallback for a "
+                                         f"Hessian method without activations is {FALLBACK!r}")
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
-                              method=method, compare=compare,
-                              ladder=_ladder(section.get("ladder"), scheme, method, where))
-    return Criteria(source=path, model=str(data.get("model", model)), plans=plans)
+                              method=method, compare=compare, peers=_peers(section.get("peers", []), where),
+                              ladder=_ladder(section.get("ladder"), scheme, method, where),
+                              fallback=fallback)
+    return Criteria(source=path, model=model_name, plans=plans)
 
 
 def default_criteria_path(model: str, profile: str | None = None) -> Path:
     return CRITERIA_DIR / (f"{model}-{profile}.toml" if profile else f"{model}.toml")
+
+
+WEIGHTS_ONLY = "weights"  # criteria base for a model no runner can run
+
+
+def criteria_base(model: str, runner_kind: str | None) -> str:
+    """Which default criteria file a model uses: a named model its own
+    (``minilm.toml``); a path the one of its runner (``runner-hf-causal-lm.toml``); a
+    model without a runner ``weights.toml`` (weight-level gates only)."""
+    if (CRITERIA_DIR / f"{model}.toml").is_file():
+        return model
+    return f"runner-{runner_kind}" if runner_kind else WEIGHTS_ONLY
+
+
+def profiles_for(base: str) -> list[str]:
+    """Deployment profiles with a criteria file for ``base`` (``minilm-edge.toml`` -> edge)."""
+    from arrowquant_core.diffusion import PROFILES
+
+    return sorted(p.stem[len(base) + 1:] for p in CRITERIA_DIR.glob(f"{base}-*.toml")
+                  if p.stem[len(base) + 1:] in PROFILES)
+
+
+def profiled() -> dict[str, list[str]]:
+    """``{profile: [criteria bases that have it]}`` over every criteria file."""
+    from arrowquant_core.diffusion import PROFILES
+
+    out: dict[str, list[str]] = {}
+    for path in sorted(CRITERIA_DIR.glob("*.toml")):
+        base, _, suffix = path.stem.rpartition("-")
+        if base and suffix in PROFILES:
+            out.setdefault(suffix, []).append(base)
+    return out
 
 
 def available() -> Iterable[str]:

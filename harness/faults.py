@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrowquant_core import storage
-from arrowquant_core.errors import unknown_name
+from arrowquant_core.errors import ConfigurationError, unknown_name
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.plan import MixedPlan, realize
+from arrowquant_core.spatial import SmoothSite, SpatialResult
 from arrowquant_core.tensor import QuantizedTensor, block_codes
 
 
@@ -56,7 +57,7 @@ def _repack(t: QuantizedTensor, blocks: np.ndarray) -> np.ndarray:
     from arrowquant_core.tensor import from_codes
 
     return from_codes(t.name, t.scheme, t.shape, t.dtype, blocks.astype(np.uint8), t.scales,
-                      t.zeros, t.method).codes
+                      t.zeros, t.method, t.params if t.is_lattice else None).codes
 
 
 def nibbles_swapped(model: QuantizedModel) -> QuantizedModel:
@@ -76,19 +77,22 @@ def one_weight_unquantized(model: QuantizedModel) -> QuantizedModel:
     return dataclasses.replace(model, tensors=tensors, floats=floats)
 
 
+def _permute_rows(t: QuantizedTensor, perm: np.ndarray) -> QuantizedTensor:
+    rows = t.shape[0]
+    blocks = block_codes(t)
+    per_row = blocks.shape[0] // rows
+    blocks = blocks.reshape(rows, per_row, -1)[perm].reshape(blocks.shape)
+    if t.is_lattice:
+        params = t.params.reshape(rows, per_row, 3)[perm].reshape(-1)
+        return dataclasses.replace(t, codes=_repack(t, blocks), params=params)
+    scales = t.scales.reshape(rows, per_row)[perm].reshape(-1)
+    zeros = t.zeros.reshape(rows, per_row)[perm].reshape(-1) if t.zeros.size else t.zeros
+    return dataclasses.replace(t, codes=_repack(t, blocks), scales=scales, zeros=zeros)
+
+
 def rows_permuted(model: QuantizedModel) -> QuantizedModel:
     victim = _largest(model)
-
-    def permute(t: QuantizedTensor) -> QuantizedTensor:
-        rows = t.shape[0]
-        perm = np.random.default_rng(0).permutation(rows)
-        blocks = block_codes(t)
-        per_row = blocks.shape[0] // rows
-        blocks = blocks.reshape(rows, per_row, -1)[perm].reshape(blocks.shape)
-        scales = t.scales.reshape(rows, per_row)[perm].reshape(-1)
-        zeros = t.zeros.reshape(rows, per_row)[perm].reshape(-1) if t.zeros.size else t.zeros
-        return dataclasses.replace(t, codes=_repack(t, blocks), scales=scales, zeros=zeros)
-    return _map(model, permute, only=victim)
+    return _map(model, lambda t: _permute_rows(t, np.random.default_rng(0).permutation(t.shape[0])), only=victim)
 
 
 def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
@@ -122,10 +126,69 @@ def no_calibration(hessians: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def realize_ignoring_promotions(weights: dict[str, np.ndarray], plan: MixedPlan,
-                                hessians: dict[str, np.ndarray] | None) -> QuantizedModel:
+                                hessians: dict[str, np.ndarray] | None,
+                                ties: dict[str, str] | None = None) -> QuantizedModel:
     """Write every tensor at the ladder's first rung, whatever the plan promoted."""
     flat = dataclasses.replace(plan, decisions=tuple(dataclasses.replace(d, rung=0) for d in plan.decisions))
-    return realize(weights, flat, hessians)
+    return realize(weights, flat, hessians, ties=ties)
+
+
+def _vectors(model: QuantizedModel, *needles: str) -> list[str]:
+    """1-D float tensors whose name contains one of ``needles``, largest first."""
+    names = [n for n, a in model.floats.items() if a.ndim == 1 and any(k in n.lower() for k in needles)]
+    return sorted(names, key=lambda n: -model.floats[n].size)
+
+
+def float_tensor_dropped(model: QuantizedModel) -> QuantizedModel:
+    """The largest 1-D float tensor (a norm gain or bias) silently left out of the artifact."""
+    victim = max((n for n, a in model.floats.items() if a.ndim == 1), key=lambda n: model.floats[n].size)
+    floats = {n: a for n, a in model.floats.items() if n != victim}
+    return dataclasses.replace(model, floats=floats, order=tuple(n for n in model.order if n != victim))
+
+
+def norm_gain_scaled(model: QuantizedModel) -> QuantizedModel:
+    """One normalisation gain stored x1.5 (a LayerNorm/RMSNorm weight edited by mistake)."""
+    victim = _vectors(model, "norm")[0]
+    floats = dict(model.floats)
+    floats[victim] = (floats[victim].astype(np.float32) * 1.5).astype(floats[victim].dtype)
+    return dataclasses.replace(model, floats=floats)
+
+
+def bias_zeroed(model: QuantizedModel) -> QuantizedModel:
+    """One bias vector stored as zeros (or, without biases, the first norm gain zeroed)."""
+    victim = (_vectors(model, "bias") or _vectors(model, "norm"))[0]
+    floats = dict(model.floats)
+    floats[victim] = np.zeros_like(floats[victim])
+    return dataclasses.replace(model, floats=floats)
+
+
+def embedding_rows_swapped(model: QuantizedModel) -> QuantizedModel:
+    """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors)."""
+    embeds = [n for n in model.tensors if "embed" in n.lower() or "wte" in n.lower()]
+    victim = max(embeds or list(model.tensors), key=lambda n: model.tensors[n].shape[0])
+
+    def swap(t: QuantizedTensor) -> QuantizedTensor:
+        rows = t.shape[0]
+        picked = np.random.default_rng(1).choice(rows, size=min(64, rows - rows % 2), replace=False)
+        perm = np.arange(rows)
+        perm[picked[0::2]], perm[picked[1::2]] = picked[1::2], picked[0::2]
+        return _permute_rows(t, perm)
+    return _map(model, swap, only=victim)
+
+
+def group_scales_off(model: QuantizedModel) -> QuantizedModel:
+    """Eight groups of the largest non-embedding weight stored with 4x their scale."""
+    victim = _largest(model)
+
+    def off(t: QuantizedTensor) -> QuantizedTensor:
+        if t.is_lattice:  # lattice methods keep their step sizes in params (m, a1, a2)
+            params = t.params.reshape(-1, 3).copy()
+            params[np.linspace(0, len(params) - 1, 8).astype(int), 1:] *= np.float32(4.0)
+            return dataclasses.replace(t, params=params.reshape(-1))
+        scales = t.scales.copy()
+        scales[np.linspace(0, scales.size - 1, 8).astype(int)] *= np.float32(4.0)
+        return dataclasses.replace(t, scales=scales)
+    return _map(model, off, only=victim)
 
 
 def stale_artifact(model: QuantizedModel) -> QuantizedModel:
@@ -196,6 +259,103 @@ AUX_FAULTS: dict[str, Callable[[QuantizedModel], QuantizedModel]] = {
 }
 # end dream-mini time-aware
 
+# dit-mini: faults of the spatial path ------------------------------------------------
+def _conv_victims(model: QuantizedModel) -> list[str]:
+    return [n for n, t in model.tensors.items() if len(t.shape) >= 3]
+
+
+def conv_reshaped_wrong_order(model: QuantizedModel) -> QuantizedModel:
+    """A quantizer that flattened each conv weight ``(out, in, *kernel)`` as ``(out, *kernel, in)``
+    (channels last) but stored it as if it were channel-first: codes of every row permuted."""
+    def reorder(t: QuantizedTensor) -> QuantizedTensor:
+        rows, kernel, cin = t.shape[0], t.shape[2:], t.shape[1]
+        blocks = block_codes(t)
+        flat = blocks.reshape(rows, -1)
+        cols = cin * int(np.prod(kernel))
+        grid = flat[:, :cols].reshape((rows, cin) + kernel)
+        moved = np.moveaxis(grid, 1, -1).reshape(rows, cols)  # channel-last order, read as channel-first
+        flat = flat.copy()
+        flat[:, :cols] = moved
+        return dataclasses.replace(t, codes=_repack(t, flat.reshape(blocks.shape)))
+    victims = _conv_victims(model)
+    if not victims:
+        raise ConfigurationError("fault conv-reshaped-wrong-order: the model has no quantized conv weight "
+                                 "(3+ dimensions); inject it into dit-mini or dit-mini-audio")
+    tensors = {n: (reorder(t) if n in victims else t) for n, t in model.tensors.items()}
+    return dataclasses.replace(model, tensors=tensors)
+
+
+def _undo_fold(weights: dict[str, np.ndarray], site: SmoothSite, s: np.ndarray) -> None:
+    """Multiply ``s`` back into what received ``1/s`` (the producers or the auxiliary vector)."""
+    for fold in site.folds:
+        bias = fold.tensor[: -len("weight")] + "bias"
+        w, b = weights[fold.tensor].copy(), weights[bias].copy()
+        stop = fold.offset + s.shape[0]
+        w[fold.offset:stop] *= s.reshape((-1,) + (1,) * (w.ndim - 1))
+        b[fold.offset:stop] = (1.0 + b[fold.offset:stop]) * s - 1.0 if fold.kind == "one_plus" else b[fold.offset:stop] * s
+        weights[fold.tensor], weights[bias] = w, b
+    if not site.folds:
+        weights[site.aux] = weights[site.aux] / s
+
+
+def _fold(weights: dict[str, np.ndarray], site: SmoothSite, s: np.ndarray) -> None:
+    for fold in site.folds:
+        bias = fold.tensor[: -len("weight")] + "bias"
+        w, b = weights[fold.tensor].copy(), weights[bias].copy()
+        stop = fold.offset + s.shape[0]
+        w[fold.offset:stop] /= s.reshape((-1,) + (1,) * (w.ndim - 1))
+        b[fold.offset:stop] = (1.0 + b[fold.offset:stop]) / s - 1.0 if fold.kind == "one_plus" else b[fold.offset:stop] / s
+        weights[fold.tensor], weights[bias] = w, b
+    if not site.folds:
+        weights[site.aux] = weights[site.aux] * s
+
+
+def smoothing_not_folded(weights: dict[str, np.ndarray], result: SpatialResult,
+                         sites: tuple[SmoothSite, ...]) -> dict[str, np.ndarray]:
+    """Consumer columns multiplied by ``s`` but the inverse never applied to the activations."""
+    out = dict(weights)
+    for site in sites:
+        if site.name in result.factors:
+            _undo_fold(out, site, result.factors[site.name])
+    return out
+
+
+def smoothing_wrong_layer(weights: dict[str, np.ndarray], result: SpatialResult,
+                          sites: tuple[SmoothSite, ...]) -> dict[str, np.ndarray]:
+    """Each site's inverse factor applied at the same kind of site one block later (a wiring bug)."""
+    out = dict(weights)
+    by_kind: dict[tuple[str, int], list[SmoothSite]] = {}
+    for site in sites:
+        if site.name in result.factors:
+            kind = site.name.rsplit(".", 1)[-1]
+            by_kind.setdefault((kind, int(result.factors[site.name].shape[0])), []).append(site)
+    for group in by_kind.values():
+        for i, site in enumerate(group):
+            other = group[(i + 1) % len(group)]
+            if other is site:
+                continue
+            _undo_fold(out, site, result.factors[site.name])
+            _fold(out, site, result.factors[other.name])
+    return out
+
+
+@dataclass(frozen=True)
+class SpatialFault:
+    """A fault of the smoothing path: corrupts the dequantized weights of every smoothed
+    configuration the dit-mini runner measures (``DiTRunner(spatial_fault=...)``)."""
+
+    name: str
+    description: str
+    corrupt: Callable[[dict[str, np.ndarray], SpatialResult, tuple[SmoothSite, ...]], dict[str, np.ndarray]]
+
+
+SPATIAL_FAULTS: dict[str, SpatialFault] = {f.name: f for f in (
+    SpatialFault("smoothing-not-folded", "smoothing factors multiplied into the weights, their inverse never "
+                 "applied to the activations", smoothing_not_folded),
+    SpatialFault("smoothing-wrong-layer", "each smoothing vector's inverse applied at the next block's layer",
+                 smoothing_wrong_layer),
+)}
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -220,6 +380,15 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("ladder-promotions-ignored", "the ladder's promotions dropped when writing the file",
           realize=realize_ignoring_promotions),
     Fault("stale-artifact", "an artifact quantized from an earlier version of the model reused", stale_artifact),
+    Fault("float-tensor-dropped", "the largest 1-D float tensor (norm gain or bias) left out of the artifact",
+          float_tensor_dropped),
+    Fault("norm-gain-scaled", "one normalisation gain stored x1.5", norm_gain_scaled),
+    Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed),
+    Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped),
+    Fault("group-scales-off", "eight groups of the largest weight stored with 4x their scale", group_scales_off),
+    # dit-mini
+    Fault("conv-reshaped-wrong-order", "conv weights flattened channel-last but stored as channel-first",
+          conv_reshaped_wrong_order),
 )}
 
 

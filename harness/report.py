@@ -14,8 +14,9 @@ from typing import Any
 import jinja2
 
 from arrowquant_core.schemes import SCHEMES
+from harness.escape import md_code, md_text
 from harness.measures import METRICS
-from harness.results import write_text_atomic
+from harness.results import OUTPUTS_MEASURED, WEIGHTS_ONLY, write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 WORST_LAYERS = 10
@@ -51,22 +52,36 @@ def _num(value: Any) -> float:
 
 
 def _collapsed(m: dict[str, Any]) -> str:
-    """Why a bit width's outputs are unusable, or '' (output metrics only)."""
+    """Why a bit width's measured outputs are poor, or '' (output metrics only)."""
     if "output_cosine_mean" in m and _num(m["output_cosine_mean"]) < 0.9:
         return (f"mean output cosine {_num(m['output_cosine_mean']):.3f} "
                 f"(worst sentence {_num(m.get('output_cosine_min')):.3f})")
     if "masked_top1_agreement" in m and _num(m["masked_top1_agreement"]) < 0.5:
         return (f"only {_num(m['masked_top1_agreement']):.0%} of masked predictions unchanged "
                 f"(mean KL {_num(m.get('kl_mean')):.2f} nats)")
+    if "next_token_top1_agreement" in m and _num(m["next_token_top1_agreement"]) < 0.8:
+        return (f"only {_num(m['next_token_top1_agreement']):.0%} of next-token predictions unchanged "
+                f"(mean KL {_num(m.get('kl_mean')):.2f} nats)")
+    if "pooled_cosine_mean" in m and _num(m["pooled_cosine_mean"]) < 0.9:
+        return f"mean pooled output cosine {_num(m['pooled_cosine_mean']):.3f}"
     return ""
 
 
+def _outputs_measured(results: dict[str, Any]) -> bool:
+    return results.get("verdict_scope", "") != WEIGHTS_ONLY
+
+
+# (mean-like, worst-like) output quality per runner kind, first present wins
+QUALITY_KEYS = (("output_cosine_mean", "output_cosine_min"), ("masked_top1_agreement", "top1_agreement_worst_group"),
+                ("next_token_top1_agreement", "kl_max"), ("pooled_cosine_mean", "pooled_cosine_min"))
+
+
 def quality_key(m: dict[str, Any]) -> str:
-    return "output_cosine_mean" if "output_cosine_mean" in m else "masked_top1_agreement"
+    return next((a for a, _b in QUALITY_KEYS if a in m), "output_cosine_mean")
 
 
 def quality_min_key(m: dict[str, Any]) -> str:
-    return "output_cosine_min" if "output_cosine_mean" in m else "top1_agreement_worst_group"
+    return next((b for a, b in QUALITY_KEYS if a in m), "output_cosine_min")
 
 
 def chart_points(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -81,8 +96,9 @@ def chart_points(results: dict[str, Any]) -> list[dict[str, Any]]:
         key = quality_key(metrics)
         if key in metrics and "bits_per_weight" in metrics:
             tag = "ladder" if e.get("plan") else e.get("method", "")
-            points.append({"label": f"INT{e['bits']} {tag} (shipped plan)", "x": metrics["bits_per_weight"],
-                           "y": _num(metrics[key]), "plan": True})
+            shipped = (e.get("verdict") or {}).get("decision") == "ship"
+            points.append({"label": f"INT{e['bits']} {tag} ({'passed: ship' if shipped else 'failed gates'})",
+                           "x": metrics["bits_per_weight"], "y": _num(metrics[key]), "plan": shipped})
     return points
 
 
@@ -114,70 +130,101 @@ def render_chart(results: dict[str, Any]) -> str | None:
 
 
 def recommendations(results: dict[str, Any]) -> list[str]:
-    """Advice derived from the measured numbers only."""
+    """Advice derived from the measured numbers and the per-bit verdicts only; nothing
+    is said of outputs that were not measured."""
     out: list[str] = []
     by_bits = {e["bits"]: e for e in results["bit_widths"]}
-    failed_bits = {c["bits"] for c in results["criteria"] if not c["passed"]}
-    passing = [b for b in by_bits if b not in failed_bits and by_bits[b]["metrics"]]
-    # A bit width whose output quality is only reported (not gated) and has collapsed is
-    # not a recommendation, whatever its gates say.
-    usable = [b for b in passing if not _collapsed(by_bits[b]["metrics"])]
-    if usable:
-        best = min(usable)
+    measured = _outputs_measured(results)
+    ship = [b for b, e in by_bits.items() if (e.get("verdict") or {}).get("decision") == "ship"]
+    if not measured:
+        out.append("WEIGHTS ONLY: no runner could run this model, so its outputs were not measured. The gates "
+                   "below judge the weights and the artifact; they say nothing about what the model outputs. "
+                   "Pass --runner NAME (see `python -m harness list`) if the model is one a runner can run.")
+    if ship:
+        best = min(ship)
         m = by_bits[best]["metrics"]
-        out.append(f"Smallest configuration that passes every gate with usable outputs: INT{best} "
-                   f"({by_bits[best]['scheme']}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
+        what = "passes every gate, outputs included" if measured else "passes every weight-level gate"
+        out.append(f"Smallest configuration that {what}: INT{best} ({md_text(by_bits[best]['scheme'])}, "
+                   f"{md_text(by_bits[best].get('method', 'rtn'))}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
                    f"{_fmt(m.get('compression_vs_fp32'), '{:.2f}')}x smaller than FP32.")
     for bits, entry in sorted(by_bits.items(), reverse=True):
         m = entry["metrics"]
-        cos = m.get("output_cosine_mean")
-        collapse = _collapsed(m)
+        collapse = _collapsed(m) if measured else ""
+        decision = (entry.get("verdict") or {}).get("decision")
         if collapse:
-            out.append(f"INT{bits} ({entry['scheme']}) wrecks the model's outputs: {collapse}, even though "
-                       f"its weight cosine is {_num(m.get('weight_cosine_mean')):.3f}. Do not ship it; "
-                       "use a calibrated method or mixed precision for this bit width.")
-        elif cos is not None and _num(cos) < 0.99 and entry.get("method", "rtn") == "rtn":
-            out.append(f"INT{bits} keeps mean output cosine {_num(cos):.4f} with round-to-nearest; a calibrated "
-                       "method (GPTQ, clip search) recovers part of the gap to INT8 (see the methods compared).")
+            verdict = ("its gates pass, but read the numbers before shipping" if decision == "ship"
+                       else "do not ship it")
+            out.append(f"INT{bits} ({md_text(entry['scheme'])}, {md_text(entry.get('method', 'rtn'))}) measured "
+                       f"{collapse}; {verdict}.")
         if entry["layers"]:
             worst = min(entry["layers"], key=lambda l: _num(l["cosine"]))
             if _num(worst["cosine"]) < 0.999:
-                out.append(f"INT{bits}: the most damaged tensor is `{worst['name']}` (cosine "
+                out.append(f"INT{bits}: the most damaged tensor is {md_code(worst['name'])} (cosine "
                            f"{_num(worst['cosine']):.4f}, SQNR {_fmt(_num(worst['sqnr_db']), '{:.1f}')} dB); "
                            "it is the first candidate for more bits.")
-    for bits in sorted(failed_bits, reverse=True):
-        if bits in by_bits:
-            rules = [c["rule"] for c in results["criteria"] if c["bits"] == bits and not c["passed"]]
-            out.append(f"INT{bits} fails {len(rules)} gate(s): {', '.join(rules)}.")
+    for bits, entry in sorted(by_bits.items(), reverse=True):
+        failed = (entry.get("verdict") or {}).get("failed_gates", [])
+        if failed:
+            out.append(f"INT{bits}: do not ship; it fails {len(failed)} gate(s): "
+                       f"{', '.join(md_code(r) for r in failed)}.")
     return out
+
+
+def criteria_note(record: Any) -> str:
+    """sha256 of the criteria file and whether it is the committed default (a weakened
+    gate must show in the report, not only in results.json)."""
+    if not isinstance(record, dict):
+        return " (no criteria digest recorded)"
+    note = f", sha256 {md_code(str(record.get('sha256'))[:16] + '…')}"
+    if record.get("differs_from_default") is False:
+        return note + f", identical to the committed default ({md_text(record.get('default_source'))})"
+    if record.get("default_file"):
+        return note + (f" — **DIFFERS from the committed default** {md_code(record['default_file'])} "
+                       f"({md_text(record.get('default_source'))}): gates may have been changed")
+    return note + " — **no committed default for this model**"
 
 
 def view(results: dict[str, Any]) -> dict[str, Any]:
     prov, run = results["provenance"], results["run"]
     entries = results["bit_widths"]
     present = [c for c in SUMMARY_COLUMNS if any(c[0] in e["metrics"] for e in entries)]
-    summary_rows = [[f"INT{e['bits']}", f"`{e['scheme']}`",
-                     "ladder" if e.get("plan") else f"`{e.get('method', 'rtn')}`"]
+    summary_rows = [[f"INT{md_text(e['bits'])}", md_code(e['scheme']),
+                     "ladder" if e.get("plan") else md_code(e.get('method', 'rtn'))]
                     + [_fmt(e["metrics"].get(key), pattern) for key, _t, pattern in present]
                     for e in entries]
     worst = []
     for e in entries:
         layers = sorted(e["layers"], key=lambda l: _num(l["cosine"]))[:WORST_LAYERS]
-        worst.append({"bits": e["bits"], "rows": [
-            [f"`{l['name']}`", "×".join(map(str, l["shape"])), f"{l['parameters']:,}",
+        stored: dict[str, int] = {}
+        for l in e["layers"]:
+            stored[l.get("method", "?")] = stored.get(l.get("method", "?"), 0) + 1
+        worst.append({"bits": e["bits"],
+                      "stored": md_text(", ".join(f"{m} × {n}" for m, n in sorted(stored.items()))),
+                      "rows": [
+            [md_code(l['name']), md_text(l.get("method", "?")), md_text("×".join(map(str, l["shape"]))),
+             md_text(f"{l['parameters']:,}"),
              _fmt(_num(l["cosine"]), "{:.5f}"), _fmt(_num(l["sqnr_db"]), "{:.2f}"),
-             _fmt(_num(l["relative_error"]), "{:.4f}")] for l in layers]})
+             _fmt(_num(l.get("row_cosine_min")), "{:.4f}")] for l in layers]})
+    verdicts = [[f"INT{md_text(e['bits'])}", f"**{md_text(str((e.get('verdict') or {}).get('decision', '?')).upper())}**",
+                 ("yes" if (e.get("verdict") or {}).get("outputs_measured") else "**no**"),
+                 ", ".join(md_code(r) for r in (e.get("verdict") or {}).get("failed_gates", [])) or "all gates met"]
+                for e in entries]
+    model_info = results.get("model") or {}
+    runner_tables = [{"bits": e["bits"], "title": key.replace("_", " "),
+                      "header": [escape_md(c) for c in rows[0]],
+                      "rows": [[escape_md(_fmt(r.get(c), "{:.4g}")) for c in rows[0]] for r in rows]}
+                     for e in entries for key, rows in (e.get("tables") or {}).items()]
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
     groups = [{"bits": e["bits"], "rows": [
-        [g["mask_ratio"], _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
+        [md_text(g["mask_ratio"]), _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
          _fmt(g["top1_agreement"], "{:.3f}"), str(int(g["positions"]))] for g in e.get("timestep_groups", [])]}
         for e in entries if e.get("timestep_groups")]
-    methods = [{"bits": e["bits"], "scheme": e["scheme"], "rows": [
-        [f"`{m['method']}`", _fmt(m["quantize_seconds"], "{:.2f}"), _fmt(m["size_mb"], "{:.2f}"),
+    methods = [{"bits": e["bits"], "scheme": md_code(e["scheme"]), "rows": [
+        [md_code(m['method']), _fmt(m["quantize_seconds"], "{:.2f}"), _fmt(m["size_mb"], "{:.2f}"),
          _fmt(m["bits_per_weight"], "{:.2f}"), _fmt(_num(m["weight_sqnr_db"]), "{:.2f}"),
          _fmt(m.get(quality_key(m)), "{:.4f}"), _fmt(m.get(quality_min_key(m)), "{:.4f}")]
         for m in e.get("methods", [])]} for e in entries if e.get("methods")]
-    plans = []
+    plans: list[dict[str, Any]] = []
     for e in entries:
         p = e.get("plan")
         if not p:
@@ -187,48 +234,56 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
             counts[layer["rung"]] = counts.get(layer["rung"], 0) + 1
         plans.append({
             "bits": e["bits"], "promotions": p["promotions"], "score": _fmt(p["calibration_score"], "{:.4f}"),
-            "seconds": _fmt(p.get("plan_seconds"), "{:.1f}"), "rungs": " → ".join(p["rungs"]),
-            "mix": ", ".join(f"{n} × {r}" for r, n in counts.items()),
+            "seconds": _fmt(p.get("plan_seconds"), "{:.1f}"), "rungs": " → ".join(md_text(r) for r in p["rungs"]),
+            "mix": ", ".join(f"{n} × {md_text(r)}" for r, n in counts.items()),
             "bits_per_weight": _fmt(e["metrics"].get("bits_per_weight"), "{:.2f}"),
-            "rows": [[f"`{l['name']}`", l["stored"], _fmt(l["damage"][0], "{:.5f}"),
-                      _fmt(l["weight_cosine"], "{:.4f}"), f"{l['parameters']:,}", l["reason"]]
+            "rows": [[md_code(l['name']), md_text(l["stored"]), _fmt(l["damage"][0], "{:.5f}"),
+                      _fmt(l["weight_cosine"], "{:.4f}"), md_text(f"{l['parameters']:,}"), md_text(l["reason"])]
                      for l in p["layers"]]})
-    criteria = [[f"INT{c['bits']}", f"`{c['rule']}`", _fmt(_num(c["value"]), "{:.6g}"),
-                 ("PASS" if c["passed"] else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
-                 c["why"]] for c in ordered]
+    criteria = [[f"INT{md_text(c['bits'])}", md_code(c['rule']), _fmt(_num(c["value"]), "{:.6g}"),
+                 ("PASS" if c["passed"] is True else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
+                 md_text(c["why"])] for c in ordered]
     tests = results["tests"]
     base = results.get("baselines") or {}
-    inputs = [f"`{i['path']}` ({i['bytes']:,} bytes, sha256 `{i['sha256'][:16]}…`)" for i in prov["inputs"]]
+    inputs = [f"{md_code(i['path'])} ({md_text(format(i['bytes'], ','))} bytes, "
+              f"sha256 {md_code(str(i['sha256'])[:16] + '…')})" for i in prov["inputs"]]
     used_schemes = sorted({e["scheme"] for e in entries})
     used_metrics = sorted({k for e in entries for k in e["metrics"] if k in METRICS})
     return {
-        "verdict": results["verdict"],
-        "model": run["model"],
-        "fault": run.get("fault"),
-        "started_at": run["started_at"],
+        "verdict": md_text(results["verdict"]),
+        "scope": md_text(results.get("verdict_scope", OUTPUTS_MEASURED)),
+        "verdicts": verdicts,
+        "ties": [f"{md_code(a)} → {md_code(c)}" for a, c in (model_info.get("ties") or {}).items()],
+        "buffers": [md_code(b) for b in model_info.get("buffers", [])],
+        "conv_grouping": md_text(model_info["conv_grouping"]) if model_info.get("conv_grouping") else None,
+        "model": md_text(run["model"]),
+        "fault": md_code(run["fault"]) if run.get("fault") else None,
+        "started_at": md_text(run["started_at"]),
         "wall_seconds": _fmt(run.get("wall_seconds"), "{:.1f}"),
-        "bits": ", ".join(f"INT{e['bits']}" for e in entries),
-        "tests": tests,
+        "bits": ", ".join(f"INT{md_text(e['bits'])}" for e in entries),
+        "tests": {k: md_text(v) for k, v in tests.items() if k in ("total", "passed", "failed", "errors")},
         "gates_total": len(results["criteria"]),
         "gates_failed": sum(1 for c in results["criteria"] if not c["passed"]),
-        "failures": tests["failures"],
+        "failures": [{"test": md_code(f["test"]), "message": md_text(f["message"])} for f in tests["failures"]],
         "environment": [
-            ("Git commit", f"`{prov['git_commit']}`" + (" (uncommitted changes)" if prov["git_dirty"] else "")),
-            ("Python", prov["python"]), ("Platform", prov["platform"]),
-            ("CPU", f"{prov['cpu']} ({prov['cores']} cores)"),
+            ("Git commit", md_code(prov['git_commit']) + (" (uncommitted changes)" if prov["git_dirty"] else "")),
+            ("Python", md_text(prov["python"])), ("Platform", md_text(prov["platform"])),
+            ("CPU", md_text(f"{prov['cpu']} ({prov['cores']} cores)")),
             ("Core compiled with mypyc", "yes" if prov["core_compiled"] else "NO (pure Python)"),
-            ("Threads", ", ".join(f"{k}={v}" for k, v in prov["threads"].items())),
-            ("Packages", ", ".join(f"{k} {v}" for k, v in prov["packages"].items())),
+            ("Threads", md_text(", ".join(f"{k}={v}" for k, v in prov["threads"].items()))),
+            ("Packages", md_text(", ".join(f"{k} {v}" for k, v in prov["packages"].items()))),
             ("Model files", "; ".join(inputs) or "—"),
-            ("Evaluation", ", ".join(f"{k}={v}" for k, v in (prov.get("runner") or {}).items()) or "weights only"),
-            ("Baselines", f"FP32 {base.get('fp32_bytes', 0):,} bytes, FP16 {base.get('fp16_bytes', 0):,} bytes, "
-                          f"{base.get('parameters', 0):,} parameters — {base.get('how', '—')}"),
-            ("Criteria", f"`{run['criteria_file']}`"),
+            ("Evaluation", md_text(", ".join(f"{k}={v}" for k, v in (prov.get("runner") or {}).items()))
+             or "weights only"),
+            ("Baselines", md_text(f"FP32 {base.get('fp32_bytes', 0):,} bytes, FP16 {base.get('fp16_bytes', 0):,} "
+                                  f"bytes, {base.get('parameters', 0):,} parameters — {base.get('how', '—')}")),
+            ("Criteria", md_code(run['criteria_file']) + criteria_note(run.get("criteria_integrity"))),
         ],
         "summary_header": ["Bits", "Scheme", "Method"] + [title for _k, title, _p in present],
         "summary_rows": summary_rows,
         "worst": worst,
         "timestep_groups": groups,
+        "runner_tables": runner_tables,
         "methods": methods,
         "method_quality": "output cosine" if any("output_cosine_mean" in m for e in entries for m in e.get("methods", []))
         else "masked top-1 agreement",

@@ -11,8 +11,13 @@ named next to it::
       started_at, finished_at  ISO-8601 UTC
       wall_seconds          float  whole run, set-up to report
       criteria_file         str    criteria TOML used
+      criteria_integrity    {file, sha256, default_file, default_sha256, default_source,
+                             differs_from_default, inherits {file, sha256} | null}
+                             (harness.integrity.criteria_record)
       out_dir               str
       fault                 str|null  injected fault (self-test runs only)
+      profile               str|null  deployment profile
+      runner                str|null  the runner that measured outputs (null: weights only)
     provenance
       git_commit, git_dirty  the harness's own source tree
       python, platform, cpu, cores
@@ -22,16 +27,22 @@ named next to it::
       seeds                 {name: int}
       inputs                [{path, bytes, sha256}] model files hashed in this run
       runner                output-level evaluation set-up (corpus, sizes) or null
+    model                   {name, kind, parameters (float, tied once), tensors, ties {alias: canonical},
+                             buffers [integer/boolean tensor names], conv_grouping (words) | null}
     baselines               {fp32_bytes, fp16_bytes, parameters, how}
     bit_widths[]            one entry per bit width
-      bits, scheme, scheme_description
-      artifact              {path, bytes}
+      bits, scheme, scheme_description, method, fallback (allowed fallback method or null)
+      verdict               {decision: "ship" | "do not ship", failed_gates [rules], gates (count),
+                             outputs_measured bool, output_gates [rules]}
+      artifact              {path, bytes, sha256}
       metrics               {metric: value}  (names: harness.measures.METRICS)
-      layers[]              {name, scheme, shape, parameters, cosine, sqnr_db, relative_error}
+      layers[]              {name, scheme, method (as stored), shape, parameters, cosine, sqnr_db,
+                             relative_error, row_cosine_min, group_range_ratio_min/max}
     criteria[]              {test, bits, metric, rule, threshold, value, passed, why}
     tests                   {total, passed, failed, errors, skipped, duration_seconds,
                              failures: [{test, message}]}
     verdict                 "PASS" | "FAIL"
+    verdict_scope           "outputs measured" | "WEIGHTS ONLY: outputs not measured"
 """
 
 from __future__ import annotations
@@ -51,6 +62,9 @@ from arrowquant_core.atomic import write_bytes_atomic
 from typing import Any
 
 SCHEMA_VERSION = 1
+MAX_RESULTS_BYTES = 64 * 1024 * 1024  # a results.json is tens of KB; bounded read (issue 10)
+OUTPUTS_MEASURED = "outputs measured"
+WEIGHTS_ONLY = "WEIGHTS ONLY: outputs not measured"
 PACKAGES = ("arrowquant", "numpy", "pyarrow", "torch", "sentence-transformers", "transformers",
             "pytest", "pytest-benchmark", "pytest-json-report", "jinja2", "mypy", "ml_dtypes")
 
@@ -148,12 +162,21 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 def read_results(path: Path) -> dict[str, Any]:
     from arrowquant_core.errors import ConfigurationError
 
+    from arrowquant_core.errors import FormatError
+    from arrowquant_core.limits import read_capped
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_capped(path, MAX_RESULTS_BYTES, "results file").decode("utf-8"))
     except FileNotFoundError:
         raise ConfigurationError(f"results file {path} does not exist") from None
+    except FormatError as exc:
+        raise ConfigurationError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"results file {path}: not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"results file {path}: invalid JSON at line {exc.lineno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigurationError(f"results file {path}: invalid JSON ({type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         raise ConfigurationError(
             f"results file {path}: schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"
