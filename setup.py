@@ -31,6 +31,8 @@ CORE = [
     "arrowquant_core/residual.py",
     "arrowquant_core/methods.py",
     "arrowquant_core/plan.py",
+    "arrowquant_core/actquant.py",
+    "arrowquant_core/timeaware.py",
 ]
 
 # Metadata-only invocations would compile everything a second time for nothing (~7 s).

@@ -84,8 +84,8 @@ __all__ = [
     "unpack",
 ]
 
-COMPILED_MODULES = ("atomic", "clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
-                    "plan", "residual", "safetensors_io", "schemes", "storage", "tensor")
+COMPILED_MODULES = ("actquant", "atomic", "clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
+                    "plan", "residual", "safetensors_io", "schemes", "storage", "tensor", "timeaware")
 
 
 def is_compiled() -> bool:

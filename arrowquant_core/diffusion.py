@@ -7,14 +7,16 @@ The names follow the seed documents, so their users find them: deployment profil
 
 What is built and what is not:
 
-* The weights are quantized per tensor with round-to-nearest on the scheme the profile
-  names (``int{bits}-g{group_size}-{asym|sym}`` from :data:`arrowquant_core.schemes.SCHEMES`);
-  1-D tensors (norm gains, biases) stay in floating point (``model.quantize_model``).
-* ``time_groups`` is recorded in the artifact's metadata, but **time-aware activation
-  parameters (one set per group of denoising timesteps) are not computed yet**: a
-  weight-only artifact does not need them, and nothing here reads activations.
-  ``calibration_samples`` is likewise validated and recorded but not used
-  (round-to-nearest needs no calibration data).
+* Text strategy: the weights are quantized per tensor on the scheme the profile names
+  (``int{bits}-g{group_size}-{asym|sym}`` from :data:`arrowquant_core.schemes.SCHEMES`),
+  with residual 2-bit (R2Q-style, ``residual.py``) at 2 bits and round-to-nearest
+  otherwise (:func:`text_method`); 1-D tensors stay in floating point.
+* Time-aware activation parameters (:mod:`arrowquant_core.timeaware`): when the caller
+  passes a calibration source (``time_aware=``, a :data:`TimeAwareSource`; the core never
+  runs a model), per-time-group scales, zero points and statistics for
+  :data:`TIME_AWARE_SCHEMES` go to the artifact's aux rows. A failing pass raises with
+  ``fail_fast``, else falls back to the base quantization, logged and counted
+  (``ArrowQuantV2.fallback_rates``). Without a source ``time_groups`` is only recorded.
 * Text and code models take the text strategy. Image and audio models take GPTQ +
   Spatial (:mod:`arrowquant_core.spatial`): channel equalization folded into the weights,
   then GPTQ on the smoothed weights, when the caller passes the model's calibration
@@ -51,6 +53,7 @@ import dataclasses
 from dataclasses import dataclass
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -61,7 +64,9 @@ from typing import Any, Final, Union
 import numpy as np
 import numpy.typing as npt
 
+from arrowquant_core.actquant import ActScheme
 from arrowquant_core.errors import (
+    ArrowQuantError,
     ConfigurationError,
     FormatError,
     QuantizationError,
@@ -75,6 +80,7 @@ from arrowquant_core.schemes import BIT_WIDTHS, SCHEMES, Scheme
 from arrowquant_core.spatial import SpatialCalibration, SpatialConfig, describe, quantize_spatial, smoothed_reference
 from arrowquant_core.storage import load, save
 from arrowquant_core.tensor import dequantize_float32
+from arrowquant_core.timeaware import TimeAwareCalibrator, TimeGrouping, aux_prefix
 
 __all__ = [
     "DEFAULT_MIN_ACCURACY",
@@ -105,7 +111,51 @@ _INDEX_FILE: Final[str] = "model.safetensors.index.json"
 _SINGLE_FILE: Final[str] = "model.safetensors"
 _HASH_CHUNK: Final[int] = 1 << 20
 _ACTIVATION_NOTE: Final[str] = (
-    "not computed: per-timestep-group activation parameters are not implemented yet")
+    "not computed: no calibration source was given (time_aware=None), so there are no "
+    "per-timestep-group activation parameters")
+_LOG: Final = logging.getLogger("arrowquant.diffusion")
+
+
+# --------------------------------------------------------------------------- text strategy
+# (the text/code route: residual 2-bit (R2Q) at 2 bits + time-aware activation parameters)
+
+TimeAwareSource = Callable[[list[TimeAwareCalibrator]], None]
+"""Feeds calibration activations: called with the calibrators, it runs the model over its
+calibration set (every time group covered) and calls ``observe(group, site, x)``
+(``fixtures.dream_mini.runner.DreamRunner.time_aware_source`` is one)."""
+
+TIME_AWARE_SCHEMES: Final[tuple[ActScheme, ...]] = (ActScheme(8, "tensor", False), ActScheme(4, "tensor", False))
+"""The static activation schemes whose per-time-group tables the text strategy stores."""
+
+
+def text_method(bits: int) -> str:
+    """The weight method of the text strategy: residual 2-bit (R2Q-style, ``residual.py``)
+    at 2 bits, where plain round-to-nearest loses the most; round-to-nearest otherwise.
+
+    >>> text_method(2), text_method(4)
+    ('residual2', 'rtn')
+    """
+    return "residual2" if bits == 2 else "rtn"
+
+
+def time_aware_pass(time_groups: int, source: TimeAwareSource) -> tuple[dict[str, npt.NDArray[Any]], str]:
+    """Run the time-aware calibration: ``(aux arrays, one-line description)``.
+
+    Every scheme of :data:`TIME_AWARE_SCHEMES` gets a time-agnostic table (one group) and
+    a time-aware one (``time_groups`` uniform groups), stored under ``aux_prefix``.
+    """
+    calibrators = [TimeAwareCalibrator(s, g) for s in TIME_AWARE_SCHEMES
+                   for g in (TimeGrouping.uniform(1), TimeGrouping.uniform(time_groups))]
+    source(calibrators)
+    aux: dict[str, npt.NDArray[Any]] = {}
+    sites = 0
+    for cal in calibrators:
+        table = cal.table()
+        sites = len(table.sites)
+        aux.update(table.to_arrays(aux_prefix(cal.scheme, table.groups)))
+    names = ", ".join(s.name for s in TIME_AWARE_SCHEMES)
+    return aux, (f"computed: {names} per-tensor scales and zero points for {time_groups} uniform time "
+                 f"groups (and 1, time-agnostic) at {sites} Linear inputs, in the aux rows 'timeaware.*'")
 
 
 # --------------------------------------------------------------------------- schemes
@@ -571,32 +621,77 @@ class ArrowQuantV2:
 
     def __init__(self, mode: str = "diffusion") -> None:
         self.mode = _check_mode(mode)
+        # per weight method: [time-aware passes attempted, passes that fell back]
+        self._time_aware_counts: dict[str, list[int]] = {}
+
+    def fallback_rates(self) -> dict[str, dict[str, float]]:
+        """Per weight method: time-aware passes attempted, fallbacks to base quantization,
+        and their ratio (what the report and results.json show)."""
+        return {m: {"attempts": float(a), "fallbacks": float(f), "fallback_rate": f / a if a else 0.0}
+                for m, (a, f) in sorted(self._time_aware_counts.items())}
+
+    def _text_strategy(self, weights: Mapping[str, FloatArray], cfg: DiffusionQuantConfig,
+                       progress: Progress | None, time_aware: TimeAwareSource | None) -> QuantizedModel:
+        """R2Q (2 bits) or RTN weights, then the time-aware pass when a source is given.
+
+        A failing time-aware pass raises with ``fail_fast``; otherwise the model keeps its
+        base quantization (no activation tables), the original error is logged and recorded
+        in the metadata, and the fallback is counted per method (``fallback_rates``).
+        """
+        method = text_method(cfg.bits)
+        qcfg = QuantizationConfig(cfg.scheme.name, method=method, fail_fast=cfg.fail_fast)
+        model = quantize_model(weights, qcfg, progress)
+        meta = _base_metadata(cfg, self.mode)
+        meta["weight_method"] = method
+        if time_aware is None:
+            return _with_metadata(model, meta)
+        counts = self._time_aware_counts.setdefault(method, [0, 0])
+        counts[0] += 1
+        try:
+            aux, note = time_aware_pass(cfg.time_groups, time_aware)
+        except Exception as exc:  # the source runs user code: any failure is the pass failing
+            if cfg.fail_fast:
+                raise QuantizationError(
+                    f"time-aware pass ({cfg.time_groups} groups) failed: {type(exc).__name__}: {exc}") from exc
+            counts[1] += 1
+            _LOG.warning("time-aware pass failed, falling back to base quantization (%s): %s: %s",
+                         method, type(exc).__name__, exc)
+            meta["activation_params"] = f"fallback to base quantization: {type(exc).__name__}: {exc}"
+            return _with_metadata(model, meta)
+        meta["activation_params"] = note
+        return dataclasses.replace(_with_metadata(model, meta), aux={**model.aux, **aux})
 
     def __repr__(self) -> str:
         return f"ArrowQuantV2(mode={self.mode!r})"
 
     def quantize(self, weights: Mapping[str, FloatArray],
                  config: DiffusionQuantConfig | str | None = None,
-                 progress: Progress | None = None) -> QuantizedModel:
-        """Quantize in memory; the model's metadata records mode, config and time_groups.
+                 progress: Progress | None = None,
+                 time_aware: TimeAwareSource | None = None) -> QuantizedModel:
+        """Quantize in memory with the text strategy; the model's metadata records mode,
+        config, time_groups and what happened to the activation parameters.
 
         ``config`` is a DiffusionQuantConfig, a profile name, or None for "local".
+        ``time_aware`` feeds calibration activations (see :data:`TimeAwareSource`); the
+        per-time-group tables then go to the model's ``aux`` arrays.
         """
         cfg = _config(config)
-        model = quantize_model(weights, cfg.to_quantization_config(), progress)
-        return _with_metadata(model, _base_metadata(cfg, self.mode))
+        return self._text_strategy(weights, cfg, progress, time_aware)
 
     def quantize_diffusion_model(self, model_path: StrPath, output_path: StrPath,
                                  config: DiffusionQuantConfig | str | None = None,
                                  progress: Progress | None = None,
-                                 calibration: SpatialCalibration | None = None) -> DiffusionQuantResult:
+                                 calibration: SpatialCalibration | None = None,
+                                 time_aware: TimeAwareSource | None = None) -> DiffusionQuantResult:
         """Read a model folder, quantize it, write ``output_path`` (Parquet v2), measure.
 
         ``config`` is a DiffusionQuantConfig or a profile name; None means "local". ``progress(done, total, name)`` is
         called once per tensor. Exceeding ``target_size_mb`` is reported in the result
-        (``within_target_size``), not raised. Time-aware activation parameters are not
-        computed yet: ``time_groups`` is only recorded in the metadata. ``calibration`` feeds the
-        image / audio route (GPTQ + Spatial); it is ignored by the text route.
+        (``within_target_size``), not raised. Text and code take the text strategy
+        (``_text_strategy``): with a ``time_aware`` source the per-time-group activation
+        tables are written to the artifact's aux rows; without one ``time_groups`` is only
+        recorded in the metadata. ``calibration`` feeds the image / audio route (GPTQ +
+        Spatial); it is ignored by the text route, and ``time_aware`` by the spatial one.
         """
         cfg = _config(config)
         folder = Path(model_path)
@@ -626,7 +721,7 @@ class ArrowQuantV2:
             if row.strategy == SPATIAL_STRATEGY:
                 quantized, reference, spatial_meta, fallbacks = _spatial(source.weights, cfg, calibration, on_tensor)
             else:
-                quantized = quantize_model(source.weights, cfg.to_quantization_config(), on_tensor)
+                quantized = self._text_strategy(source.weights, cfg, on_tensor, time_aware)
         except QuantizationError as exc:
             if done_count[0] < len(names):
                 failing = names[done_count[0]]
@@ -636,7 +731,7 @@ class ArrowQuantV2:
         if not quantized.tensors:
             raise QuantizationError(f"{folder}: no tensor was quantized (skipped: {quantized.skipped})")
 
-        meta = _base_metadata(cfg, self.mode)
+        meta = {**_base_metadata(cfg, self.mode), **quantized.metadata}
         meta.update({
             "modality": row.modality,
             "strategy": row.strategy,

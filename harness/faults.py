@@ -206,6 +206,59 @@ def stale_artifact(model: QuantizedModel) -> QuantizedModel:
     return dataclasses.replace(model, tensors=tensors, metadata=meta)
 
 
+# dream-mini time-aware: faults of the activation tables stored in the artifact's aux rows
+# (names "timeaware.{scheme}.g{groups}.{site}.{scale|zero|stats}", fixtures.dream_mini.runner)
+def _aux_tables(aux: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """{table prefix: its sites in stored order} for every activation table in ``aux``."""
+    import json
+
+    out: dict[str, list[str]] = {}
+    for name, array in aux.items():
+        if name.startswith("timeaware.") and name.endswith(".header"):
+            out[name[:-len("header")]] = list(json.loads(np.asarray(array, np.uint8).tobytes())["sites"])
+    return out
+
+
+def time_groups_reversed(model: QuantizedModel) -> QuantizedModel:
+    """Every time group reads the parameters of the mirror group (timestep t looked up as
+    999 - t: Dream's t runs from 1 down to 0 while the step index runs up, a classic mix-up)."""
+    aux = dict(model.aux)
+    for prefix, sites in _aux_tables(aux).items():
+        for site in sites:
+            for part in ("scale", "zero"):
+                name = f"{prefix}{site}.{part}"
+                aux[name] = np.ascontiguousarray(aux[name][::-1])
+    return dataclasses.replace(model, aux=aux)
+
+
+def act_scales_of_another_layer(model: QuantizedModel) -> QuantizedModel:
+    """Each Linear input reads the activation parameters of the next site of the same
+    width (a wiring bug between layers)."""
+    aux = dict(model.aux)
+    for prefix, sites in _aux_tables(model.aux).items():
+        by_width: dict[int, list[str]] = {}
+        for site in sites:
+            by_width.setdefault(int(model.aux[f"{prefix}{site}.scale"].shape[1]), []).append(site)
+        for group in by_width.values():
+            for i, site in enumerate(group):
+                donor = group[(i + 1) % len(group)]
+                for part in ("scale", "zero"):
+                    aux[f"{prefix}{site}.{part}"] = model.aux[f"{prefix}{donor}.{part}"]
+    return dataclasses.replace(model, aux=aux)
+
+
+def time_group_table_dropped(model: QuantizedModel) -> QuantizedModel:
+    """The artifact is written without its activation tables."""
+    return dataclasses.replace(model, aux={k: v for k, v in model.aux.items() if not k.startswith("timeaware.")})
+
+
+AUX_FAULTS: dict[str, Callable[[QuantizedModel], QuantizedModel]] = {
+    "time-groups-reversed": time_groups_reversed,
+    "act-scales-other-layer": act_scales_of_another_layer,
+    "time-group-table-dropped": time_group_table_dropped,
+}
+# end dream-mini time-aware
+
 # dit-mini: faults of the spatial path ------------------------------------------------
 def _conv_victims(model: QuantizedModel) -> list[str]:
     return [n for n, t in model.tensors.items() if len(t.shape) >= 3]

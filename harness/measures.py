@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from fixtures.dream_mini.runner import ACT_CONFIGS, ACT_METRICS
+
 
 LEVELS = ("artifact", "weight", "output", "time")
 
@@ -104,6 +106,26 @@ _ROWS: Final[tuple[Metric, ...]] = (
     Metric("source_match", "artifact", "bool", True,
            "1 when the artifact's recorded source digest is that of the model under test"),
     Metric("roundtrip_exact", "artifact", "bool", True, "1 when codes, scales and zero points reload bit-exact from the artifact"),
+    # dream-mini time-aware: frontier flips, and every weight-activation configuration the
+    # runner measures (keys "{config}_{metric}", derived from the runner's own tables)
+    Metric("frontier_flip_rate4", "output", "", False,
+           "4-step unmasking, teacher-forced on the original's trajectory: fraction of its commits flipped"),
+    Metric("frontier_flip_rate8", "output", "", False,
+           "8-step unmasking, teacher-forced on the original's trajectory: fraction of its commits flipped"),
+    *(Metric(f"{c.key}_{m}", "output", "nats" if m.startswith("kl") else "",
+             not (m.startswith("kl") or m.startswith("frontier")), f"{c.label} activations: {d}")
+      for c in ACT_CONFIGS for m, d in ACT_METRICS.items()),
+    Metric("a8_timeaware_kl_ratio", "output", "", False,
+           "A8 per-tensor static: KL with time-aware activation parameters / KL with time-agnostic ones"),
+    Metric("a4_timeaware_kl_ratio", "output", "", False,
+           "A4 per-tensor static: KL with time-aware activation parameters / KL with time-agnostic ones"),
+    Metric("activation_tables_stored", "artifact", "", True,
+           "1: the activation tables were read from the artifact; 0: a table is missing there; "
+           "-1: not checked (no artifact tables handed to the runner)"),
+    Metric("activation_tables_match", "artifact", "", True,
+           "1: every activation table in the artifact equals the one calibrated from this model "
+           "(bit for bit); 0: one differs or is missing; -1: not checked"),
+    # end dream-mini time-aware
     Metric("quantize_seconds", "time", "s", False, "wall time of the quantization that produced the artifact (calibration capture and sensitivity pass excluded)"),
     Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),
 )
