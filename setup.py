@@ -31,7 +31,6 @@ CORE = [
     "arrowquant_core/residual.py",
     "arrowquant_core/methods.py",
     "arrowquant_core/plan.py",
-    "arrowquant_core/actquant.py",
     "arrowquant_core/timeaware.py",
 ]
 
