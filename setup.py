@@ -1,4 +1,4 @@
-"""Build arrowquant_core with mypyc (see ../shared/MYPYC.md for why it looks like this).
+"""Build arrowquant_core with mypyc (see docs/MYPYC.md for why it looks like this).
 
 ARROWQUANT_PURE=1 skips compilation (pure-Python core, for coverage and debugging).
 MYPYC_OPT_LEVEL / MYPYC_DEBUG_LEVEL are read here because mypycify ignores them.
