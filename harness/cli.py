@@ -70,10 +70,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _list() -> int:
     from arrowquant_core.schemes import SCHEMES
-    from fixtures.checkpoint import MODELS
     from harness.criteria import available
     from harness.faults import FAULTS
+    from harness.fixtures_import import fixtures_module
     from harness.measures import METRICS
+
+    MODELS = fixtures_module("checkpoint").MODELS
 
     print("models:")
     for entry in MODELS.values():
