@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --compare       # plus every method compared at INT4 and INT2
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
   python -m harness run --model minilm --criteria my.toml --out build/report
+  python -m harness run --model minilm --baseline last-release/results.json   # regression gate
   python -m harness report reports/results.json        # re-render the report from results
   python -m harness list                               # models, schemes, metrics, faults
 """
@@ -55,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
                      help="deployment profile: use harness/criteria/<model>-<profile>.toml (edge runs the "
                           "INT2 fallback ladder)")
     run.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    run.add_argument("--baseline", type=Path,
+                     help="results.json of an earlier run: rules like 'output_cosine_mean >= baseline - 0.002' "
+                          "in the criteria are judged against it; refused when it was made with another "
+                          "model, criteria file or scheme")
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
@@ -112,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             render_report(read_results(args.results), out)
             print(out)
             return exitcodes.OK
+        from harness.api import run_config
         from harness.config import RunConfig
-        from harness.runner import run
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
-                           fault=args.fault, profile=args.profile, compare=args.compare, benchmark_rounds=args.rounds, quiet=args.quiet)
-        result = run(config)
+                           fault=args.fault, profile=args.profile, compare=args.compare, benchmark_rounds=args.rounds,
+                           quiet=args.quiet, baseline=args.baseline)
+        result = run_config(config)
         print(f"{result.verdict}: {result.report_path}")
         return result.exit_code
     except ConfigurationError as exc:

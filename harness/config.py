@@ -17,6 +17,8 @@ class RunConfig:
     ``bits`` empty means every bit width the criteria file covers. ``profile`` (edge,
     local, cloud) selects the criteria file ``<model>-<profile>.toml``. ``fault`` names a
     deliberate quantizer fault (see ``harness.faults``) for proving the gates work.
+    ``baseline`` is the results.json of an earlier run that rules like
+    ``metric >= baseline - 0.002`` are judged against (``harness.baseline``).
     """
 
     model: str
@@ -28,6 +30,7 @@ class RunConfig:
     compare: bool = False  # also run the method comparisons the criteria list (slower)
     benchmark_rounds: int = 3
     quiet: bool = False
+    baseline: Path | None = None
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b not in BIT_WIDTHS]
@@ -37,5 +40,7 @@ class RunConfig:
             raise ConfigurationError(f"--bits {list(self.bits)}: a bit width is repeated")
         if self.profile is not None:
             get_profile(self.profile)  # unknown profile: ConfigurationError with "did you mean"
+        if self.baseline is not None and not Path(self.baseline).is_file():
+            raise ConfigurationError(f"--baseline {self.baseline}: no such file (a results.json of an earlier run)")
         if self.benchmark_rounds < 1:
             raise ConfigurationError(f"benchmark_rounds = {self.benchmark_rounds}: must be >= 1")
