@@ -29,14 +29,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.runner import RunResult
+if TYPE_CHECKING:  # importing the runner pulls in numpy, pyarrow and the core: only when a gate runs
+    from harness.runner import RunResult
 
 GATE_NAME = "arrowquant-gate"
 _RECORDS = pytest.StashKey[list[dict[str, Any]]]()
+_ITEM_RECORDS = pytest.StashKey[list[dict[str, Any]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -93,9 +95,6 @@ def _record(config: pytest.Config, item: pytest.Item, result: RunResult) -> None
     record = outcome(result)
     config.stash.setdefault(_RECORDS, []).append(record)
     item.stash.setdefault(_ITEM_RECORDS, []).append(record)
-
-
-_ITEM_RECORDS = pytest.StashKey[list[dict[str, Any]]]()
 
 
 class GateFailed(Exception):

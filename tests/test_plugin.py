@@ -1,0 +1,177 @@
+"""Adopting the gate from another repository: the pytest plugin, the Python API, the package names.
+
+``test_a_scratch_repository_gates_dream_mini_and_fails_on_a_regression`` builds a scratch
+repository outside this one (its own ``pytest.ini``, ``tests/`` and criteria file, no
+conftest), and runs pytest there in a subprocess with the plugin's command-line options
+and the ``arrowquant_validate`` fixture. The baseline is a real earlier run
+(``tests/golden/adoption/dream-mini-int4-results.json``) into which the test injects a
+better past ``kl_mean`` — the fault a regression gate exists to catch — so the run must
+fail exactly that rule, while the other baseline-relative rules pass.
+
+The plugin is loaded through its ``pytest11`` entry point when this environment has it
+installed (``pip install -e .``), else with ``-p harness.pytest_plugin`` (a worktree whose
+sources are not the installed ones); the entry point's declaration in pyproject.toml is
+checked separately.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = REPO / "tests" / "golden" / "adoption"
+TIMEOUT = 600
+
+TEAM_TEST = '''
+def test_our_own_code_still_works():
+    assert 1 + 1 == 2
+
+
+def test_int4_gate_through_the_fixture(arrowquant_validate, tmp_path):
+    result = arrowquant_validate(out=tmp_path / "fixture-run")
+    assert result.verdict == "FAIL"
+    failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
+    assert failed == {"kl_mean"}, result.results["tests"]["failures"]
+'''
+
+
+def plugin_args() -> list[str]:
+    installed = [ep for ep in importlib.metadata.entry_points(group="pytest11") if ep.name == "arrowquant"]
+    if installed and installed[0].value == "harness.pytest_plugin":
+        return []
+    return ["-p", "harness.pytest_plugin"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("team-repo")
+    (repo / "pytest.ini").write_text("[pytest]\ntestpaths = tests\n")
+    (repo / "tests").mkdir()
+    (repo / "tests" / "test_team.py").write_text(TEAM_TEST)
+    gates = (GOLDEN / "gates.toml").read_text().replace(
+        '    { rule = "kl_mean <= 1.5"',
+        '    { rule = "size_mb <= baseline * 1.05", why = "the artifact may grow at most 5% per release" },\n'
+        '    { rule = "kl_mean <= baseline * 1.05", why = "output divergence may grow at most 5% per release" },\n'
+        '    { rule = "kl_mean <= 1.5"')
+    assert gates.count("baseline *") == 2
+    (repo / "gates.toml").write_text(gates)
+    past = json.loads((GOLDEN / "dream-mini-int4-results.json").read_text())
+    # injected regression: the last release claims half the divergence measured today
+    past["bit_widths"][0]["metrics"]["kl_mean"] /= 2
+    (repo / "last-release.json").write_text(json.dumps(past))
+    return repo
+
+
+def run_pytest(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", *plugin_args(), "-p", "no:cacheprovider", *args],
+                          cwd=repo, env=env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+@pytest.mark.slow
+def test_a_scratch_repository_gates_dream_mini_and_fails_on_a_regression(scratch: Path) -> None:
+    proc = run_pytest(scratch, "--arrowquant-model", "dream-mini", "--arrowquant-bits", "4",
+                      "--arrowquant-criteria", "gates.toml", "--arrowquant-baseline", "last-release.json",
+                      "--arrowquant-out", "build/arrowquant", "--json-report", "--json-report-file", "report.json",
+                      "-k", "not fixture")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "1 failed, 1 passed" in out, out
+    assert "arrowquant-gate[dream-mini]" in out
+    assert "kl_mean" in out and "violates kl_mean <=" in out and "kl_mean <= baseline * 1.05" in out, out
+    report = json.loads((scratch / "report.json").read_text())
+    gate = next(t for t in report["tests"] if "arrowquant-gate" in t["nodeid"])
+    meta = gate["metadata"]["arrowquant"]
+    assert meta["verdict"] == "FAIL" and meta["bits"] == [4] and meta["baseline"].endswith("last-release.json")
+    assert [g["rule"].split(" <= ")[0] for g in meta["failed_gates"]] == ["kl_mean"]
+    assert report["arrowquant"] == [meta]
+    results = json.loads((scratch / "build" / "arrowquant" / "results.json").read_text())
+    delta = next(d for d in results["baseline"]["deltas"] if d["metric"] == "kl_mean")
+    assert delta["delta"] == pytest.approx(delta["baseline"])  # today is twice the (injected) past value
+    passed = {c["rule"] for c in results["criteria"] if c["passed"]}
+    assert any(rule.startswith("size_mb <=") for rule in passed)  # the size rule relative to the baseline held
+    assert (scratch / "build" / "arrowquant" / "gates.resolved.toml").is_file()
+
+
+def test_the_fixture_path_and_an_incomparable_baseline_in_a_scratch_repository(scratch: Path) -> None:
+    """The fixture takes its defaults from the options; a baseline made with another scheme is
+    refused before the model is loaded (usage error inside the team's test: an error, not a pass)."""
+    proc = run_pytest(scratch, "--arrowquant-model", "dream-mini", "--arrowquant-bits", "4",
+                      "--arrowquant-criteria", str(REPO / "harness" / "criteria" / "dream-mini.toml"),
+                      "--arrowquant-baseline", "last-release.json", "-k", "fixture")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "baseline not comparable" in out and "made with criteria gates.toml, this run uses dream-mini.toml" in out
+
+
+def test_without_options_the_plugin_adds_nothing_and_imports_nothing_heavy(scratch: Path) -> None:
+    (scratch / "tests" / "test_light.py").write_text(
+        "import sys\n\ndef test_light():\n    assert 'numpy' not in sys.modules and 'harness.runner' not in sys.modules\n")
+    proc = run_pytest(scratch, "-k", "our_own or light", "--help")
+    help_text = proc.stdout
+    proc = run_pytest(scratch, "-k", "our_own or light")
+    (scratch / "tests" / "test_light.py").unlink()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout and "arrowquant-gate" not in proc.stdout
+    for option in ("--arrowquant-model", "--arrowquant-bits", "--arrowquant-criteria", "--arrowquant-baseline",
+                   "--arrowquant-out"):
+        assert option in help_text
+
+
+def test_the_entry_point_and_console_script_are_declared() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["pytest11"] == {"arrowquant": "harness.pytest_plugin"}
+    assert project["scripts"]["arrowquant"] == "harness.cli:main"
+
+
+def test_the_api_is_typed_and_documented() -> None:
+    import inspect
+
+    from harness import api
+
+    signature = inspect.signature(api.validate)
+    assert list(signature.parameters)[:1] == ["model"]
+    assert {"bits", "criteria", "out", "baseline", "profile"} <= set(signature.parameters)
+    assert signature.return_annotation == "RunResult"
+    assert "baseline" in (api.validate.__doc__ or "")
+
+
+def test_the_wheel_installs_fixtures_under_a_project_name(tmp_path: Path) -> None:
+    """No top-level ``fixtures`` in site-packages (it would shadow the PyPI ``fixtures``
+    library); the installed harness finds ``arrowquant_fixtures`` from outside the repository."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(wheels)], env={**env(), "ARROWQUANT_PURE": "1"}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = wheels.glob("arrowquant-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"arrowquant_core", "arrowquant_fixtures", "harness"}
+    assert "arrowquant_fixtures/minilm/eval_sentences.txt" in names  # package data moved with it
+    assert "harness/pytest_plugin.py" in names and "harness/suite/conftest.py" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "[pytest11]\narrowquant = harness.pytest_plugin" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    probe = ("import sys; from harness.fixtures_import import package_name, fixtures_module; "
+             "m = fixtures_module('checkpoint'); print(package_name(), m.__file__, sorted(m.MODELS)[:2])")
+    # only the extracted wheel (and the venv's third-party packages), not the repository
+    site_env = {**os.environ, "PYTHONPATH": str(target), "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=site_env, capture_output=True,
+                          text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    name, path, _models = proc.stdout.split(" ", 2)
+    assert name == "arrowquant_fixtures" and Path(path).is_relative_to(target), proc.stdout
