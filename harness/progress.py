@@ -1,10 +1,14 @@
 """Progress people can see: timestamped lines and bars with rate and ETA, on the real stderr.
 
 The harness runs its acceptance suite with pytest in-process, and pytest's capture
-replaces ``sys.stderr`` while a test runs: progress printed from inside a test (the
-calibration capture, the sensitivity pass, ``--compare``) used to vanish into the
-captured output for 40-60 s. This module keeps a handle to the process's *real* stderr
-(``sys.__stderr__``, which capture does not replace) and writes there.
+redirects stderr while a test runs — not only ``sys.stderr`` but file descriptor 2
+itself (``--capture=fd``, the default), so even ``sys.__stderr__`` lands in the captured
+output. Progress printed from inside a test (the calibration capture, the sensitivity
+pass, ``--compare``) used to vanish there for 40-60 s. This module therefore keeps a
+duplicate of descriptor 2 taken *before* any capture starts (``remember_real_stderr``):
+the first ``Progress`` (the runner makes one before it starts the suite) or the import
+of ``harness.pytest_plugin`` (pytest imports plugins before it starts capturing, so a
+team's own pytest run with the gate works too), and writes there.
 
 On a terminal, ``bar()`` draws a tqdm bar (rate, ETA; tqdm because it redraws in place,
 handles narrow terminals and non-UTF-8 consoles, and is already installed with
@@ -24,18 +28,38 @@ Same call interface as the old ``harness.context.Progress``::
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Iterator
 from contextlib import contextmanager
+import os
 import sys
 import time
 from typing import IO, Protocol
 
 PLAIN_EVERY_SECONDS = 10.0
 
+_real_stderr: IO[str] | None = None
+
+
+def remember_real_stderr() -> IO[str]:
+    """A stream on a duplicate of descriptor 2 as it is now; the first call wins.
+
+    Call it before pytest starts capturing; later calls return the same stream."""
+    global _real_stderr
+    if _real_stderr is None:
+        try:
+            stream = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.__stderr__, "encoding", None)
+                               or "utf-8", errors="replace")
+            atexit.register(stream.close)
+            _real_stderr = stream
+        except OSError:  # no descriptor 2 (a detached service): the interpreter's stderr
+            _real_stderr = sys.__stderr__ if sys.__stderr__ is not None else sys.stderr
+    return _real_stderr
+
 
 def real_stderr() -> IO[str]:
-    """The process's stderr even while pytest captures ``sys.stderr``."""
-    return sys.__stderr__ if sys.__stderr__ is not None else sys.stderr
+    """The process's stderr even while pytest captures it (see ``remember_real_stderr``)."""
+    return remember_real_stderr()
 
 
 class Bar(Protocol):
@@ -108,7 +132,13 @@ class Progress:
             return
         from tqdm import tqdm
 
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
         elapsed = time.perf_counter() - self.start
+        # a terminal that reports no width (a fresh pty, some CI consoles) would get an empty bar
         with tqdm(total=total, desc=f"[{elapsed:6.1f}s] {description}", file=self.stream, leave=True,
-                  dynamic_ncols=True, unit="step", mininterval=0.2) as bar:
+                  dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100, unit="step",
+                  mininterval=0.2) as bar:
             yield bar

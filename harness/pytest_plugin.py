@@ -33,8 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from harness.progress import remember_real_stderr
+
 if TYPE_CHECKING:  # importing the runner pulls in numpy, pyarrow and the core: only when a gate runs
     from harness.runner import RunResult
+
+# pytest imports plugins before it starts capturing: keep the real stderr now, so the
+# harness's progress bars stay visible while the gate runs inside a test (harness/progress.py)
+remember_real_stderr()
 
 GATE_NAME = "arrowquant-gate"
 _RECORDS = pytest.StashKey[list[dict[str, Any]]]()
