@@ -92,6 +92,8 @@ def points(results: dict[str, Any]) -> tuple[list[Point], str | None]:
             if key in m and "bits_per_weight" in m and math.isfinite(_num(m[key])):
                 out.append(Point("method", m["method"], _num(m["bits_per_weight"]), _num(m[key]), bits, m["method"]))
         metrics = e.get("metrics", {})
+        if not e.get("plan"):  # the plan's own method is drawn once, as the plan
+            out = [p for p in out if not (p.kind == "method" and p.bits == bits and p.method == e.get("method"))]
         if key in metrics and "bits_per_weight" in metrics and math.isfinite(_num(metrics[key])):
             y = _num(metrics[key])
             ok = _gates_passed(results, bits) and not _collapsed(key, y)
@@ -103,7 +105,7 @@ def points(results: dict[str, Any]) -> tuple[list[Point], str | None]:
     parameters = base.get("parameters") or 0
     for name, field in (("FP32", "fp32_bytes"), ("FP16", "fp16_bytes")):
         if parameters and base.get(field):
-            out.append(Point("reference", f"{name} original", base[field] * 8 / parameters, 1.0))
+            out.append(Point("reference", name, base[field] * 8 / parameters, 1.0))
     return out, key
 
 
@@ -116,7 +118,36 @@ def pareto(pts: list[Point]) -> list[Point]:
     return frontier
 
 
-def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str], marker_px: float = 8.0) -> list[Any]:
+Segment = tuple[float, float, float, float]
+
+
+def _crosses(a: Segment, b: Segment) -> bool:
+    """Whether two segments properly intersect (sharing an end point does not count)."""
+    def orient(ax: float, ay: float, bx: float, by: float, cx: float, cy: float) -> float:
+        return (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
+    d1 = orient(b[0], b[1], b[2], b[3], a[0], a[1])
+    d2 = orient(b[0], b[1], b[2], b[3], a[2], a[3])
+    d3 = orient(a[0], a[1], a[2], a[3], b[0], b[1])
+    d4 = orient(a[0], a[1], a[2], a[3], b[2], b[3])
+    return d1 * d2 < 0 and d3 * d4 < 0
+
+
+def _through(segment: Segment, box: Any) -> bool:
+    """Whether a segment passes through a box (display coordinates)."""
+    x0, y0, x1, y1 = box.x0, box.y0, box.x1, box.y1
+    if box.contains(segment[0], segment[1]) or box.contains(segment[2], segment[3]):
+        return True
+    edges = [(x0, y0, x1, y0), (x1, y0, x1, y1), (x1, y1, x0, y1), (x0, y1, x0, y0)]
+    return any(_crosses(segment, e) for e in edges)
+
+
+def _marker_radius_points(p: Point) -> float:
+    area = {"method": 40.0, "reference": 70.0}.get(p.kind, 200.0 if p.ok else 110.0)
+    return math.sqrt(area) / 2 + 1.0
+
+
+def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str],
+                  lines: list[tuple[list[float], list[float]]] = ()) -> list[Any]:  # type: ignore[assignment]
     """Greedy non-overlapping label layout in display coordinates, with leader lines.
 
     Crowded points choose first (they have the fewest free spots); each label tries
@@ -126,17 +157,29 @@ def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str], ma
     from matplotlib.transforms import Bbox
 
     axes_box = ax.get_window_extent(renderer)
+    px_per_point = ax.figure.dpi / 72.0
     taken: list[Bbox] = []
     for p in pts:
         px, py = ax.transData.transform((p.x, p.y))
-        taken.append(Bbox.from_extents(px - marker_px, py - marker_px, px + marker_px, py + marker_px))
-    screen = [ax.transData.transform((p.x, p.y)) for p in pts]
+        r = _marker_radius_points(p) * px_per_point
+        taken.append(Bbox.from_extents(px - r, py - r, px + r, py + r))
+    for xs, ys in lines:  # drawn lines are obstacles too: sample them every few pixels
+        screen_line = ax.transData.transform(list(zip(xs, ys)))
+        for (x0, y0), (x1, y1) in zip(screen_line[:-1], screen_line[1:]):
+            steps = max(1, int(math.hypot(x1 - x0, y1 - y0) / 4))
+            for k in range(steps + 1):
+                x, y = x0 + (x1 - x0) * k / steps, y0 + (y1 - y0) * k / steps
+                taken.append(Bbox.from_extents(x - 1.5, y - 1.5, x + 1.5, y + 1.5))
+    screen = [ax.transData.transform((p.x, p.y)) for p in pts]  # for the crowding order
     crowd = [sum(1 for q in screen if math.hypot(q[0] - s[0], q[1] - s[1]) < 60) for s in screen]
     order = sorted(range(len(pts)), key=lambda i: (-crowd[i], i))
     directions = [(1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1)]
     placed = []
+    leaders: list[Segment] = []
+    boxes: list[Any] = []
     for i in order:
         p = pts[i]
+        px, py = ax.transData.transform((p.x, p.y))
         label = ax.annotate(texts[i], (p.x, p.y), xytext=(9, 0), textcoords="offset points", fontsize=8,
                             va="center", ha="left", zorder=5,
                             arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6,
@@ -148,21 +191,39 @@ def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str], ma
                 ha = "left" if dx > 0 else ("right" if dx < 0 else "center")
                 label.set_position((ox, oy))
                 label.set_ha(ha)
+                label.update_positions(renderer)  # an annotation places its text only when drawn
                 box = Text.get_window_extent(label, renderer).expanded(1.03, 1.2)
                 inside = axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1
-                if inside and not any(box.overlaps(other) for other in taken):
-                    chosen = (ox, oy, ha, box)
-                    break
+                if not inside or any(box.overlaps(other) for other in taken):
+                    continue
+                # the leader runs from the point to the label's near edge; it may cross no
+                # other leader and no other label, and no leader may cross this label
+                near_x = box.x0 if dx > 0 else (box.x1 if dx < 0 else (box.x0 + box.x1) / 2)
+                near_y = (box.y0 + box.y1) / 2 if dy == 0 else (box.y0 if dy > 0 else box.y1)
+                leader = (px, py, near_x, near_y)
+                if radius > 9 and (any(_crosses(leader, other) for other in leaders)
+                                   or any(_through(leader, other) for other in boxes)):
+                    continue
+                if any(_through(other, box) for other in leaders):
+                    continue
+                chosen = (ox, oy, ha, box)
+                break
             if chosen:
                 break
         if chosen is None:  # no free spot: the plain right-hand position
             label.set_position((9, 0))
             label.set_ha("left")
+            label.update_positions(renderer)
             chosen = (9.0, 0.0, "left", Text.get_window_extent(label, renderer))
         ox, oy, ha, box = chosen
         label.set_position((ox, oy))
         label.set_ha(ha)
         taken.append(box)
+        boxes.append(box)
+        if math.hypot(ox, oy) > 12:
+            near_x = box.x0 if ox > 0 else (box.x1 if ox < 0 else (box.x0 + box.x1) / 2)
+            near_y = (box.y0 + box.y1) / 2 if oy == 0 else (box.y0 if oy > 0 else box.y1)
+            leaders.append((px, py, near_x, near_y))
         if label.arrow_patch is not None:
             label.arrow_patch.set_visible(math.hypot(ox, oy) > 12)
         placed.append(label)
@@ -171,88 +232,13 @@ def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str], ma
 
 def render_chart(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write ``quality_vs_size.png`` and ``.svg`` into ``out_dir``; [] when nothing was measured."""
-    pts, key = points(results)
-    measured = [p for p in pts if p.kind != "reference"]
-    if not measured or key is None:
-        return []
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, NullLocator
-
     with matplotlib.rc_context({"svg.hashsalt": "arrowquant", "font.size": 9, "svg.fonttype": "none"}):
-        fig = Figure(figsize=(10, 6), dpi=150, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        ax.set_xscale("log", base=2)
-        xs = [p.x for p in pts]
-        ys = [p.y for p in pts]
-        ax.set_xlim(min(xs) / 1.35, max(xs) * 1.6)
-        low = min(ys)
-        span = max(1.0 - low, 0.02)
-        ax.set_ylim(low - 0.12 * span, 1.0 + 0.12 * span)
-        ticks = [t for t in (1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48) if min(xs) / 1.35 <= t <= max(xs) * 1.6]
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([f"{t:g}" for t in ticks])
-        ax.grid(True, color="#e5e5e5", lw=0.6)
-        ax.set_axisbelow(True)
-        ax.set_xlabel("bits per weight on disk (artifact bytes × 8 / parameters, log scale)")
-        ax.set_ylabel(QUALITY_TITLES.get(key, key))
-        model = (results.get("run") or {}).get("model", "")
-        ax.set_title(f"{model}: output quality against size — every point measured in this run", loc="left")
-
-        frontier = pareto(pts)
-        fx = [p.x for p in frontier]
-        fy = [p.y for p in frontier]
-        ax.step(fx, fy, where="post", color="#888888", lw=1.2, ls="--", zorder=1)
-
-        for p in pts:
-            if p.kind == "method":
-                ax.scatter([p.x], [p.y], s=40, marker=METHOD_MARKERS.get(p.method, "o"),
-                           color=BIT_COLOURS.get(p.bits, "#333333"), edgecolors="white", linewidths=0.5, zorder=3)
-            elif p.kind == "plan":
-                ax.scatter([p.x], [p.y], s=200 if p.ok else 110, marker="*" if p.ok else "X",
-                           color=BIT_COLOURS.get(p.bits, "#333333") if p.ok else "white",
-                           edgecolors="black" if p.ok else BIT_COLOURS.get(p.bits, "#333333"),
-                           linewidths=0.8 if p.ok else 1.6, zorder=4)
-            else:
-                ax.scatter([p.x], [p.y], s=70, marker="o", color="white", edgecolors=REFERENCE_COLOUR,
-                           linewidths=1.5, zorder=4)
-
-        texts = []
-        for p in pts:
-            if p.kind == "method":
-                texts.append(f"INT{p.bits} {p.method} {p.y:.3f}")
-            elif p.kind == "plan":
-                texts.append(f"{p.label} {p.y:.3f}" if p.ok else f"{p.label} ({p.y:.3f})")
-            else:
-                texts.append(f"{p.label} ({p.x:.1f} bits)")
-        fig.canvas.draw()
-        _place_labels(ax, fig.canvas.get_renderer(), pts, texts)
-
-        handles: list[Any] = []
-        for bits in sorted({p.bits for p in measured}, reverse=True):
-            handles.append(Line2D([], [], ls="", marker="s", ms=8, color=BIT_COLOURS.get(bits, "#333333"),
-                                  label=f"INT{bits}"))
-        for method in [m for m in METHOD_MARKERS if any(p.method == m and p.kind == "method" for p in pts)]:
-            handles.append(Line2D([], [], ls="", marker=METHOD_MARKERS[method], ms=7, color="#666666",
-                                  label=f"method: {method}"))
-        if any(p.kind == "plan" and p.ok for p in pts):
-            handles.append(Line2D([], [], ls="", marker="*", ms=13, color="#bbbbbb", markeredgecolor="black",
-                                  label="validated plan: passed every gate"))
-        if any(p.kind == "plan" and not p.ok for p in pts):
-            handles.append(Line2D([], [], ls="", marker="X", ms=9, color="white", markeredgecolor="#333333",
-                                  markeredgewidth=1.5, label="plan measured, not shippable"))
-        if any(p.kind == "reference" for p in pts):
-            handles.append(Line2D([], [], ls="", marker="o", ms=8, color="white", markeredgecolor=REFERENCE_COLOUR,
-                                  markeredgewidth=1.5, label="unquantized reference"))
-        handles.append(Line2D([], [], color="#888888", ls="--", label="Pareto frontier"))
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8)
-
+        built = build_figure(results)
+        if built is None:
+            return []
+        fig, _ax, _labels = built
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for suffix in ("png", "svg"):
@@ -262,3 +248,93 @@ def render_chart(results: dict[str, Any], out_dir: Path) -> list[Path]:
             tmp.replace(path)
             written.append(path)
     return written
+
+
+def build_figure(results: dict[str, Any]) -> tuple[Any, Any, list[Any]] | None:
+    """The figure, its axes and the placed labels; None when nothing was measured."""
+    pts, key = points(results)
+    measured = [p for p in pts if p.kind != "reference"]
+    if not measured or key is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    # rc settings (fonts, SVG hash salt) come from render_chart's rc_context
+    fig = Figure(figsize=(10, 6), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_xscale("log", base=2)
+    xs = [p.x for p in pts]
+    ys = [p.y for p in pts]
+    ax.set_xlim(min(xs) / 1.35, max(xs) * 1.6)
+    low = min(ys)
+    span = max(1.0 - low, 0.02)
+    ax.set_ylim(low - 0.12 * span, 1.0 + 0.12 * span)
+    ticks = [t for t in (1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48) if min(xs) / 1.35 <= t <= max(xs) * 1.6]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.grid(True, color="#e5e5e5", lw=0.6)
+    ax.set_axisbelow(True)
+    ax.set_xlabel("bits per weight on disk (artifact bytes × 8 / parameters, log scale)")
+    ax.set_ylabel(QUALITY_TITLES.get(key, key))
+    model = (results.get("run") or {}).get("model", "")
+    ax.set_title(f"{model}: output quality against size — every point measured in this run", loc="left")
+
+    frontier = pareto(pts)
+    fx = [p.x for p in frontier]
+    fy = [p.y for p in frontier]
+    ax.step(fx, fy, where="post", color="#888888", lw=1.2, ls="--", zorder=1)
+    step_x = [v for a, b in zip(fx, fx[1:] + fx[-1:]) for v in (a, b)]
+    step_y = [v for v in fy for _ in (0, 1)]
+
+    for p in pts:
+        if p.kind == "method":
+            ax.scatter([p.x], [p.y], s=40, marker=METHOD_MARKERS.get(p.method, "o"),
+                       color=BIT_COLOURS.get(p.bits, "#333333"), edgecolors="white", linewidths=0.5, zorder=3)
+        elif p.kind == "plan":
+            ax.scatter([p.x], [p.y], s=200 if p.ok else 110, marker="*" if p.ok else "X",
+                       color=BIT_COLOURS.get(p.bits, "#333333") if p.ok else "white",
+                       edgecolors="black" if p.ok else BIT_COLOURS.get(p.bits, "#333333"),
+                       linewidths=0.8 if p.ok else 1.6, zorder=4)
+        else:
+            ax.scatter([p.x], [p.y], s=70, marker="o", color="white", edgecolors=REFERENCE_COLOUR,
+                       linewidths=1.5, zorder=4)
+
+    handles: list[Any] = []
+    for bits in sorted({p.bits for p in measured}, reverse=True):
+        handles.append(Line2D([], [], ls="", marker="s", ms=8, color=BIT_COLOURS.get(bits, "#333333"),
+                              label=f"INT{bits}"))
+    for method in [m for m in METHOD_MARKERS if any(p.method == m and p.kind == "method" for p in pts)]:
+        handles.append(Line2D([], [], ls="", marker=METHOD_MARKERS[method], ms=7, color="#666666",
+                              label=f"method: {method}"))
+    if any(p.kind == "plan" and p.ok for p in pts):
+        handles.append(Line2D([], [], ls="", marker="*", ms=13, color="#bbbbbb", markeredgecolor="black",
+                              label="validated plan: passed every gate"))
+    if any(p.kind == "plan" and not p.ok for p in pts):
+        handles.append(Line2D([], [], ls="", marker="X", ms=9, color="white", markeredgecolor="#333333",
+                              markeredgewidth=1.5, label="plan measured, not shippable"))
+    if any(p.kind == "reference" for p in pts):
+        handles.append(Line2D([], [], ls="", marker="o", ms=8, color="white", markeredgecolor=REFERENCE_COLOUR,
+                              markeredgewidth=1.5, label="unquantized reference"))
+    handles.append(Line2D([], [], color="#888888", ls="--", label="Pareto frontier"))
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8)
+    texts = []
+    for p in pts:
+        if p.kind == "method":
+            texts.append(f"INT{p.bits} {p.method} {p.y:.3f}")
+        elif p.kind == "plan":
+            texts.append(f"INT{p.bits} plan: {p.method} {p.y:.3f}" if p.ok else f"{p.label} ({p.y:.3f})")
+        else:
+            texts.append(f"{p.label} {p.x:.1f} bits")
+    # settle the constrained layout (legend included) first, then freeze it: labels are
+    # placed in display coordinates, which a later re-layout would shift
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+    labels = _place_labels(ax, fig.canvas.get_renderer(), pts, texts, [(step_x, step_y)])
+    return fig, ax, labels
