@@ -1,12 +1,15 @@
 """Adopting the gate from another repository: the pytest plugin, the Python API, the package names.
 
-``test_a_scratch_repository_gates_dream_mini_and_fails_on_a_regression`` builds a scratch
-repository outside this one (its own ``pytest.ini``, ``tests/`` and criteria file, no
-conftest), and runs pytest there in a subprocess with the plugin's command-line options
-and the ``arrowquant_validate`` fixture. The baseline is a real earlier run
-(``tests/golden/adoption/dream-mini-int4-results.json``) into which the test injects a
-better past ``kl_mean`` — the fault a regression gate exists to catch — so the run must
-fail exactly that rule, while the other baseline-relative rules pass.
+The ``scratch`` fixture builds a repository outside this one (its own ``pytest.ini``,
+``tests/`` and criteria file, no conftest) where pytest runs in a subprocess with the
+plugin's command-line options and the ``arrowquant_validate`` fixture. The baseline is a
+real earlier run (``tests/golden/adoption/dream-mini-int4-results.json``) into which a
+better past ``kl_mean`` is injected — the fault a regression gate exists to catch.
+
+Here (default suite) the runs stop before the model loads: options, the fixture, an
+incomparable baseline, an inert plugin. The full gate of dream-mini that fails on the
+injected regression takes about a minute on the 2-core machine, so it lives in
+``e2e/test_adoption_e2e.py`` (``make e2e``), outside the default suite's time budget.
 
 The plugin is loaded through its ``pytest11`` entry point when this environment has it
 installed (``pip install -e .``), else with ``-p harness.pytest_plugin`` (a worktree whose
@@ -80,31 +83,6 @@ def run_pytest(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           cwd=repo, env=env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
-@pytest.mark.slow
-def test_a_scratch_repository_gates_dream_mini_and_fails_on_a_regression(scratch: Path) -> None:
-    proc = run_pytest(scratch, "--arrowquant-model", "dream-mini", "--arrowquant-bits", "4",
-                      "--arrowquant-criteria", "gates.toml", "--arrowquant-baseline", "last-release.json",
-                      "--arrowquant-out", "build/arrowquant", "--json-report", "--json-report-file", "report.json",
-                      "-k", "not fixture")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out
-    assert "1 failed, 1 passed" in out, out
-    assert "arrowquant-gate[dream-mini]" in out
-    assert "kl_mean" in out and "violates kl_mean <=" in out and "kl_mean <= baseline * 1.05" in out, out
-    report = json.loads((scratch / "report.json").read_text())
-    gate = next(t for t in report["tests"] if "arrowquant-gate" in t["nodeid"])
-    meta = gate["metadata"]["arrowquant"]
-    assert meta["verdict"] == "FAIL" and meta["bits"] == [4] and meta["baseline"].endswith("last-release.json")
-    assert [g["rule"].split(" <= ")[0] for g in meta["failed_gates"]] == ["kl_mean"]
-    assert report["arrowquant"] == [meta]
-    results = json.loads((scratch / "build" / "arrowquant" / "results.json").read_text())
-    delta = next(d for d in results["baseline"]["deltas"] if d["metric"] == "kl_mean")
-    assert delta["delta"] == pytest.approx(delta["baseline"])  # today is twice the (injected) past value
-    passed = {c["rule"] for c in results["criteria"] if c["passed"]}
-    assert any(rule.startswith("size_mb <=") for rule in passed)  # the size rule relative to the baseline held
-    assert (scratch / "build" / "arrowquant" / "gates.resolved.toml").is_file()
-
-
 def test_the_fixture_path_and_an_incomparable_baseline_in_a_scratch_repository(scratch: Path) -> None:
     """The fixture takes its defaults from the options; a baseline made with another scheme is
     refused before the model is loaded (usage error inside the team's test: an error, not a pass)."""
@@ -116,18 +94,17 @@ def test_the_fixture_path_and_an_incomparable_baseline_in_a_scratch_repository(s
     assert "baseline not comparable" in out and "made with criteria gates.toml, this run uses dream-mini.toml" in out
 
 
-def test_without_options_the_plugin_adds_nothing_and_imports_nothing_heavy(scratch: Path) -> None:
+def test_without_a_model_the_plugin_adds_nothing_and_imports_nothing_heavy(scratch: Path) -> None:
     (scratch / "tests" / "test_light.py").write_text(
         "import sys\n\ndef test_light():\n    assert 'numpy' not in sys.modules and 'harness.runner' not in sys.modules\n")
-    proc = run_pytest(scratch, "-k", "our_own or light", "--help")
-    help_text = proc.stdout
-    proc = run_pytest(scratch, "-k", "our_own or light")
+    # every option but the model is accepted (registered) and changes nothing
+    proc = run_pytest(scratch, "-k", "our_own or light", "-v", "--arrowquant-bits", "4", "--arrowquant-criteria",
+                      "gates.toml", "--arrowquant-baseline", "last-release.json", "--arrowquant-out", "x",
+                      "--arrowquant-profile", "local")
     (scratch / "tests" / "test_light.py").unlink()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 passed" in proc.stdout and "arrowquant-gate" not in proc.stdout
-    for option in ("--arrowquant-model", "--arrowquant-bits", "--arrowquant-criteria", "--arrowquant-baseline",
-                   "--arrowquant-out"):
-        assert option in help_text
+    assert not (scratch / "x").exists()
 
 
 def test_the_entry_point_and_console_script_are_declared() -> None:
