@@ -40,7 +40,8 @@ def test_our_own_code_still_works():
 
 
 def test_int4_gate_through_the_fixture(arrowquant_validate, tmp_path):
-    result = arrowquant_validate(out=tmp_path / "fixture-run")
+    # the model as an argument, the rest from the --arrowquant-* options
+    result = arrowquant_validate("dream-mini", out=tmp_path / "fixture-run")
     assert result.verdict == "FAIL"
     failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
     assert failed == {"kl_mean"}, result.results["tests"]["failures"]
@@ -83,27 +84,25 @@ def run_pytest(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           cwd=repo, env=env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
-def test_the_fixture_path_and_an_incomparable_baseline_in_a_scratch_repository(scratch: Path) -> None:
-    """The fixture takes its defaults from the options; a baseline made with another scheme is
-    refused before the model is loaded (usage error inside the team's test: an error, not a pass)."""
-    proc = run_pytest(scratch, "--arrowquant-model", "dream-mini", "--arrowquant-bits", "4",
-                      "--arrowquant-criteria", str(REPO / "harness" / "criteria" / "dream-mini.toml"),
-                      "--arrowquant-baseline", "last-release.json", "-k", "fixture")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out
-    assert "baseline not comparable" in out and "made with criteria gates.toml, this run uses dream-mini.toml" in out
-
-
-def test_without_a_model_the_plugin_adds_nothing_and_imports_nothing_heavy(scratch: Path) -> None:
+def test_one_run_without_a_model_option_adds_no_gate_and_the_fixture_refuses_a_bad_baseline(
+        scratch: Path) -> None:
+    """Every option but the model is accepted and adds no test; loading the plugin imports
+    nothing heavy; the fixture takes its defaults from the options, and a baseline made
+    with another criteria file is refused before the model loads (a usage error in the
+    team's test: an error, never a pass)."""
     (scratch / "tests" / "test_light.py").write_text(
         "import sys\n\ndef test_light():\n    assert 'numpy' not in sys.modules and 'harness.runner' not in sys.modules\n")
-    # every option but the model is accepted (registered) and changes nothing
-    proc = run_pytest(scratch, "-k", "our_own or light", "-v", "--arrowquant-bits", "4", "--arrowquant-criteria",
-                      "gates.toml", "--arrowquant-baseline", "last-release.json", "--arrowquant-out", "x",
-                      "--arrowquant-profile", "local")
-    (scratch / "tests" / "test_light.py").unlink()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 passed" in proc.stdout and "arrowquant-gate" not in proc.stdout
+    try:
+        proc = run_pytest(scratch, "-v", "--arrowquant-bits", "4", "--arrowquant-criteria",
+                          str(REPO / "harness" / "criteria" / "dream-mini.toml"), "--arrowquant-baseline",
+                          "last-release.json", "--arrowquant-out", "x", "--arrowquant-profile", "local")
+    finally:
+        (scratch / "tests" / "test_light.py").unlink()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "test_light PASSED" in out and "test_our_own_code_still_works PASSED" in out, out
+    assert "test_int4_gate_through_the_fixture FAILED" in out and "arrowquant-gate" not in out, out
+    assert "baseline not comparable" in out and "made with criteria gates.toml, this run uses dream-mini.toml" in out
     assert not (scratch / "x").exists()
 
 
