@@ -41,6 +41,7 @@ is left there (a previous file at that path is kept).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass
 import hashlib
 import json
@@ -710,8 +711,7 @@ def _base_metadata(cfg: DiffusionQuantConfig, mode: str) -> dict[str, str]:
 def _with_metadata(model: QuantizedModel, extra: Mapping[str, str]) -> QuantizedModel:
     metadata = dict(model.metadata)
     metadata.update(extra)
-    return QuantizedModel(tensors=model.tensors, floats=model.floats, order=model.order,
-                          metadata=metadata, skipped=model.skipped)
+    return dataclasses.replace(model, metadata=metadata)
 
 
 def _threshold(min_accuracy: float | None, metadata: Mapping[str, str], artifact: Path) -> tuple[float, str]:

@@ -5,6 +5,19 @@ with which scheme (the plan), quantizes, and returns a ``QuantizedModel``. The c
 arrays are never modified. Tensors with fewer than ``min_ndim`` dimensions (norm gains,
 biases) stay in floating point: they are a fraction of a percent of the parameters and
 quantizing them buys nothing but error.
+
+Every tensor of the source is accounted for in the result, because a model rebuilt
+from the artifact alone must have all of them:
+
+* floating-point tensors are quantized (``tensors``) or kept as they are (``floats``);
+* integer and boolean tensors (BERT's ``position_ids``, BatchNorm's
+  ``num_batches_tracked``) are buffers, never quantized, passed through bit-exact
+  (``buffers``);
+* tied weights (an LM head that is the embedding matrix) are stored once: the alias
+  is recorded in ``ties`` (alias -> canonical name) and dequantizes to the same array;
+* ``aux`` holds auxiliary arrays that are not model tensors but belong to the artifact
+  (per-time-group activation parameters, smoothing vectors); they are stored and
+  checksummed with it and are not part of ``dequantize()``.
 """
 
 from __future__ import annotations
@@ -12,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 import fnmatch
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +37,11 @@ from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize
 
 Progress = Callable[[int, int, str], None]
 FloatArray = npt.NDArray[np.floating]
+AnyArray = npt.NDArray[Any]
+
+# dtypes of tensors passed through bit-exact (buffers and auxiliary tables)
+RAW_DTYPES: Final[tuple[str, ...]] = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                                      "uint64")
 
 
 @dataclass(frozen=True)
@@ -94,17 +113,34 @@ class QuantizedModel:
     order: tuple[str, ...]
     metadata: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    buffers: dict[str, AnyArray] = field(default_factory=dict)
+    ties: dict[str, str] = field(default_factory=dict)
+    aux: dict[str, AnyArray] = field(default_factory=dict)
 
-    def dequantize(self) -> dict[str, FloatArray]:
-        """Every tensor as a float array in its original dtype, in source order."""
-        out: dict[str, FloatArray] = {}
+    def dequantize(self) -> dict[str, AnyArray]:
+        """Every tensor of the source, in source order: quantized ones dequantized to
+        their original dtype, float ones and buffers as stored, tied aliases as the
+        very array of their canonical tensor."""
+        out: dict[str, AnyArray] = {}
         for name in self.order:
+            if name in self.ties:
+                continue
             qt = self.tensors.get(name)
-            out[name] = dequantize(qt) if qt is not None else self.floats[name]
-        return out
+            if qt is not None:
+                out[name] = dequantize(qt)
+            elif name in self.floats:
+                out[name] = self.floats[name]
+            elif name in self.buffers:
+                out[name] = self.buffers[name]
+            else:
+                raise QuantizationError(f"tensor {name!r} is in the model's order but has no data")
+        for alias, canonical in self.ties.items():
+            out[alias] = out[canonical]
+        return {name: out[name] for name in self.order}
 
     @property
     def parameter_count(self) -> int:
+        """Floating-point parameters, each tied tensor counted once."""
         return sum(qt.numel for qt in self.tensors.values()) + sum(
             int(a.size) for a in self.floats.values())
 
@@ -113,14 +149,53 @@ class QuantizedModel:
         return sum(qt.numel for qt in self.tensors.values())
 
 
-def quantize_model(weights: Mapping[str, FloatArray], config: QuantizationConfig,
+def passthrough(weights: Mapping[str, AnyArray], ties: Mapping[str, str] | None = None
+                ) -> tuple[dict[str, AnyArray], dict[str, AnyArray], dict[str, str]]:
+    """Split a checkpoint into (floating tensors to plan, buffers, ties).
+
+    Buffers are integer/boolean tensors (copied, never quantized). ``ties`` maps an
+    alias to its canonical tensor; both must be in ``weights`` with identical dtype,
+    shape and values (a "tie" whose values differ is two tensors, and storing it once
+    would silently change the model), and a canonical tensor is never itself an alias.
+    """
+    ties = dict(ties or {})
+    for alias, canonical in ties.items():
+        if alias not in weights or canonical not in weights:
+            raise QuantizationError(f"tie {alias!r} -> {canonical!r}: both tensors must be in the checkpoint")
+        if canonical in ties or alias == canonical:
+            raise QuantizationError(f"tie {alias!r} -> {canonical!r}: the canonical tensor must not be tied itself")
+        a, c = weights[alias], weights[canonical]
+        if a.dtype != c.dtype or a.shape != c.shape or not bool(np.array_equal(a, c)):
+            raise QuantizationError(f"tie {alias!r} -> {canonical!r}: the two tensors differ "
+                                    f"({a.dtype}{list(a.shape)[:4]} vs {c.dtype}{list(c.shape)[:4]} or values); "
+                                    "only identical tensors can be stored once")
+    floating: dict[str, AnyArray] = {}
+    buffers: dict[str, AnyArray] = {}
+    for name, array in weights.items():
+        if isinstance(array, QuantizedTensor):
+            raise QuantizationError(f"tensor {name!r} is already quantized ({array.scheme.name})")
+        if not isinstance(array, np.ndarray):
+            raise QuantizationError(f"tensor {name!r}: expected a numpy array, got {type(array).__name__}")
+        if name in ties:
+            continue
+        if array.dtype.name in RAW_DTYPES:
+            buffers[name] = np.array(array, copy=True)
+        else:
+            floating[name] = array
+    return floating, buffers, ties
+
+
+def quantize_model(weights: Mapping[str, AnyArray], config: QuantizationConfig,
                    progress: Progress | None = None,
-                   hessians: Mapping[str, npt.NDArray[np.float32]] | None = None) -> QuantizedModel:
+                   hessians: Mapping[str, npt.NDArray[np.float32]] | None = None,
+                   ties: Mapping[str, str] | None = None) -> QuantizedModel:
     """Quantize every tensor the config selects.
 
     ``progress(done, total, name)`` is called after each tensor. ``hessians`` maps
     tensor names to the input Hessian GPTQ needs (``2 X^T X / n`` of the calibration
     activations); tensors without one fall back to clip search (their ``method`` says so).
+    Integer and boolean tensors pass through as buffers; ``ties`` (alias -> canonical)
+    stores tied weights once (see ``passthrough``).
 
     >>> w = {"fc.weight": np.ones((4, 64), np.float32), "fc.bias": np.zeros(4, np.float32)}
     >>> m = quantize_model(w, QuantizationConfig("int8-channel-sym"))
@@ -129,15 +204,12 @@ def quantize_model(weights: Mapping[str, FloatArray], config: QuantizationConfig
     """
     if not weights:
         raise QuantizationError("the model has no tensors; nothing to quantize")
+    floating, buffers, tie_map = passthrough(weights, ties)
     tensors: dict[str, QuantizedTensor] = {}
     floats: dict[str, FloatArray] = {}
     skipped: dict[str, str] = {}
-    total = len(weights)
-    for done, (name, array) in enumerate(weights.items(), start=1):
-        if isinstance(array, QuantizedTensor):
-            raise QuantizationError(f"tensor {name!r} is already quantized ({array.scheme.name})")
-        if not isinstance(array, np.ndarray):
-            raise QuantizationError(f"tensor {name!r}: expected a numpy array, got {type(array).__name__}")
+    total = len(floating)
+    for done, (name, array) in enumerate(floating.items(), start=1):
         if config.wants(name, array):
             try:
                 scheme = config.scheme_for(name)
@@ -154,4 +226,5 @@ def quantize_model(weights: Mapping[str, FloatArray], config: QuantizationConfig
             floats[name] = np.array(array, copy=True)
         if progress is not None:
             progress(done, total, name)
-    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(weights), skipped=skipped)
+    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(weights), skipped=skipped,
+                          buffers=buffers, ties=tie_map)

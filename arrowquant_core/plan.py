@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from arrowquant_core.errors import ConfigurationError, ValidationError
 from arrowquant_core.methods import check_method, quantize_tensor
-from arrowquant_core.model import QuantizedModel
+from arrowquant_core.model import QuantizedModel, passthrough
 from arrowquant_core.schemes import get_scheme
 from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize, layout
 
@@ -266,16 +266,17 @@ def plan_budget(weights: Mapping[str, FloatArray], names: list[str], rungs: tupl
 
 
 def realize(weights: Mapping[str, FloatArray], plan: MixedPlan, hessians: Mapping[str, F32] | None = None,
-            metadata: dict[str, str] | None = None) -> QuantizedModel:
+            metadata: dict[str, str] | None = None, ties: Mapping[str, str] | None = None) -> QuantizedModel:
     """Quantize every planned tensor at its rung; other tensors stay as they are.
 
     FP16-rung tensors are stored as float16 float rows; the plan is recorded in the
     model metadata so a reader can check the artifact against it.
     """
     planned = {d.name: d for d in plan.decisions}
+    floating, buffers, tie_map = passthrough(weights, ties)
     tensors: dict[str, QuantizedTensor] = {}
     floats: dict[str, FloatArray] = {}
-    for name, array in weights.items():
+    for name, array in floating.items():
         decision = planned.get(name)
         if decision is None:
             floats[name] = np.array(array, copy=True)
@@ -287,4 +288,5 @@ def realize(weights: Mapping[str, FloatArray], plan: MixedPlan, hessians: Mappin
             floats[name] = item
     meta = dict(metadata or {})
     meta["plan"] = ";".join(f"{d.name}={plan.rungs[d.rung].label}" for d in plan.decisions)
-    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(weights), metadata=meta)
+    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(weights), metadata=meta,
+                          buffers=buffers, ties=tie_map)

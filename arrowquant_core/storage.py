@@ -1,22 +1,29 @@
 """Parquet storage, one row per tensor.
 
-Format v1 holds float tensors; format v2 holds quantized tensors (packed codes, scales,
-zero points, scheme, method, original shape and dtype) and the float tensors kept
-unquantized. The version lives in the schema metadata under ``arrowquant.format_version``.
+Format v1 holds unquantized tensors; format v2 holds every tensor of a quantized model:
+quantized tensors (packed codes, scales, zero points, scheme, method, original shape and
+dtype), float tensors kept unquantized, integer/boolean buffers (bit-exact), tied
+aliases (stored once) and auxiliary arrays. The version lives in the schema metadata
+under ``arrowquant.format_version``.
 
     column   type           v1   v2   meaning
     name     string         yes  yes  tensor name
     shape    list<int64>    yes  yes  original shape
-    dtype    string         yes  yes  original dtype (float32, float16, bfloat16, float64)
-    data     large_binary   yes  yes  raw little-endian values (v2: float rows only)
+    dtype    string         yes  yes  original dtype (float32/16, bfloat16, float64; bool and
+                                      int/uint 8-64 for buffers and aux rows)
+    data     large_binary   yes  yes  raw little-endian values (v2: float, buffer, aux rows)
     sha256   string         yes  yes  checksum of the row's logical content
-    kind     string              yes  "quantized" or "float"
+    kind     string              yes  "quantized", "float", "buffer", "tied" or "aux"
     scheme   string              yes  scheme name (quantized rows)
     method   string              yes  algorithm that chose the codes
     codes    large_binary        yes  packed codes
     scales   large_binary        yes  float32 scales, one per block
     zeros    large_binary        yes  uint8 zero points (empty for symmetric schemes)
     params   large_binary        yes  float32 (m, a1, a2) per block for lattice methods, else empty
+    tied_to  string              opt  "tied" rows: the canonical tensor this alias is stored as
+                                      (files written before the column existed have no ties)
+
+Model tensors (every kind but "aux") keep the source order; "aux" rows follow them.
 
 Every write goes to a temporary file in the destination folder and is renamed over the
 target only when complete (safetensors' "write to tempfile + rename"), so a crash never
@@ -44,7 +51,7 @@ import pyarrow.parquet as pq
 
 from arrowquant_core.atomic import write_atomic
 from arrowquant_core.errors import ArrowQuantError, FormatError
-from arrowquant_core.model import QuantizedModel
+from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import SCHEMES
 from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor
 
@@ -58,6 +65,10 @@ FORMAT_V2: Final = 2
 _V1_FIELDS: Final[tuple[str, ...]] = ("name", "shape", "dtype", "data", "sha256")
 _V2_FIELDS: Final[tuple[str, ...]] = _V1_FIELDS + ("kind", "scheme", "method", "codes", "scales", "zeros",
                                                   "params")
+_V2_OPTIONAL: Final[tuple[str, ...]] = ("tied_to",)
+_STORED_DTYPES: Final[tuple[str, ...]] = FLOAT_DTYPES + RAW_DTYPES
+# row kinds holding raw values in ``data``, and the checksum prefix of each
+_RAW_KINDS: Final[tuple[str, ...]] = ("float", "buffer", "aux")
 
 
 def _np_dtype(name: str) -> np.dtype[Any]:
@@ -80,14 +91,28 @@ def _float_bytes(array: FloatArray) -> bytes:
     return data.tobytes()
 
 
-def _float_row(name: str, array: FloatArray) -> dict[str, Any]:
+def _allowed(kind: str) -> tuple[str, ...]:
+    """dtypes a row of ``kind`` may hold ("v1": a format-v1 row, which has no kind)."""
+    return FLOAT_DTYPES if kind == "float" else RAW_DTYPES if kind == "buffer" else _STORED_DTYPES
+
+
+def _raw_row(name: str, array: npt.NDArray[Any], kind: str = "float") -> dict[str, Any]:
     dtype = array.dtype.name
-    if dtype not in FLOAT_DTYPES:
-        raise FormatError(f"tensor {name!r}: dtype {dtype} cannot be stored; accepted: {list(FLOAT_DTYPES)}")
+    if dtype not in _allowed(kind):
+        raise FormatError(f"tensor {name!r}: dtype {dtype} cannot be stored as a {kind} row; "
+                          f"accepted: {list(_allowed(kind))}")
+    header_kind = "float" if kind == "v1" else kind
     data = _float_bytes(array)
     shape = [int(d) for d in array.shape]
-    return {"name": name, "shape": shape, "dtype": dtype, "data": data, "kind": "float",
-            "sha256": _checksum([data], f"float|{name}|{shape}|{dtype}")}
+    return {"name": name, "shape": shape, "dtype": dtype, "data": data, "kind": header_kind,
+            "sha256": _checksum([data], f"{header_kind}|{name}|{shape}|{dtype}")}
+
+
+def _tied_row(alias: str, canonical: str, reference: dict[str, Any]) -> dict[str, Any]:
+    """An alias stored as a reference to ``canonical`` (whose row is ``reference``)."""
+    header = f"tied|{alias}|{canonical}|{reference['shape']}|{reference['dtype']}"
+    return {"name": alias, "shape": reference["shape"], "dtype": reference["dtype"], "kind": "tied",
+            "tied_to": canonical, "sha256": _checksum([], header)}
 
 
 def _quantized_row(qt: QuantizedTensor) -> dict[str, Any]:
@@ -118,6 +143,7 @@ def _schema(version: int, metadata: Mapping[str, str]) -> pa.Schema:
             pa.field("scales", pa.large_binary()),
             pa.field("zeros", pa.large_binary()),
             pa.field("params", pa.large_binary()),
+            pa.field("tied_to", pa.string()),
         ]
     meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(),
             METADATA_KEY: json.dumps(dict(metadata), sort_keys=True).encode()}
@@ -141,14 +167,31 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
     """
     target = Path(path)
     rows: list[dict[str, Any]] = []
+    by_name: dict[str, dict[str, Any]] = {}
     for name in model.order:
+        if name in model.ties:
+            continue
         qt = model.tensors.get(name)
         if qt is not None:
-            rows.append(_quantized_row(qt))
+            by_name[name] = _quantized_row(qt)
         elif name in model.floats:
-            rows.append(_float_row(name, model.floats[name]))
+            by_name[name] = _raw_row(name, model.floats[name], "float")
+        elif name in model.buffers:
+            by_name[name] = _raw_row(name, model.buffers[name], "buffer")
         else:
             raise FormatError(f"{target}: tensor {name!r} is in the model's order but has no data")
+    for name in model.order:
+        canonical = model.ties.get(name)
+        if canonical is None:
+            rows.append(by_name[name])
+        elif canonical in by_name:
+            rows.append(_tied_row(name, canonical, by_name[canonical]))
+        else:
+            raise FormatError(f"{target}: tensor {name!r} is tied to {canonical!r}, which the model does not hold")
+    clash = sorted(set(model.aux) & set(model.order))
+    if clash:
+        raise FormatError(f"{target}: auxiliary array(s) {clash[:3]} share a name with a model tensor")
+    rows.extend(_raw_row(name, array, "aux") for name, array in model.aux.items())
     _write_atomic(rows, _schema(FORMAT_V2, model.metadata), target)
     return target
 
@@ -157,7 +200,7 @@ def save_weights(weights: Mapping[str, FloatArray], path: str | os.PathLike[str]
                  metadata: Mapping[str, str] | None = None) -> Path:
     """Write float tensors as a format-v1 Parquet file, atomically."""
     target = Path(path)
-    rows = [_float_row(name, array) for name, array in weights.items()]
+    rows = [_raw_row(name, array, "v1") for name, array in weights.items()]
     _write_atomic(rows, _schema(FORMAT_V1, metadata or {}), target)
     return target
 
@@ -222,12 +265,13 @@ def _verify(row: dict[str, Any], parts: list[bytes], header: str, path: Path) ->
         raise FormatError(f"{path}: tensor {row['name']!r}: checksum mismatch (file corrupted or edited)")
 
 
-def _decode_float(row: dict[str, Any], path: Path) -> FloatArray:
+def _decode_raw(row: dict[str, Any], path: Path, kind: str = "float") -> npt.NDArray[Any]:
     name, dtype, data = row["name"], row["dtype"], row["data"]
-    if dtype not in FLOAT_DTYPES or not isinstance(data, bytes):
-        raise FormatError(f"{path}: tensor {name!r}: float row needs a dtype in {list(FLOAT_DTYPES)} and data bytes")
+    allowed = _allowed(kind)
+    if dtype not in allowed or not isinstance(data, bytes):
+        raise FormatError(f"{path}: tensor {name!r}: {kind} row needs a dtype in {list(allowed)} and data bytes")
     shape = _shape(row, path)
-    _verify(row, [data], f"float|{name}|{list(shape)}|{dtype}", path)
+    _verify(row, [data], f"{'float' if kind == 'v1' else kind}|{name}|{list(shape)}|{dtype}", path)
     np_dtype = _np_dtype(dtype)
     if len(data) != math.prod(shape) * np_dtype.itemsize:
         raise FormatError(f"{path}: tensor {name!r}: {len(data)} data bytes, shape {list(shape)} "
@@ -270,19 +314,53 @@ def _guard(path: Path, action: Callable[[], Any]) -> Any:
 def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> QuantizedModel:
     tensors: dict[str, QuantizedTensor] = {}
     floats: dict[str, FloatArray] = {}
+    buffers: dict[str, npt.NDArray[Any]] = {}
+    aux: dict[str, npt.NDArray[Any]] = {}
+    ties: dict[str, str] = {}
+    tied_rows: dict[str, dict[str, Any]] = {}
     order: list[str] = []
-    for row in _rows(table, _V2_FIELDS):
-        name = row["name"]
-        if name in tensors or name in floats:
+    fields = _V2_FIELDS + tuple(f for f in _V2_OPTIONAL if f in table.schema.names)
+    seen: set[str] = set()
+    for row in _rows(table, fields):
+        name, kind = row["name"], row["kind"]
+        if name in seen:
             raise FormatError(f"{source}: tensor {name!r} appears twice")
+        seen.add(name)
+        if kind == "aux":
+            aux[name] = _decode_raw(row, source, "aux")
+            continue
+        if aux:
+            raise FormatError(f"{source}: tensor {name!r} comes after the auxiliary rows; model tensors come first")
         order.append(name)
-        if row["kind"] == "quantized":
+        if kind == "quantized":
             tensors[name] = _decode_quantized(row, source)
-        elif row["kind"] == "float":
-            floats[name] = _decode_float(row, source)
+        elif kind == "float":
+            floats[name] = _decode_raw(row, source, "float")
+        elif kind == "buffer":
+            buffers[name] = _decode_raw(row, source, "buffer")
+        elif kind == "tied":
+            tied_rows[name] = row
         else:
-            raise FormatError(f"{source}: tensor {name!r}: unknown kind {row['kind']!r}")
-    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(order), metadata=metadata)
+            raise FormatError(f"{source}: tensor {name!r}: unknown kind {str(kind)[:40]!r}")
+    for alias, row in tied_rows.items():
+        canonical = row.get("tied_to")
+        if not isinstance(canonical, str) or canonical in tied_rows or canonical not in seen or canonical in aux:
+            raise FormatError(f"{source}: tensor {alias!r}: tied to {str(canonical)[:80]!r}, which is not a stored "
+                              "model tensor")
+        shape, dtype = list(_shape(row, source)), row["dtype"]
+        _verify(row, [], f"tied|{alias}|{canonical}|{shape}|{dtype}", source)
+        target = tensors.get(canonical)
+        if target is not None:
+            target_shape, target_dtype = list(target.shape), target.dtype
+        else:
+            kept = floats[canonical] if canonical in floats else buffers[canonical]
+            target_shape, target_dtype = list(kept.shape), kept.dtype.name
+        if shape != target_shape or dtype != target_dtype:
+            raise FormatError(f"{source}: tensor {alias!r}: declared {dtype}{shape[:8]} but tied to {canonical!r} "
+                              f"of {target_dtype}{target_shape[:8]}")
+        ties[alias] = canonical
+    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(order), metadata=metadata,
+                          buffers=buffers, ties=ties, aux=aux)
 
 
 def _build_weights(table: pa.Table, source: Path) -> dict[str, FloatArray]:
@@ -290,7 +368,7 @@ def _build_weights(table: pa.Table, source: Path) -> dict[str, FloatArray]:
     for row in _rows(table, _V1_FIELDS):
         if row["name"] in out:
             raise FormatError(f"{source}: tensor {row['name']!r} appears twice")
-        out[row["name"]] = _decode_float(row, source)
+        out[row["name"]] = _decode_raw(row, source, "v1")
     return out
 
 

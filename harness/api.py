@@ -65,10 +65,15 @@ def run_config(config: RunConfig) -> RunResult:
     if config.baseline is None:
         return run(config)
     from harness import baseline as bl
+    from harness.fixtures_import import fixtures_module
     from harness.results import write_json
     from harness.runner import _default_criteria
 
-    source = config.criteria or _default_criteria(config.model, config.profile)
+    if config.criteria is not None:
+        source = config.criteria
+    else:  # the criteria file the runner would choose (it depends on the model's runner)
+        kind = fixtures_module("checkpoint").runner_kind(config.model, config.runner)
+        source = _default_criteria(config.model, kind, config.profile)
     prepared = bl.prepare(source, config.model, config.baseline, config.out, config.bits)
     result = run(replace(config, criteria=prepared.criteria_path))
     if "baseline" not in result.results and prepared.baseline is not None:  # the runner did not record it

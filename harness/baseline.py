@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 from pathlib import Path
-import tomllib
 from typing import Any
 
 from arrowquant_core.errors import ConfigurationError, FormatError
@@ -218,7 +217,12 @@ def resolved_document(path: Path, baseline: Baseline, model: str = "") -> dict[s
 
     A relative rule under ``[all]`` is resolved per bit width (each has its own baseline
     value) and moves into every ``[bits.N]`` section."""
-    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    from harness.criteria import _read_toml, _with_parent
+
+    # an ``inherit = "parent.toml"`` file is written out whole: the resolved copy lives in
+    # another folder, where the parent could not be found
+    data = _with_parent(_read_toml(Path(path)), Path(path))
+    data.pop("inherit", None)
     criteria = load_criteria(path, model, allow_relative=True)
     shared = data.get("all", {}).get("gates", [])
     keep_shared: list[Any] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import sys
 import traceback
 
-from arrowquant_core.diffusion import PROFILES
+from harness.criteria import profiled
 from arrowquant_core.errors import ArrowQuantError, ConfigurationError
 from harness import exitcodes
 
@@ -51,10 +51,16 @@ def parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--model", required=True, help="model name (see `list`) or path to a checkpoint")
     run.add_argument("--bits", type=_bits, default=(), help="comma-separated bit widths (default: all in the criteria file)")
-    run.add_argument("--criteria", type=Path, help="criteria TOML (default: harness/criteria/<model>.toml)")
-    run.add_argument("--profile", choices=sorted(PROFILES),
-                     help="deployment profile: use harness/criteria/<model>-<profile>.toml (edge runs the "
-                          "INT2 fallback ladder)")
+    run.add_argument("--criteria", type=Path,
+                     help="criteria TOML (default: harness/criteria/<model>.toml; for a path, the criteria of its "
+                          "runner, runner-<runner>.toml, or weights.toml when no runner can run it)")
+    profiles = profiled()
+    run.add_argument("--profile", choices=sorted(profiles),
+                     help="deployment profile, for the models that have criteria for it: "
+                          + "; ".join(f"{p}: {', '.join(bases)}" for p, bases in sorted(profiles.items()))
+                          + " (edge runs the INT2 fallback ladder)")
+    run.add_argument("--runner", help="how to run the model for output-level metrics (default: detected from the "
+                                      "folder; see `list`), or `none` for weight-level validation only")
     run.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
     run.add_argument("--baseline", type=Path,
                      help="results.json of an earlier run: rules like 'output_cosine_mean >= baseline - 0.002' "
@@ -63,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
-    run.add_argument("--rounds", type=int, default=3, help="benchmark rounds for timing gates (default: 3)")
+    run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
     sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
@@ -81,11 +87,17 @@ def _list() -> int:
     from harness.measures import METRICS
 
     MODELS = fixtures_module("checkpoint").MODELS
+    RUNNERS = fixtures_module("runners").RUNNERS
 
     print("models:")
     for entry in MODELS.values():
-        print(f"  {entry.name:24s} {entry.description}")
-    print("  <path>                   folder of safetensors (sharded ok) or .npy files, or a Parquet v1 file")
+        print(f"  {entry.name:24s} {entry.description} [runner {entry.runner}]")
+    print("  <path>                   model folder (safetensors, sharded ok; .npy; sentence-transformers), "
+          "a .safetensors or Parquet v1 file")
+    print("runners (detected from a model folder in this order; --runner NAME overrides, --runner none = "
+          "weights only):")
+    for runner in RUNNERS.values():
+        print(f"  {runner.name:24s} {runner.description} [detects: {runner.detects}]")
     print("criteria files: " + ", ".join(available()))
     print("schemes:")
     for scheme in SCHEMES.values():
@@ -121,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         from harness.config import RunConfig
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
-                           fault=args.fault, profile=args.profile, compare=args.compare, benchmark_rounds=args.rounds,
-                           quiet=args.quiet, baseline=args.baseline)
+                           fault=args.fault, profile=args.profile, compare=args.compare,
+                           benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner,
+                           baseline=args.baseline)
         result = run_config(config)
         print(f"{result.verdict}: {result.report_path}")
         return result.exit_code

@@ -30,6 +30,7 @@ class RunConfig:
     compare: bool = False  # also run the method comparisons the criteria list (slower)
     benchmark_rounds: int = 3
     quiet: bool = False
+    runner: str | None = None  # override runner detection ("none": weights only)
     baseline: Path | None = None
 
     def __post_init__(self) -> None:

@@ -26,7 +26,9 @@ import numpy.typing as npt
 import arrowquant_core as aq
 from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.methods import get_method
-from arrowquant_core.model import QuantizedModel
+from arrowquant_core.model import RAW_DTYPES, QuantizedModel
+from arrowquant_core.schemes import Scheme
+from arrowquant_core.tensor import blocks_of
 from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_budget, plan_quality, realize
 from fixtures.checkpoint import Checkpoint
 from harness.config import RunConfig
@@ -50,11 +52,27 @@ class Written:
 class LayerRow:
     name: str
     scheme: str
+    method: str  # the method actually stored for this tensor (a fallback says so here)
     shape: tuple[int, ...]
     parameters: int
     cosine: float
     sqnr_db: float
     relative_error: float
+    row_cosine_min: float  # worst single row (an embedding table's token vector)
+    group_range_ratio_min: float  # dequantized / source value range, over the tensor's groups
+    group_range_ratio_max: float
+
+
+@dataclass
+class Accounting:
+    """Every tensor of the source, checked in the artifact as read back."""
+
+    missing: list[str]  # in the source, not in the artifact
+    unexpected: list[str]  # in the artifact, not in the source
+    changed: list[str]  # stored unquantized (float or buffer) but not bit-exact to the source
+    dtype_mismatches: list[str]  # dequantized dtype differs from the source's
+    nonfinite: list[str]  # dequantized values that are NaN or infinite
+    tie_mismatches: list[str]  # ties recorded differently from the ones found in the source
 
 
 @dataclass
@@ -68,6 +86,7 @@ class Reloaded:
     roundtrip_exact: bool
     plan_mismatches: list[str]
     source_match: bool
+    accounting: Accounting
 
 
 @dataclass
@@ -168,7 +187,7 @@ class RunContext:
             if runner is None or not hasattr(runner, "calibration_score"):
                 raise ConfigurationError(f"the ladder needs a model runner with a calibration score; "
                                          f"{self.checkpoint.name!r} has none")
-            names = [n for n, a in self.checkpoint.weights.items() if a.ndim >= 2]
+            names = self.matrix_names
             rungs = tuple(Rung(scheme, method) for scheme, method in spec.rungs)
             self.progress(f"INT{bits}: sensitivity pass and ladder over {len(names)} tensors "
                           f"({' -> '.join(r.label for r in rungs)})")
@@ -193,14 +212,23 @@ class RunContext:
         """
         plan = self.mixed_plan(bits)
         hessians = self.hessians() if self.criteria.plan(bits).needs_calibration else None
+        ties = self.checkpoint.ties
         if plan is not None:
             realize_fn = self.fault.realize if self.fault is not None and self.fault.realize else realize
-            model = realize_fn(self.checkpoint.weights, plan, hessians)
+            model = realize_fn(self.checkpoint.weights, plan, hessians, ties=ties)
         else:
-            model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits), hessians=hessians)
+            model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits), hessians=hessians,
+                                      ties=ties)
         # the artifact says which weights it was made from, so a stale one is detectable
         model = dataclasses.replace(model, metadata={**model.metadata, SOURCE_KEY: self.source_digest})
         return self.fault.mutate(model) if self.fault is not None else model
+
+    @property
+    def matrix_names(self) -> list[str]:
+        """Float tensors of 2+ dimensions, each tied tensor once: what gets quantized."""
+        ck = self.checkpoint
+        return [n for n, a in ck.weights.items()
+                if a.ndim >= 2 and n not in ck.ties and a.dtype.name not in RAW_DTYPES]
 
     @property
     def source_digest(self) -> str:
@@ -218,8 +246,7 @@ class RunContext:
                              f"{plan.rungs[d.rung].scheme}/{_expected_method(plan.rungs[d.rung].method, d.name, self)}")
                     for d in plan.decisions}
         bp = self.criteria.plan(bits)
-        return {n: f"{bp.scheme}/{_expected_method(bp.method, n, self)}"
-                for n, a in self.checkpoint.weights.items() if a.ndim >= 2}
+        return {n: f"{bp.scheme}/{_expected_method(bp.method, n, self)}" for n in self.matrix_names}
 
     def measure_baselines(self) -> Baselines:
         """Write FP32 and FP16 safetensors copies of the weights and measure their bytes."""
@@ -230,22 +257,30 @@ class RunContext:
             folder.mkdir(parents=True, exist_ok=True)
             try:
                 sizes = {}
+                ck = self.checkpoint
                 for dtype in (np.float32, np.float16):
-                    path = folder / f"{self.checkpoint.name}-{np.dtype(dtype).name}.safetensors"
-                    write_safetensors(path, {k: np.asarray(v, dtype=dtype)
-                                             for k, v in self.checkpoint.weights.items()})
+                    path = folder / f"{ck.name}-{np.dtype(dtype).name}.safetensors"
+                    # tied tensors once; integer buffers as they are (they are not weights)
+                    write_safetensors(path, {k: (v if v.dtype.name in RAW_DTYPES else np.asarray(v, dtype=dtype))
+                                             for k, v in ck.weights.items() if k not in ck.ties})
                     sizes[np.dtype(dtype).name] = path.stat().st_size
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             self.baselines = Baselines(
                 fp32_bytes=sizes["float32"], fp16_bytes=sizes["float16"],
                 parameters=self.checkpoint.parameter_count,
-                how="FP32 and FP16 safetensors copies of the same weights written and measured in this run")
+                how="FP32 and FP16 safetensors copies of the same weights (tied tensors once, integer buffers as "
+                    "they are) written and measured in this run")
         return self.baselines
 
     def written(self, bits: int) -> Written:
         if bits not in self.written_by_bits:
             plan = self.criteria.plan(bits)
+            # the sensitivity pass and calibration capture are timed and reported apart;
+            # quantize_seconds is the quantization that produced this artifact
+            self.mixed_plan(bits)
+            if plan.needs_calibration:
+                self.hessians()
             self.progress(f"INT{bits}: quantizing {len(self.checkpoint.weights)} tensors with {plan.scheme}")
             t0 = time.perf_counter()
             model = self.quantize(bits)
@@ -268,19 +303,49 @@ class RunContext:
             weights = model.dequantize()
             seconds = time.perf_counter() - t0
             layers = []
+            source = self.checkpoint.weights
             for name, qt in model.tensors.items():
-                ref = np.asarray(self.checkpoint.weights[name], dtype=np.float32)
+                if name not in source:
+                    continue  # counted as unexpected by the accounting below
+                ref = np.asarray(source[name], dtype=np.float32)
                 got = np.asarray(weights[name], dtype=np.float32)
-                layers.append(LayerRow(name, qt.scheme.name, qt.shape, qt.numel, aq.cosine(ref, got),
-                                       aq.sqnr_db(ref, got), aq.relative_error(ref, got)))
+                lo, hi = group_range_ratios(ref, got, qt.scheme)
+                layers.append(LayerRow(name, qt.scheme.name, qt.method, qt.shape, qt.numel, aq.cosine(ref, got),
+                                       aq.sqnr_db(ref, got), aq.relative_error(ref, got),
+                                       row_cosine_min(ref, got), lo, hi))
             expected = self.expected_storage(bits)
             stored = stored_as(model)
             unquantized = [n for n, a in model.floats.items() if a.ndim >= 2 and expected.get(n) != "fp16"]
             mismatches = sorted(n for n in expected if stored.get(n) != expected[n])
             self.reloaded_by_bits[bits] = Reloaded(bits, model, weights, seconds, layers, unquantized,
                                                    _same_codes(written.model, model), mismatches,
-                                                   model.metadata.get(SOURCE_KEY) == self.source_digest)
+                                                   model.metadata.get(SOURCE_KEY) == self.source_digest,
+                                                   self.account(model, weights, expected))
         return self.reloaded_by_bits[bits]
+
+    def account(self, model: QuantizedModel, weights: Mapping[str, Any], expected: Mapping[str, str]) -> Accounting:
+        """Compare the artifact's tensor set, kept tensors, dtypes and ties with the source."""
+        source = self.checkpoint.weights
+        missing = [n for n in source if n not in weights]
+        unexpected = [n for n in weights if n not in source]
+        changed = []
+        for name in [*model.floats, *model.buffers]:
+            if name not in source:
+                continue
+            kept = model.floats.get(name, model.buffers.get(name))
+            want = source[name]
+            if expected.get(name) == "fp16":  # the ladder's FP16 rung: a deliberate float16 copy
+                want = np.asarray(want, dtype=np.float16)
+            if kept is None or kept.dtype != want.dtype or kept.shape != want.shape or \
+                    np.ascontiguousarray(kept).tobytes() != np.ascontiguousarray(want).tobytes():
+                changed.append(name)
+        dtype_mismatches = [n for n, a in weights.items() if n in source and expected.get(n) != "fp16"
+                            and a.dtype != source[n].dtype]
+        nonfinite = [n for n, a in weights.items()
+                     if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") and not bool(np.all(np.isfinite(a)))]
+        ties = self.checkpoint.ties
+        tie_mismatches = sorted({n for n in set(ties) | set(model.ties) if ties.get(n) != model.ties.get(n)})
+        return Accounting(missing, unexpected, changed, dtype_mismatches, nonfinite, tie_mismatches)
 
     def output_metrics(self, bits: int) -> dict[str, float]:
         if self.checkpoint.runner is None:
@@ -330,11 +395,18 @@ class RunContext:
         return rows
 
     # --- gates ------------------------------------------------------------------------
-    def gate(self, test: str, bits: int, measured: Mapping[str, float]) -> None:
+    def gate(self, test: str, bits: int, measured: Mapping[str, float],
+             not_applicable: Mapping[str, str] | None = None) -> None:
         """Record ``measured`` and check every criterion on those metrics; fail with all
-        violations at once so one run shows every broken gate."""
+        violations at once so one run shows every broken gate. ``not_applicable`` names
+        metrics that do not exist for this model (with the reason): their criteria are
+        recorded as not applicable, never as measured values."""
         plan = self.criteria.plan(bits)
         self.values.setdefault(bits, {}).update({k: float(v) for k, v in measured.items()})
+        for criterion in plan.gates:
+            if not_applicable and criterion.metric in not_applicable:
+                self.gates.append(GateRecord(test, bits, criterion.metric, criterion.rule, criterion.threshold,
+                                             math.nan, True, f"NOT APPLICABLE: {not_applicable[criterion.metric]}"))
         failures = []
         for criterion in plan.gates:
             if criterion.metric not in measured:
@@ -395,6 +467,47 @@ def _same_codes(a: QuantizedModel, b: QuantizedModel) -> bool:
                 or qa.params.tobytes() != qb.params.tobytes()):
             return False
     return True
+
+
+def is_embedding_table(name: str) -> bool:
+    """Tables looked up by row (token, position, type embeddings): a swapped row there is a
+    different token's vector, which no per-tensor figure can see."""
+    lower = name.lower()
+    return "embed" in lower or lower.endswith(("wte.weight", "wpe.weight"))
+
+
+def row_cosine_min(reference: npt.NDArray[np.float32], test: npt.NDArray[np.float32]) -> float:
+    """The worst row's cosine (rows = first axis); rows that are zero in the source count
+    as 1 when they stay exactly zero and 0 otherwise. A per-tensor cosine hides 64
+    swapped rows of a 30,522-row embedding table; this does not."""
+    ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
+    got = test.reshape(test.shape[0], -1).astype(np.float64)
+    dot = np.einsum("ij,ij->i", ref, got)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    zero_ref = np.linalg.norm(ref, axis=1) == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    cos = np.where(zero_ref, np.where(np.all(got == 0, axis=1), 1.0, 0.0), cos)
+    return float(cos.min()) if cos.size else 1.0
+
+
+def group_range_ratios(reference: npt.NDArray[np.float32], test: npt.NDArray[np.float32],
+                       scheme: Scheme) -> tuple[float, float]:
+    """(min, max) over the tensor's quantization groups of dequantized range / source range.
+
+    A correct quantizer keeps each group's range close to the source's (clipping shrinks
+    it a little, rounding moves it by at most a step); a few groups with a wrong scale
+    stand out here although the tensor's cosine barely moves. Groups whose source range
+    is zero are left out."""
+    ref_blocks, _ = blocks_of(np.ascontiguousarray(reference, dtype=np.float32), scheme)
+    got_blocks, _ = blocks_of(np.ascontiguousarray(test, dtype=np.float32), scheme)
+    ref_range = np.ptp(ref_blocks, axis=1).astype(np.float64)
+    got_range = np.ptp(got_blocks, axis=1).astype(np.float64)
+    keep = ref_range > 0
+    if not bool(np.any(keep)):
+        return 1.0, 1.0
+    ratio = got_range[keep] / ref_range[keep]
+    return float(ratio.min()), float(ratio.max())
 
 
 def finite_mean(values: list[float]) -> float:

@@ -134,6 +134,9 @@ class BitPlan:
     method: str = "rtn"
     compare: tuple[str, ...] = ()  # methods compared at this bit width (reported, not gated)
     ladder: LadderSpec | None = None
+    # A Hessian method on a tensor without calibration activations (an embedding table,
+    # or a model without a runner) is an error unless this names the allowed fallback.
+    fallback: str | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -237,17 +240,37 @@ def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | Non
     return LadderSpec(tuple(rungs), threshold, target, bool(data.get("fail_fast", False)))
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigurationError(f"criteria file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"criteria file {path}: invalid TOML ({exc})") from None
+
+
+def _with_parent(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``inherit = "other.toml"`` (a file next to this one): start from that file's
+    sections; this file's ``[all]`` and ``[bits.N]`` sections replace the parent's whole."""
+    parent_name = data.get("inherit")
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str) or "/" in parent_name or "\\" in parent_name:
+        raise ConfigurationError(f"criteria file {path}: inherit must name a file in the same folder")
+    parent = _read_toml(path.parent / parent_name)
+    if "inherit" in parent:
+        raise ConfigurationError(f"criteria file {path}: {parent_name} inherits again; one level only")
+    merged = {**parent, **{k: v for k, v in data.items() if k not in ("bits", "inherit")}}
+    merged["bits"] = {**parent.get("bits", {}), **data.get("bits", {})}
+    return merged
+
+
 def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> Criteria:
     """Read and validate a criteria file; every problem is a ConfigurationError.
 
     Rules relative to a baseline are refused unless ``allow_relative`` (the caller then
     resolves them, see ``harness.baseline``)."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigurationError(f"criteria file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"criteria file {path}: invalid TOML ({exc})") from None
+    data = _with_parent(_read_toml(path), path)
     shared = _gates(data.get("all", {}).get("gates", []), 0, f"{path} [all]: ")
     sections = data.get("bits")
     if not isinstance(sections, dict) or not sections:
@@ -281,14 +304,54 @@ def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> 
         compare = tuple(str(m) for m in section.get("compare", []))
         for name in (method, *compare):
             _check_method(name, scheme, where)
+        fallback = section.get("fallback")
+        if fallback is not None:
+            from arrowquant_core.methods import FALLBACK
+
+            if fallback != FALLBACK:
+                raise ConfigurationError(f"{where}fallback = {str(fallback)[:40]!r}: the only fallback for a "
+                                         f"Hessian method without activations is {FALLBACK!r}")
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
                               method=method, compare=compare,
-                              ladder=_ladder(section.get("ladder"), scheme, method, where))
+                              ladder=_ladder(section.get("ladder"), scheme, method, where),
+                              fallback=fallback)
     return Criteria(source=path, model=str(data.get("model", model)), plans=plans)
 
 
 def default_criteria_path(model: str, profile: str | None = None) -> Path:
     return CRITERIA_DIR / (f"{model}-{profile}.toml" if profile else f"{model}.toml")
+
+
+WEIGHTS_ONLY = "weights"  # criteria base for a model no runner can run
+
+
+def criteria_base(model: str, runner_kind: str | None) -> str:
+    """Which default criteria file a model uses: a named model its own
+    (``minilm.toml``); a path the one of its runner (``runner-hf-causal-lm.toml``); a
+    model without a runner ``weights.toml`` (weight-level gates only)."""
+    if (CRITERIA_DIR / f"{model}.toml").is_file():
+        return model
+    return f"runner-{runner_kind}" if runner_kind else WEIGHTS_ONLY
+
+
+def profiles_for(base: str) -> list[str]:
+    """Deployment profiles with a criteria file for ``base`` (``minilm-edge.toml`` -> edge)."""
+    from arrowquant_core.diffusion import PROFILES
+
+    return sorted(p.stem[len(base) + 1:] for p in CRITERIA_DIR.glob(f"{base}-*.toml")
+                  if p.stem[len(base) + 1:] in PROFILES)
+
+
+def profiled() -> dict[str, list[str]]:
+    """``{profile: [criteria bases that have it]}`` over every criteria file."""
+    from arrowquant_core.diffusion import PROFILES
+
+    out: dict[str, list[str]] = {}
+    for path in sorted(CRITERIA_DIR.glob("*.toml")):
+        base, _, suffix = path.stem.rpartition("-")
+        if base and suffix in PROFILES:
+            out.setdefault(suffix, []).append(base)
+    return out
 
 
 def available() -> Iterable[str]:

@@ -56,7 +56,7 @@ def _repack(t: QuantizedTensor, blocks: np.ndarray) -> np.ndarray:
     from arrowquant_core.tensor import from_codes
 
     return from_codes(t.name, t.scheme, t.shape, t.dtype, blocks.astype(np.uint8), t.scales,
-                      t.zeros, t.method).codes
+                      t.zeros, t.method, t.params if t.is_lattice else None).codes
 
 
 def nibbles_swapped(model: QuantizedModel) -> QuantizedModel:
@@ -76,19 +76,22 @@ def one_weight_unquantized(model: QuantizedModel) -> QuantizedModel:
     return dataclasses.replace(model, tensors=tensors, floats=floats)
 
 
+def _permute_rows(t: QuantizedTensor, perm: np.ndarray) -> QuantizedTensor:
+    rows = t.shape[0]
+    blocks = block_codes(t)
+    per_row = blocks.shape[0] // rows
+    blocks = blocks.reshape(rows, per_row, -1)[perm].reshape(blocks.shape)
+    if t.is_lattice:
+        params = t.params.reshape(rows, per_row, 3)[perm].reshape(-1)
+        return dataclasses.replace(t, codes=_repack(t, blocks), params=params)
+    scales = t.scales.reshape(rows, per_row)[perm].reshape(-1)
+    zeros = t.zeros.reshape(rows, per_row)[perm].reshape(-1) if t.zeros.size else t.zeros
+    return dataclasses.replace(t, codes=_repack(t, blocks), scales=scales, zeros=zeros)
+
+
 def rows_permuted(model: QuantizedModel) -> QuantizedModel:
     victim = _largest(model)
-
-    def permute(t: QuantizedTensor) -> QuantizedTensor:
-        rows = t.shape[0]
-        perm = np.random.default_rng(0).permutation(rows)
-        blocks = block_codes(t)
-        per_row = blocks.shape[0] // rows
-        blocks = blocks.reshape(rows, per_row, -1)[perm].reshape(blocks.shape)
-        scales = t.scales.reshape(rows, per_row)[perm].reshape(-1)
-        zeros = t.zeros.reshape(rows, per_row)[perm].reshape(-1) if t.zeros.size else t.zeros
-        return dataclasses.replace(t, codes=_repack(t, blocks), scales=scales, zeros=zeros)
-    return _map(model, permute, only=victim)
+    return _map(model, lambda t: _permute_rows(t, np.random.default_rng(0).permutation(t.shape[0])), only=victim)
 
 
 def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
@@ -122,10 +125,69 @@ def no_calibration(hessians: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def realize_ignoring_promotions(weights: dict[str, np.ndarray], plan: MixedPlan,
-                                hessians: dict[str, np.ndarray] | None) -> QuantizedModel:
+                                hessians: dict[str, np.ndarray] | None,
+                                ties: dict[str, str] | None = None) -> QuantizedModel:
     """Write every tensor at the ladder's first rung, whatever the plan promoted."""
     flat = dataclasses.replace(plan, decisions=tuple(dataclasses.replace(d, rung=0) for d in plan.decisions))
-    return realize(weights, flat, hessians)
+    return realize(weights, flat, hessians, ties=ties)
+
+
+def _vectors(model: QuantizedModel, *needles: str) -> list[str]:
+    """1-D float tensors whose name contains one of ``needles``, largest first."""
+    names = [n for n, a in model.floats.items() if a.ndim == 1 and any(k in n.lower() for k in needles)]
+    return sorted(names, key=lambda n: -model.floats[n].size)
+
+
+def float_tensor_dropped(model: QuantizedModel) -> QuantizedModel:
+    """The largest 1-D float tensor (a norm gain or bias) silently left out of the artifact."""
+    victim = max((n for n, a in model.floats.items() if a.ndim == 1), key=lambda n: model.floats[n].size)
+    floats = {n: a for n, a in model.floats.items() if n != victim}
+    return dataclasses.replace(model, floats=floats, order=tuple(n for n in model.order if n != victim))
+
+
+def norm_gain_scaled(model: QuantizedModel) -> QuantizedModel:
+    """One normalisation gain stored x1.5 (a LayerNorm/RMSNorm weight edited by mistake)."""
+    victim = _vectors(model, "norm")[0]
+    floats = dict(model.floats)
+    floats[victim] = (floats[victim].astype(np.float32) * 1.5).astype(floats[victim].dtype)
+    return dataclasses.replace(model, floats=floats)
+
+
+def bias_zeroed(model: QuantizedModel) -> QuantizedModel:
+    """One bias vector stored as zeros (or, without biases, the first norm gain zeroed)."""
+    victim = (_vectors(model, "bias") or _vectors(model, "norm"))[0]
+    floats = dict(model.floats)
+    floats[victim] = np.zeros_like(floats[victim])
+    return dataclasses.replace(model, floats=floats)
+
+
+def embedding_rows_swapped(model: QuantizedModel) -> QuantizedModel:
+    """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors)."""
+    embeds = [n for n in model.tensors if "embed" in n.lower() or "wte" in n.lower()]
+    victim = max(embeds or list(model.tensors), key=lambda n: model.tensors[n].shape[0])
+
+    def swap(t: QuantizedTensor) -> QuantizedTensor:
+        rows = t.shape[0]
+        picked = np.random.default_rng(1).choice(rows, size=min(64, rows - rows % 2), replace=False)
+        perm = np.arange(rows)
+        perm[picked[0::2]], perm[picked[1::2]] = picked[1::2], picked[0::2]
+        return _permute_rows(t, perm)
+    return _map(model, swap, only=victim)
+
+
+def group_scales_off(model: QuantizedModel) -> QuantizedModel:
+    """Eight groups of the largest non-embedding weight stored with 4x their scale."""
+    victim = _largest(model)
+
+    def off(t: QuantizedTensor) -> QuantizedTensor:
+        if t.is_lattice:  # lattice methods keep their step sizes in params (m, a1, a2)
+            params = t.params.reshape(-1, 3).copy()
+            params[np.linspace(0, len(params) - 1, 8).astype(int), 1:] *= np.float32(4.0)
+            return dataclasses.replace(t, params=params.reshape(-1))
+        scales = t.scales.copy()
+        scales[np.linspace(0, scales.size - 1, 8).astype(int)] *= np.float32(4.0)
+        return dataclasses.replace(t, scales=scales)
+    return _map(model, off, only=victim)
 
 
 def stale_artifact(model: QuantizedModel) -> QuantizedModel:
@@ -166,6 +228,12 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("ladder-promotions-ignored", "the ladder's promotions dropped when writing the file",
           realize=realize_ignoring_promotions),
     Fault("stale-artifact", "an artifact quantized from an earlier version of the model reused", stale_artifact),
+    Fault("float-tensor-dropped", "the largest 1-D float tensor (norm gain or bias) left out of the artifact",
+          float_tensor_dropped),
+    Fault("norm-gain-scaled", "one normalisation gain stored x1.5", norm_gain_scaled),
+    Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed),
+    Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped),
+    Fault("group-scales-off", "eight groups of the largest weight stored with 4x their scale", group_scales_off),
 )}
 
 

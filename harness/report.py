@@ -15,7 +15,7 @@ import jinja2
 
 from arrowquant_core.schemes import SCHEMES
 from harness.measures import METRICS
-from harness.results import write_text_atomic
+from harness.results import OUTPUTS_MEASURED, WEIGHTS_ONLY, write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 WORST_LAYERS = 10
@@ -51,22 +51,36 @@ def _num(value: Any) -> float:
 
 
 def _collapsed(m: dict[str, Any]) -> str:
-    """Why a bit width's outputs are unusable, or '' (output metrics only)."""
+    """Why a bit width's measured outputs are poor, or '' (output metrics only)."""
     if "output_cosine_mean" in m and _num(m["output_cosine_mean"]) < 0.9:
         return (f"mean output cosine {_num(m['output_cosine_mean']):.3f} "
                 f"(worst sentence {_num(m.get('output_cosine_min')):.3f})")
     if "masked_top1_agreement" in m and _num(m["masked_top1_agreement"]) < 0.5:
         return (f"only {_num(m['masked_top1_agreement']):.0%} of masked predictions unchanged "
                 f"(mean KL {_num(m.get('kl_mean')):.2f} nats)")
+    if "next_token_top1_agreement" in m and _num(m["next_token_top1_agreement"]) < 0.8:
+        return (f"only {_num(m['next_token_top1_agreement']):.0%} of next-token predictions unchanged "
+                f"(mean KL {_num(m.get('kl_mean')):.2f} nats)")
+    if "pooled_cosine_mean" in m and _num(m["pooled_cosine_mean"]) < 0.9:
+        return f"mean pooled output cosine {_num(m['pooled_cosine_mean']):.3f}"
     return ""
 
 
+def _outputs_measured(results: dict[str, Any]) -> bool:
+    return results.get("verdict_scope", "") != WEIGHTS_ONLY
+
+
+# (mean-like, worst-like) output quality per runner kind, first present wins
+QUALITY_KEYS = (("output_cosine_mean", "output_cosine_min"), ("masked_top1_agreement", "top1_agreement_worst_group"),
+                ("next_token_top1_agreement", "kl_max"), ("pooled_cosine_mean", "pooled_cosine_min"))
+
+
 def quality_key(m: dict[str, Any]) -> str:
-    return "output_cosine_mean" if "output_cosine_mean" in m else "masked_top1_agreement"
+    return next((a for a, _b in QUALITY_KEYS if a in m), "output_cosine_mean")
 
 
 def quality_min_key(m: dict[str, Any]) -> str:
-    return "output_cosine_min" if "output_cosine_mean" in m else "top1_agreement_worst_group"
+    return next((b for a, b in QUALITY_KEYS if a in m), "output_cosine_min")
 
 
 def chart_points(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -81,8 +95,9 @@ def chart_points(results: dict[str, Any]) -> list[dict[str, Any]]:
         key = quality_key(metrics)
         if key in metrics and "bits_per_weight" in metrics:
             tag = "ladder" if e.get("plan") else e.get("method", "")
-            points.append({"label": f"INT{e['bits']} {tag} (shipped plan)", "x": metrics["bits_per_weight"],
-                           "y": _num(metrics[key]), "plan": True})
+            shipped = (e.get("verdict") or {}).get("decision") == "ship"
+            points.append({"label": f"INT{e['bits']} {tag} ({'passed: ship' if shipped else 'failed gates'})",
+                           "x": metrics["bits_per_weight"], "y": _num(metrics[key]), "plan": shipped})
     return points
 
 
@@ -114,42 +129,49 @@ def render_chart(results: dict[str, Any]) -> str | None:
 
 
 def recommendations(results: dict[str, Any]) -> list[str]:
-    """Advice derived from the measured numbers only."""
+    """Advice derived from the measured numbers and the per-bit verdicts only; nothing
+    is said of outputs that were not measured."""
     out: list[str] = []
     by_bits = {e["bits"]: e for e in results["bit_widths"]}
-    failed_bits = {c["bits"] for c in results["criteria"] if not c["passed"]}
-    passing = [b for b in by_bits if b not in failed_bits and by_bits[b]["metrics"]]
-    # A bit width whose output quality is only reported (not gated) and has collapsed is
-    # not a recommendation, whatever its gates say.
-    usable = [b for b in passing if not _collapsed(by_bits[b]["metrics"])]
-    if usable:
-        best = min(usable)
+    measured = _outputs_measured(results)
+    ship = [b for b, e in by_bits.items() if (e.get("verdict") or {}).get("decision") == "ship"]
+    if not measured:
+        out.append("WEIGHTS ONLY: no runner could run this model, so its outputs were not measured. The gates "
+                   "below judge the weights and the artifact; they say nothing about what the model outputs. "
+                   "Pass --runner NAME (see `python -m harness list`) if the model is one a runner can run.")
+    if ship:
+        best = min(ship)
         m = by_bits[best]["metrics"]
-        out.append(f"Smallest configuration that passes every gate with usable outputs: INT{best} "
-                   f"({by_bits[best]['scheme']}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
+        what = "passes every gate, outputs included" if measured else "passes every weight-level gate"
+        out.append(f"Smallest configuration that {what}: INT{best} ({by_bits[best]['scheme']}, "
+                   f"{by_bits[best].get('method', 'rtn')}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
                    f"{_fmt(m.get('compression_vs_fp32'), '{:.2f}')}x smaller than FP32.")
     for bits, entry in sorted(by_bits.items(), reverse=True):
         m = entry["metrics"]
-        cos = m.get("output_cosine_mean")
-        collapse = _collapsed(m)
+        collapse = _collapsed(m) if measured else ""
+        decision = (entry.get("verdict") or {}).get("decision")
         if collapse:
-            out.append(f"INT{bits} ({entry['scheme']}) wrecks the model's outputs: {collapse}, even though "
-                       f"its weight cosine is {_num(m.get('weight_cosine_mean')):.3f}. Do not ship it; "
-                       "use a calibrated method or mixed precision for this bit width.")
-        elif cos is not None and _num(cos) < 0.99 and entry.get("method", "rtn") == "rtn":
-            out.append(f"INT{bits} keeps mean output cosine {_num(cos):.4f} with round-to-nearest; a calibrated "
-                       "method (GPTQ, clip search) recovers part of the gap to INT8 (see the methods compared).")
+            verdict = ("its gates pass, but read the numbers before shipping" if decision == "ship"
+                       else "do not ship it")
+            out.append(f"INT{bits} ({entry['scheme']}, {entry.get('method', 'rtn')}) measured {collapse}; "
+                       f"{verdict}.")
         if entry["layers"]:
             worst = min(entry["layers"], key=lambda l: _num(l["cosine"]))
             if _num(worst["cosine"]) < 0.999:
-                out.append(f"INT{bits}: the most damaged tensor is `{worst['name']}` (cosine "
+                out.append(f"INT{bits}: the most damaged tensor is `{escape_md(worst['name'])}` (cosine "
                            f"{_num(worst['cosine']):.4f}, SQNR {_fmt(_num(worst['sqnr_db']), '{:.1f}')} dB); "
                            "it is the first candidate for more bits.")
-    for bits in sorted(failed_bits, reverse=True):
-        if bits in by_bits:
-            rules = [c["rule"] for c in results["criteria"] if c["bits"] == bits and not c["passed"]]
-            out.append(f"INT{bits} fails {len(rules)} gate(s): {', '.join(rules)}.")
+    for bits, entry in sorted(by_bits.items(), reverse=True):
+        failed = (entry.get("verdict") or {}).get("failed_gates", [])
+        if failed:
+            out.append(f"INT{bits}: do not ship; it fails {len(failed)} gate(s): {', '.join(failed)}.")
     return out
+
+
+def escape_md(text: str) -> str:
+    """A name or message made inert in a Markdown table cell or line."""
+    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+            .replace("`", "'").replace("<", "&lt;").replace(">", "&gt;"))[:300]
 
 
 def view(results: dict[str, Any]) -> dict[str, Any]:
@@ -163,10 +185,19 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
     worst = []
     for e in entries:
         layers = sorted(e["layers"], key=lambda l: _num(l["cosine"]))[:WORST_LAYERS]
-        worst.append({"bits": e["bits"], "rows": [
-            [f"`{l['name']}`", "×".join(map(str, l["shape"])), f"{l['parameters']:,}",
+        stored: dict[str, int] = {}
+        for l in e["layers"]:
+            stored[l.get("method", "?")] = stored.get(l.get("method", "?"), 0) + 1
+        worst.append({"bits": e["bits"], "stored": ", ".join(f"{m} × {n}" for m, n in sorted(stored.items())),
+                      "rows": [
+            [f"`{escape_md(l['name'])}`", l.get("method", "?"), "×".join(map(str, l["shape"])), f"{l['parameters']:,}",
              _fmt(_num(l["cosine"]), "{:.5f}"), _fmt(_num(l["sqnr_db"]), "{:.2f}"),
-             _fmt(_num(l["relative_error"]), "{:.4f}")] for l in layers]})
+             _fmt(_num(l.get("row_cosine_min")), "{:.4f}")] for l in layers]})
+    verdicts = [[f"INT{e['bits']}", f"**{(e.get('verdict') or {}).get('decision', '?').upper()}**",
+                 ("yes" if (e.get("verdict") or {}).get("outputs_measured") else "**no**"),
+                 ", ".join(f"`{r}`" for r in (e.get("verdict") or {}).get("failed_gates", [])) or "all gates met"]
+                for e in entries]
+    model_info = results.get("model") or {}
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
     groups = [{"bits": e["bits"], "rows": [
         [g["mask_ratio"], _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
@@ -177,7 +208,7 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
          _fmt(m["bits_per_weight"], "{:.2f}"), _fmt(_num(m["weight_sqnr_db"]), "{:.2f}"),
          _fmt(m.get(quality_key(m)), "{:.4f}"), _fmt(m.get(quality_min_key(m)), "{:.4f}")]
         for m in e.get("methods", [])]} for e in entries if e.get("methods")]
-    plans = []
+    plans: list[dict[str, Any]] = []
     for e in entries:
         p = e.get("plan")
         if not p:
@@ -203,6 +234,11 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
     used_metrics = sorted({k for e in entries for k in e["metrics"] if k in METRICS})
     return {
         "verdict": results["verdict"],
+        "scope": results.get("verdict_scope", OUTPUTS_MEASURED),
+        "verdicts": verdicts,
+        "ties": [f"`{escape_md(a)}` → `{escape_md(c)}`" for a, c in (model_info.get("ties") or {}).items()],
+        "buffers": [f"`{escape_md(b)}`" for b in model_info.get("buffers", [])],
+        "conv_grouping": model_info.get("conv_grouping"),
         "model": run["model"],
         "fault": run.get("fault"),
         "started_at": run["started_at"],
@@ -211,7 +247,7 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
         "tests": tests,
         "gates_total": len(results["criteria"]),
         "gates_failed": sum(1 for c in results["criteria"] if not c["passed"]),
-        "failures": tests["failures"],
+        "failures": [{"test": escape_md(f["test"]), "message": escape_md(f["message"])} for f in tests["failures"]],
         "environment": [
             ("Git commit", f"`{prov['git_commit']}`" + (" (uncommitted changes)" if prov["git_dirty"] else "")),
             ("Python", prov["python"]), ("Platform", prov["platform"]),

@@ -13,6 +13,8 @@ named next to it::
       criteria_file         str    criteria TOML used
       out_dir               str
       fault                 str|null  injected fault (self-test runs only)
+      profile               str|null  deployment profile
+      runner                str|null  the runner that measured outputs (null: weights only)
     provenance
       git_commit, git_dirty  the harness's own source tree
       python, platform, cpu, cores
@@ -22,16 +24,22 @@ named next to it::
       seeds                 {name: int}
       inputs                [{path, bytes, sha256}] model files hashed in this run
       runner                output-level evaluation set-up (corpus, sizes) or null
+    model                   {name, kind, parameters (float, tied once), tensors, ties {alias: canonical},
+                             buffers [integer/boolean tensor names], conv_grouping (words) | null}
     baselines               {fp32_bytes, fp16_bytes, parameters, how}
     bit_widths[]            one entry per bit width
-      bits, scheme, scheme_description
+      bits, scheme, scheme_description, method, fallback (allowed fallback method or null)
+      verdict               {decision: "ship" | "do not ship", failed_gates [rules], gates (count),
+                             outputs_measured bool, output_gates [rules]}
       artifact              {path, bytes}
       metrics               {metric: value}  (names: harness.measures.METRICS)
-      layers[]              {name, scheme, shape, parameters, cosine, sqnr_db, relative_error}
+      layers[]              {name, scheme, method (as stored), shape, parameters, cosine, sqnr_db,
+                             relative_error, row_cosine_min, group_range_ratio_min/max}
     criteria[]              {test, bits, metric, rule, threshold, value, passed, why}
     tests                   {total, passed, failed, errors, skipped, duration_seconds,
                              failures: [{test, message}]}
     verdict                 "PASS" | "FAIL"
+    verdict_scope           "outputs measured" | "WEIGHTS ONLY: outputs not measured"
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ from arrowquant_core.atomic import write_bytes_atomic
 from typing import Any
 
 SCHEMA_VERSION = 1
+OUTPUTS_MEASURED = "outputs measured"
+WEIGHTS_ONLY = "WEIGHTS ONLY: outputs not measured"
 PACKAGES = ("arrowquant", "numpy", "pyarrow", "torch", "sentence-transformers", "transformers",
             "pytest", "pytest-benchmark", "pytest-json-report", "jinja2", "mypy", "ml_dtypes")
 

@@ -21,10 +21,11 @@ from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.schemes import get_scheme
 from harness import exitcodes
 from harness.config import RunConfig
-from harness.criteria import default_criteria_path, load_criteria
+from arrowquant_core.model import RAW_DTYPES
+from harness.criteria import Criteria, criteria_base, default_criteria_path, load_criteria, profiles_for
 from harness.context import stored_as
 from harness.measures import METRICS
-from harness.results import SCHEMA_VERSION, now, provenance, write_json
+from harness.results import OUTPUTS_MEASURED, SCHEMA_VERSION, WEIGHTS_ONLY, now, provenance, write_json
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 REPORT_NAME = "QUANTIZATION_VALIDATION_REPORT.md"
@@ -46,7 +47,7 @@ def run(config: RunConfig) -> RunResult:
     import pytest
     from pytest_jsonreport.plugin import JSONReport
 
-    from fixtures.checkpoint import load_model
+    from fixtures.checkpoint import load_model, runner_kind
     from harness.context import Progress, RunContext
     from harness.faults import get_fault
     from harness.plugin import SuitePlugin
@@ -55,32 +56,37 @@ def run(config: RunConfig) -> RunResult:
     started, t0 = now(), time.perf_counter()
     progress = Progress(config.quiet)
     fault = get_fault(config.fault) if config.fault else None
-    criteria_path = config.criteria or _default_criteria(config.model, config.profile)
+    kind = runner_kind(config.model, config.runner)  # cheap: no weights read yet
+    criteria_path = config.criteria or _default_criteria(config.model, kind, config.profile)
     criteria = load_criteria(criteria_path, config.model)
-    for bits in config.bits:
+    bit_widths = config.bits or tuple(sorted(criteria.plans, reverse=True))
+    for bits in bit_widths:
         criteria.plan(bits)  # every requested bit width must have criteria
+    _check_gates_cover_outputs(criteria, bit_widths, kind, criteria_path)
+    if config.compare and not any(criteria.plan(b).compare for b in bit_widths):
+        raise ConfigurationError(f"--compare: {criteria_path} lists no methods to compare for "
+                                 f"INT{', INT'.join(map(str, bit_widths))} (a `compare = [...]` list per bit width)")
 
     progress(f"loading model {config.model!r}")
-    checkpoint = load_model(config.model)
+    checkpoint = load_model(config.model, config.runner)
     progress(f"loaded {checkpoint.name}: {len(checkpoint.weights)} tensors, "
-             f"{checkpoint.parameter_count / 1e6:.1f}M parameters")
-    for plan in criteria.plans.values():
+             f"{checkpoint.parameter_count / 1e6:.1f}M parameters; "
+             + (f"runner {checkpoint.runner_kind}" if checkpoint.runner else "no runner: WEIGHTS ONLY"))
+    for bits in bit_widths:
+        plan = criteria.plan(bits)
         if plan.ladder is not None and not hasattr(checkpoint.runner, "calibration_score"):
             raise ConfigurationError(f"{criteria_path}: INT{plan.bits} uses the fallback ladder, which needs a "
                                      f"model runner with a calibration score; {config.model!r} has none")
-    if checkpoint.runner is None:
-        needs_runner = sorted({c.metric for p in criteria.plans.values() for c in p.gates
-                               if METRICS[c.metric].level == "output"})
-        if needs_runner:
-            raise ConfigurationError(
-                f"{criteria_path}: gates output metrics {needs_runner}, but model {config.model!r} has no "
-                "runner (weight-level validation only); use a weight-level criteria file")
-
+        _check_calibration(plan, checkpoint, criteria_path, config.compare)
     out = config.out
     artifacts = out / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(config=config, checkpoint=checkpoint, criteria=criteria, workdir=artifacts,
                      progress=progress, fault=fault)
+    if any(criteria.plan(b).needs_calibration for b in ctx.bits):
+        ctx.hessians()  # before the suite: a method that cannot run is a usage error, not a failed test
+        for bits in ctx.bits:
+            _check_hessian_coverage(ctx, bits, criteria_path)
     plugin = SuitePlugin(ctx)
     json_report = JSONReport()
     with tempfile.TemporaryDirectory(prefix="arrowquant-suite-") as tmp:
@@ -108,6 +114,7 @@ def run(config: RunConfig) -> RunResult:
               for k in ("passed", "failed", "error", "skipped")}
     passed = not unmeasured and not failures and counts["failed"] == 0 and counts["error"] == 0 and counts["skipped"] == 0
     verdict = "PASS" if passed else "FAIL"
+    scope = OUTPUTS_MEASURED if checkpoint.runner is not None else WEIGHTS_ONLY
 
     base = ctx.baselines
     results: dict[str, Any] = {
@@ -123,12 +130,18 @@ def run(config: RunConfig) -> RunResult:
             "out_dir": str(out),
             "fault": config.fault,
             "profile": config.profile,
+            "runner": checkpoint.runner_kind,
         },
         "calibration_seconds": round(ctx.calibration_seconds, 2),
         "provenance": provenance(checkpoint.source_files, {"fault_permutation": 0},
                                  checkpoint.runner.describe() if checkpoint.runner else None),
         "baselines": asdict(base) if base else None,
-        "bit_widths": [_bit_entry(ctx, bits) for bits in ctx.bits],
+        "model": {"name": checkpoint.name, "kind": checkpoint.kind,
+                  "parameters": checkpoint.parameter_count, "tensors": len(checkpoint.weights),
+                  "ties": dict(checkpoint.ties),
+                  "buffers": sorted(n for n, a in checkpoint.weights.items() if a.dtype.name in RAW_DTYPES),
+                  "conv_grouping": _conv_grouping(ctx)},
+        "bit_widths": [_bit_entry(ctx, bits, unmeasured) for bits in ctx.bits],
         "criteria": [asdict(g) for g in ctx.gates] + [asdict(g) for g in unmeasured],
         "tests": {
             "total": len(plugin.outcomes),
@@ -139,6 +152,7 @@ def run(config: RunConfig) -> RunResult:
             "pytest_summary": summary,
         },
         "verdict": verdict,
+        "verdict_scope": scope,
     }
     results["run"]["wall_seconds"] = round(time.perf_counter() - t0, 2)
     results_path = out / RESULTS_NAME
@@ -151,20 +165,98 @@ def run(config: RunConfig) -> RunResult:
                      report_path, results)
 
 
-def _default_criteria(model: str, profile: str | None) -> Path:
-    path = default_criteria_path(model, profile)
+def _default_criteria(model: str, runner: str | None, profile: str | None) -> Path:
+    """The criteria file of the model (or of its runner, or weights-only), per profile."""
+    base = criteria_base(model, runner)
+    path = default_criteria_path(base, profile)
     if path.is_file():
         return path
-    if profile is not None:
-        from harness.criteria import available
-
-        raise ConfigurationError(f"no criteria for model {model!r} with profile {profile!r} ({path.name}); "
-                                 f"criteria files: {', '.join(available())}; or pass --criteria FILE")
-    # a user checkpoint: weight-level criteria
-    return default_criteria_path("weights")
+    have = profiles_for(base)
+    raise ConfigurationError(f"no criteria for {model!r} ({base}) with profile {profile!r} ({path.name}); "
+                             + (f"profiles with criteria for it: {', '.join(have)}" if have
+                                else "it has no profile criteria")
+                             + "; or pass --criteria FILE")
 
 
-def _bit_entry(ctx: Any, bits: int) -> dict[str, Any]:
+def _check_gates_cover_outputs(criteria: Criteria, bit_widths: tuple[int, ...], runner: str | None,
+                               path: Path) -> None:
+    """A model that a runner can run is gated on its outputs at every bit width; one that
+    no runner can run has no output gates at all (nothing could measure them)."""
+    for bits in bit_widths:
+        outputs = [c.metric for c in criteria.plan(bits).gates if METRICS[c.metric].level == "output"]
+        if runner is not None and not outputs:
+            raise ConfigurationError(
+                f"{path}: INT{bits} has no output-level gate, but runner {runner!r} measures this model's "
+                "outputs; every bit width of a model with a runner is gated on what it outputs")
+        if runner is None and outputs:
+            raise ConfigurationError(
+                f"{path}: gates output metrics {sorted(set(outputs))} at INT{bits}, but no runner can run this "
+                "model (weight-level validation only); use a weight-level criteria file or --runner NAME")
+
+
+def _check_calibration(plan: Any, checkpoint: Any, path: Path, compare: bool) -> None:
+    """A Hessian method needs calibration activations from a runner; without them it is
+    an error unless the criteria name the fallback."""
+    from arrowquant_core.methods import get_method
+
+    methods = {plan.method} | ({m for _s, m in plan.ladder.rungs} if plan.ladder else set())
+    if compare:
+        methods |= set(plan.compare)
+    hessian = sorted(m for m in methods if m in _known_methods() and get_method(m).needs_hessian)
+    if hessian and not hasattr(checkpoint.runner, "calibration_hessians") and plan.fallback is None:
+        raise ConfigurationError(
+            f"{path}: INT{plan.bits} uses {hessian}, which needs calibration activations, but "
+            f"{checkpoint.name!r} has no runner to capture them; set `fallback = \"clip\"` to allow clip "
+            "search instead (the report then shows clip per tensor), or choose another method")
+
+
+def _known_methods() -> set[str]:
+    from arrowquant_core.methods import METHODS
+
+    return set(METHODS)
+
+
+def _check_hessian_coverage(ctx: Any, bits: int, path: Path) -> None:
+    """Every tensor planned with a Hessian method has a Hessian, or a fallback is allowed."""
+    from arrowquant_core.methods import get_method
+
+    plan = ctx.criteria.plan(bits)
+    methods = [plan.method] + ([m for _s, m in plan.ladder.rungs] if plan.ladder else [])
+    needing = [m for m in methods if m in _known_methods() and get_method(m).needs_hessian]
+    if plan.fallback is not None or not needing:
+        return
+    lacking = [n for n in ctx.matrix_names if n not in ctx.calibrated_names]
+    if lacking:
+        raise ConfigurationError(
+            f"{path}: INT{bits} method {needing[0]!r} needs a Hessian for every tensor, but "
+            f"{len(lacking)} have no calibration activations (e.g. {lacking[:3]}); set `fallback = \"clip\"` "
+            "to allow clip search for them")
+
+
+def _conv_grouping(ctx: Any) -> str | None:
+    """How 4-D convolution weights were grouped, in words, when the model has any."""
+    convs = [n for n in ctx.matrix_names if ctx.checkpoint.weights[n].ndim >= 3]
+    if not convs:
+        return None
+    shape = list(ctx.checkpoint.weights[convs[0]].shape)
+    return (f"{len(convs)} tensor(s) of 3+ dimensions (e.g. {convs[0]} {shape}) are quantized as matrices of "
+            f"(dim 0) rows x (product of the other dims) columns, groups running along the flattened "
+            "columns in C order (for a conv weight: each output channel's in_channels x kh x kw values)")
+
+
+def _bit_verdict(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
+    """Ship or do not ship this bit width, with the gates that decided it."""
+    records = [g for g in ctx.gates if g.bits == bits] + [g for g in unmeasured if g.bits == bits]
+    failed = [g.rule for g in records if not g.passed]
+    output_gates = [g for g in records if METRICS[g.metric].level == "output"]
+    return {"decision": "do not ship" if failed else "ship",
+            "failed_gates": failed,
+            "gates": len(records),
+            "outputs_measured": bool(output_gates) and all(math.isfinite(g.value) for g in output_gates),
+            "output_gates": [g.rule for g in output_gates]}
+
+
+def _bit_entry(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     plan = ctx.criteria.plan(bits)
     entry: dict[str, Any] = {
         "bits": bits, "scheme": plan.scheme, "scheme_description": get_scheme(plan.scheme).description,
@@ -181,6 +273,8 @@ def _bit_entry(ctx: Any, bits: int) -> dict[str, Any]:
     entry["timestep_groups"] = tables.get("timestep_groups", [])
     entry["methods"] = tables.get("methods", [])
     entry["method"] = plan.method
+    entry["fallback"] = plan.fallback
+    entry["verdict"] = _bit_verdict(ctx, bits, unmeasured)
     entry["plan"] = None
     mixed = ctx.plans_by_bits.get(bits)
     if mixed is not None:

@@ -22,7 +22,13 @@ import pyarrow.parquet as pq
 VERSION_KEY = b"arrowquant.format_version"
 METADATA_KEY = b"arrowquant.metadata"
 SCHEME_NAME = re.compile(r"^int(\d+)-(tensor|channel|g(\d+))-(sym|asym)$")  # section 5
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}     # section 4
+# section 4: dtype -> NumPy storage type (bfloat16 kept as its raw uint16 bit patterns)
+STORAGE = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2", "bool": "?",
+           "int8": "<i1", "int16": "<i2", "int32": "<i4", "int64": "<i8",
+           "uint8": "<u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8"}
+FLOATS = ("float32", "float16", "bfloat16", "float64")
+ALLOWED = {"float": FLOATS, "buffer": tuple(d for d in STORAGE if d not in FLOATS), "aux": tuple(STORAGE),
+           "v1": tuple(STORAGE)}
 
 
 class SpecError(ValueError):
@@ -32,7 +38,7 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class Tensor:
     name: str
-    kind: str                 # "float" or "quantized"
+    kind: str                 # "quantized", "float", "buffer", "tied", "aux" ("float" for v1 rows)
     shape: tuple[int, ...]
     dtype: str
     values: np.ndarray        # decoded values in ``dtype`` (bfloat16: raw uint16 bit patterns)
@@ -42,6 +48,7 @@ class Tensor:
     scales: np.ndarray | None = None  # float32, one per block
     zeros: np.ndarray | None = None   # uint8, one per block (implicit ones filled in)
     params: np.ndarray | None = None  # float32 (n_blocks, 3) for lattice methods
+    tied_to: str = ""
 
 
 def checksum(header: str, parts: list[bytes]) -> str:
@@ -105,17 +112,20 @@ def to_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
-def decode_float(row: dict[str, Any]) -> Tensor:
-    """Section 4: raw little-endian values in C order."""
+def decode_raw(row: dict[str, Any], kind: str) -> Tensor:
+    """Section 4: raw little-endian values in C order (float, buffer, aux and v1 rows)."""
     name, dtype, shape = row["name"], row["dtype"], tuple(row["shape"])
     data = row["data"]
-    if checksum(f"float|{name}|{shape_text(shape)}|{dtype}", [data]) != row["sha256"]:
+    if dtype not in ALLOWED[kind]:
+        raise SpecError(f"{name}: dtype {dtype} is not allowed in a {kind} row")
+    header_kind = "float" if kind == "v1" else kind
+    if checksum(f"{header_kind}|{name}|{shape_text(shape)}|{dtype}", [data]) != row["sha256"]:
         raise SpecError(f"{name}: checksum mismatch")
-    if len(data) != math.prod(shape) * ITEMSIZE[dtype]:
+    storage = np.dtype(STORAGE[dtype])
+    if len(data) != math.prod(shape) * storage.itemsize:
         raise SpecError(f"{name}: {len(data)} bytes for shape {shape} of {dtype}")
-    storage = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2"}[dtype]
     values = np.frombuffer(data, dtype=storage).reshape(shape)
-    return Tensor(name, "float", shape, dtype, values)
+    return Tensor(name, header_kind, shape, dtype, values)
 
 
 def decode_quantized(row: dict[str, Any]) -> Tensor:
@@ -168,8 +178,26 @@ def read(path: Path) -> tuple[int, dict[str, str], list[Tensor]]:
     version = int(meta[VERSION_KEY].decode("ascii"))
     metadata = json.loads(meta.get(METADATA_KEY, b"{}").decode("utf-8"))
     rows = table.to_pylist()
-    tensors = []
+    tensors: list[Tensor] = []
     for row in rows:
-        kind = row.get("kind", "float") if version >= 2 else "float"
-        tensors.append(decode_quantized(row) if kind == "quantized" else decode_float(row))
+        kind = row["kind"] if version >= 2 else "v1"
+        if kind == "quantized":
+            tensors.append(decode_quantized(row))
+        elif kind == "tied":
+            tensors.append(Tensor(row["name"], "tied", tuple(row["shape"]), row["dtype"], np.zeros(0),
+                                  tied_to=row.get("tied_to") or ""))
+        else:
+            tensors.append(decode_raw(row, kind))
+    by_name = {t.name: t for t in tensors}
+    for i, t in enumerate(tensors):  # section 4: an alias decodes to its tensor's values
+        if t.kind != "tied":
+            continue
+        target = by_name.get(t.tied_to)
+        if target is None or target.kind in ("tied", "aux") or (target.shape, target.dtype) != (t.shape, t.dtype):
+            raise SpecError(f"{t.name}: tied to {t.tied_to!r}, not a stored tensor of the same shape and dtype")
+        header = f"tied|{t.name}|{t.tied_to}|{shape_text(t.shape)}|{t.dtype}"
+        if checksum(header, []) != rows[i]["sha256"]:
+            raise SpecError(f"{t.name}: checksum mismatch")
+        tensors[i] = Tensor(t.name, "tied", t.shape, t.dtype, target.values, target.scheme, target.method,
+                            target.codes, target.scales, target.zeros, target.params, t.tied_to)
     return version, metadata, tensors

@@ -2,9 +2,9 @@
 
 Each deliberately broken quantizer (harness.faults) runs through the real acceptance
 suite on the real MiniLM and on dream-mini; the verdict must be FAIL, and a gate
-expected to catch the fault must be among the failed ones. INT4 exercises every fault (nibble swapping is
-meaningless at INT8); doubled scales also run at INT2, whose output is not gated and
-where only the SQNR gate can see a scale error.
+expected to catch the fault must be among the failed ones. INT4 exercises the codec
+faults (nibble swapping is meaningless at INT8); doubled scales also run at INT2, where
+the SQNR gate must see a scale error; the accounting faults run at INT8.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ EXPECTED = {
     "rows-permuted": {"weight_cosine_min", OUTPUT},
     "stale-artifact": {"source_match"},
 }
+# Faults in what issue 7 made every artifact account for: run at INT8 (round-to-nearest,
+# the fastest full run) on both models; the weight and output gates of INT8 are the
+# tightest, so only the accounting and audit gates below can be what catches them.
+ACCOUNTING = {
+    "float-tensor-dropped": {"missing_tensors"},
+    "norm-gain-scaled": {"kept_tensors_changed"},
+    "bias-zeroed": {"kept_tensors_changed"},
+    "embedding-rows-swapped": {"embedding_row_cosine_min"},
+    "group-scales-off": {"group_range_ratio_max"},
+}
 # Faults of the calibrated path: (model, profile, bits) where the path runs, and the gates.
 CALIBRATED = {
     "gptq-wrong-hessian": ("minilm", None, 4, {"output_cosine_mean", "output_cosine_min"}),
@@ -40,7 +50,7 @@ CALIBRATED = {
 
 
 def test_every_fault_has_an_expectation() -> None:
-    assert set(EXPECTED) | set(CALIBRATED) == set(FAULTS)
+    assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) == set(FAULTS)
 
 
 def _check(result: RunResult, tmp_path: Path, fault: str, metrics: set[str], what: str) -> None:
@@ -58,6 +68,18 @@ def test_fault_fails_the_gate(model: str, fault: str, tmp_path: Path) -> None:
     result = run(RunConfig(model=model, bits=(4,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1,
                            compare=False))
     _check(result, tmp_path, fault, metrics, model)
+
+
+@pytest.mark.parametrize("model", sorted(OUTPUT_METRIC))
+@pytest.mark.parametrize("fault", sorted(ACCOUNTING))
+def test_accounting_fault_fails_the_gate(model: str, fault: str, tmp_path: Path) -> None:
+    result = run(RunConfig(model=model, bits=(8,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1,
+                           compare=False))
+    _check(result, tmp_path, fault, ACCOUNTING[fault], model)
+    if fault == "float-tensor-dropped":
+        # the runner rebuilds the model from the artifact alone: it cannot run without the tensor
+        failures = " ".join(f["message"] for f in result.results["tests"]["failures"])
+        assert "cannot rebuild the model" in failures or "missing" in failures, failures
 
 
 @pytest.mark.parametrize("fault", sorted(CALIBRATED))

@@ -82,19 +82,33 @@ def build_model(scheme: str, rng: np.random.Generator) -> QuantizedModel:
         order.append(name)
     floats["scalar"] = np.array(3.25, dtype=np.float32)
     order.append("scalar")
-    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(order), metadata={"model": "spec-test"})
+    buffers = {}  # integer and boolean buffers of every width, stored bit-exact
+    for dtype in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+        info = np.iinfo(dtype)
+        buffers[f"buffer.{dtype}"] = np.array([info.min, -1 if info.min else 1, 0, info.max], dtype=dtype)
+    buffers["buffer.mask"] = np.array([[True, False], [False, True]])
+    order += list(buffers)
+    ties = {"lm_head.weight": "conv.float16", "bias.alias": "bias.float64"}  # a quantized and a float target
+    order += list(ties)
+    aux = {"timestep_groups.scales": rng.standard_normal((5, 3)).astype(np.float32),
+           "timestep_groups.bounds": np.array([0, 200, 400, 600, 800, 1000], dtype=np.int64)}
+    return QuantizedModel(tensors=tensors, floats=floats, order=tuple(order), metadata={"model": "spec-test"},
+                          buffers=buffers, ties=ties, aux=aux)
 
 
 def compare(model: QuantizedModel, path: Path) -> None:
     version, metadata, decoded = spec.read(path)
     assert version == 2 and metadata == {"model": "spec-test"}
-    assert [t.name for t in decoded] == list(model.order)
+    assert [t.name for t in decoded] == list(model.order) + list(model.aux)  # aux rows last
     core = aq.load(path)
+    everything = core.dequantize()
     for t in decoded:
-        if t.kind == "float":
-            expected = core.floats[t.name]
-            assert t.dtype == expected.dtype.name and t.shape == expected.shape
-            np.testing.assert_array_equal(bits_of(t.values).reshape(-1), bits_of(expected).reshape(-1))
+        if t.kind in ("float", "buffer", "aux", "tied"):
+            expected = {"float": core.floats, "buffer": core.buffers, "aux": core.aux,
+                        "tied": everything}[t.kind][t.name]
+            assert t.dtype == expected.dtype.name and t.shape == expected.shape, t.name
+            np.testing.assert_array_equal(bits_of(t.values).reshape(-1), bits_of(expected).reshape(-1),
+                                          err_msg=t.name)
             continue
         qt = core.tensors[t.name]
         rows, cols, _block, _groups = layout(qt.shape, qt.scheme)
@@ -126,6 +140,8 @@ def test_the_independent_reader_matches_the_core_bit_for_bit(scheme: str, tmp_pa
 def test_v1_files_decode_too(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     floats = {f"w.{d}": rng.standard_normal((3, 5)).astype(aq_dtype(d)) for d in DTYPES}
+    floats["steps"] = np.arange(-3, 12, dtype=np.int64).reshape(3, 5)  # v1 rows may hold integers too
+    floats["mask"] = np.eye(3, dtype=bool)
     path = aq.save_weights(floats, tmp_path / "v1.parquet", {"source": "test"})
     version, metadata, decoded = spec.read(path)
     assert version == 1 and metadata == {"source": "test"}
@@ -210,11 +226,12 @@ def test_the_duckdb_queries_in_the_spec_run(tmp_path: Path) -> None:
     for query in duckdb_queries():
         results.append(con.execute(query.replace("reports/artifacts", str(artifacts))).fetchall())
     listing, per_scheme, kv = results
-    assert len(listing) == len(model.order)
+    assert len(listing) == len(model.order) + len(model.aux)
     top = listing[0]
     assert top[1] == "quantized" and top[2] == "int4-g64-asym" and top[6] == max(r[6] for r in listing)
-    assert {r[0] for r in per_scheme} == {"int4-g64-asym", "float float32", "float float16", "float bfloat16",
-                                          "float float64"}
+    assert {"int4-g64-asym", "float float32", "float bfloat16", "buffer int64", "buffer bool", "tied float16",
+            "aux int64"} <= {r[0] for r in per_scheme}
+    assert next(r for r in listing if r[0] == "lm_head.weight")[6] == 0  # a tied alias stores no values
     assert dict(kv)["arrowquant.format_version"] == "2"
 
 

@@ -315,9 +315,9 @@ def test_no_warning_on_a_healthy_hessian() -> None:
 
 # --- activation capture on the real MiniLM ------------------------------------------------
 
-CAPTURE_NAMES = ["0.model.encoder.layer.0.attention.self.query.weight",
-                 "0.model.encoder.layer.5.output.dense.weight",
-                 "0.model.pooler.dense.weight"]
+CAPTURE_NAMES = ["encoder.layer.0.attention.self.query.weight",
+                 "encoder.layer.5.output.dense.weight",
+                 "pooler.dense.weight"]
 
 
 def _hook_count() -> int:
@@ -337,7 +337,7 @@ def test_capture_hessians_excludes_padding_and_removes_hooks() -> None:
     padded = capture_hessians(sentences, CAPTURE_NAMES, batch_size=4)  # batches need padding
     single = capture_hessians(sentences, CAPTURE_NAMES, batch_size=1)  # no padding at all
     assert _hook_count() == hooks_before
-    assert padded["0.model.encoder.layer.5.output.dense.weight"].shape == (1536, 1536)
+    assert padded["encoder.layer.5.output.dense.weight"].shape == (1536, 1536)
     for name in CAPTURE_NAMES:
         h = padded[name]
         assert h.dtype == np.float32 and np.allclose(h, h.T, atol=1e-5 * float(np.abs(h).max()))
@@ -350,8 +350,8 @@ def test_capture_hessians_errors_leave_no_hooks() -> None:
     from fixtures.minilm.activations import capture_hessians
 
     hooks_before = _hook_count()
-    with pytest.raises(ConfigurationError, match="not Linear weights"):
-        capture_hessians(["x"], ["0.model.embeddings.word_embeddings.weight"])
+    with pytest.raises(ConfigurationError, match="no nn.Linear weight named"):
+        capture_hessians(["x"], ["embeddings.word_embeddings.weight"])
     with pytest.raises(Exception):
         capture_hessians([None, "fine"], CAPTURE_NAMES)  # type: ignore[list-item]
     assert _hook_count() == hooks_before

@@ -20,10 +20,17 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, RunRe
     return first, second
 
 
-def test_dream_mini_passes_with_timestep_groups(two_runs: tuple[RunResult, RunResult]) -> None:
+def test_dream_mini_fails_honestly_at_int2_with_timestep_groups(two_runs: tuple[RunResult, RunResult]) -> None:
+    """INT8 and INT4 ship; plain INT2 round-to-nearest is gated on the denoiser's outputs
+    and fails them, so the run's verdict is FAIL and says which bit width not to ship."""
     result = two_runs[0]
-    assert result.exit_code == 0, result.results["tests"]["failures"]
+    assert result.exit_code == 1 and result.verdict == "FAIL"
     entries = result.results["bit_widths"]
+    decisions = {e["bits"]: e["verdict"] for e in entries}
+    assert decisions[8]["decision"] == "ship" and decisions[4]["decision"] == "ship", decisions
+    assert decisions[2]["decision"] == "do not ship" and decisions[2]["outputs_measured"]
+    assert {r.split()[0] for r in decisions[2]["failed_gates"]} <= {"masked_top1_agreement", "kl_mean"}
+    assert "| INT2 | **DO NOT SHIP** | yes |" in result.report_path.read_text()
     assert [e["bits"] for e in entries] == [8, 4, 2]
     assert [e["scheme"] for e in entries] == ["int8-g64-asym", "int4-g128-asym", "int2-g256-asym"]
     for entry in entries:
@@ -75,13 +82,15 @@ def test_size_budget_mode_on_dream_mini(tmp_path: Path) -> None:
     criteria.write_text(
         '[bits.2]\nscheme = "int2-g256-asym"\nmethod = "clip"\n'
         'gates = [{ rule = "plan_mismatches == 0", why = "ships the plan" }, '
-        '{ rule = "size_mb < 2.5", why = "budget 2 MB planned, plus float tensors and metadata" }]\n'
-        'report = ["masked_top1_agreement", "promotions", "calibration_score"]\n'
+        '{ rule = "size_mb < 2.5", why = "budget 2 MB planned, plus float tensors and metadata" }, '
+        '{ rule = "masked_top1_agreement >= 0.3", why = "a model with a runner is gated on outputs" }]\n'
+        'report = ["promotions", "calibration_score"]\n'
         '[bits.2.ladder]\nrungs = [["int4-g128-asym", "clip"], ["int8-g64-asym", "rtn"]]\nbudget_mb = 2.0\n')
     result = run(RunConfig(model="dream-mini", criteria=criteria, out=tmp_path / "o", quiet=True, benchmark_rounds=1))
     assert result.verdict == "PASS", result.results["tests"]["failures"]
     (entry,) = result.results["bit_widths"]
     assert entry["plan"]["promotions"] > 0
     int2_only = run(RunConfig(model="dream-mini", bits=(2,), out=tmp_path / "p", quiet=True, benchmark_rounds=1))
+    assert int2_only.verdict == "FAIL", "plain INT2 fails its output gates"
     assert entry["metrics"]["masked_top1_agreement"] > int2_only.results["bit_widths"][0]["metrics"][
         "masked_top1_agreement"], "spending the budget must buy quality"

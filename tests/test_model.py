@@ -169,9 +169,12 @@ def test_already_quantized_and_non_array_values_are_rejected(weights: dict[str, 
         quantize_model({"odd": [1.0, 2.0]}, QuantizationConfig("int8-channel-sym"))  # type: ignore[dict-item]
 
 
-def test_float_tensors_are_validated_too() -> None:
-    with pytest.raises(QuantizationError, match="'pos_ids'.*int64"):
-        quantize_model({"pos_ids": np.arange(8)}, QuantizationConfig("int8-channel-sym"))  # type: ignore[dict-item]
+def test_integer_buffers_pass_through_and_other_dtypes_are_validated() -> None:
+    """BERT's int64 position_ids is a buffer, never quantized; a complex tensor is refused."""
+    model = quantize_model({"pos_ids": np.arange(8)}, QuantizationConfig("int8-channel-sym"))  # type: ignore[dict-item]
+    assert not model.tensors and model.buffers["pos_ids"].dtype == np.int64
+    with pytest.raises(QuantizationError, match="'z'.*complex64"):
+        quantize_model({"z": np.ones(8, np.complex64)}, QuantizationConfig("int8-channel-sym"))  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [

@@ -27,3 +27,19 @@ def test_artifact_matches_the_plan(ctx: RunContext, bits: int) -> None:
         measured.update({"promotions": plan.promotions, "calibration_score": plan.score})
     ctx.gate("test_artifact_matches_the_plan", bits, measured)
     assert not reloaded.plan_mismatches, f"stored differently from the plan: {reloaded.plan_mismatches[:5]}"
+
+
+def test_every_tensor_accounted_for(ctx: RunContext, bits: int) -> None:
+    """The artifact holds exactly the source's tensors: the same names, float tensors kept
+    and integer buffers bit-exact, every dequantized dtype the source's, every value
+    finite, and ties recorded as found."""
+    acc = ctx.reloaded(bits).accounting
+    ctx.gate("test_every_tensor_accounted_for", bits, {
+        "missing_tensors": len(acc.missing), "unexpected_tensors": len(acc.unexpected),
+        "kept_tensors_changed": len(acc.changed), "dtype_mismatches": len(acc.dtype_mismatches),
+        "nonfinite_tensors": len(acc.nonfinite), "tie_mismatches": len(acc.tie_mismatches),
+    })
+    problems = {"missing": acc.missing, "unexpected": acc.unexpected, "changed": acc.changed,
+                "dtype": acc.dtype_mismatches, "non-finite": acc.nonfinite, "ties": acc.tie_mismatches}
+    bad = {k: v[:5] for k, v in problems.items() if v}
+    assert not bad, f"tensors not accounted for: {bad}"
