@@ -1,4 +1,4 @@
-"""Build arrowquant_core with mypyc (see ../shared/MYPYC.md for why it looks like this).
+"""Build arrowquant_core with mypyc (see docs/MYPYC.md for why it looks like this).
 
 ARROWQUANT_PURE=1 skips compilation (pure-Python core, for coverage and debugging).
 MYPYC_OPT_LEVEL / MYPYC_DEBUG_LEVEL are read here because mypycify ignores them.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 CORE = [
     "arrowquant_core/errors.py",
@@ -47,4 +47,12 @@ if os.environ.get("ARROWQUANT_PURE") != "1" and not _METADATA_ONLY.intersection(
         debug_level=os.environ.get("MYPYC_DEBUG_LEVEL", "1"),
     )
 
-setup(ext_modules=ext_modules)
+# The folder fixtures/ keeps its name in the repository (the tests import `fixtures`), but
+# is installed as `arrowquant_fixtures`: a top-level `fixtures` in site-packages would
+# shadow the `fixtures` testing library from PyPI. Harness code imports it through
+# harness/fixtures_import.py, and fixtures/ itself uses relative imports only.
+FIXTURES_NAME = "arrowquant_fixtures"
+packages = find_namespace_packages(include=["arrowquant_core", "arrowquant_core.*", "harness", "harness.*"])
+packages += [FIXTURES_NAME + name[len("fixtures"):] for name in find_namespace_packages(include=["fixtures", "fixtures.*"])]
+
+setup(ext_modules=ext_modules, packages=packages, package_dir={FIXTURES_NAME: "fixtures"})

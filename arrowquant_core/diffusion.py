@@ -242,7 +242,7 @@ class DeploymentProfile:
                       self.min_accuracy, self.calibration_samples, self.target_size_mb, self.symmetric)
 
     def __reduce__(self) -> tuple[Callable[[str], DeploymentProfile], tuple[str]]:
-        # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md,
+        # Compiled frozen dataclasses cannot be unpickled field by field (docs/MYPYC.md,
         # "Runtime surprises"); rebuild from the table by name.
         return (get_profile, (self.name,))
 
@@ -315,7 +315,7 @@ class DiffusionQuantConfig:
 
     def __reduce__(self) -> tuple[type[DiffusionQuantConfig],
                                   tuple[int, int, int, float, int, float, bool, bool]]:
-        # MYPYC.md "Runtime surprises": compiled frozen dataclasses need __reduce__ to unpickle.
+        # docs/MYPYC.md "Runtime surprises": compiled frozen dataclasses need __reduce__ to unpickle.
         return (DiffusionQuantConfig, (self.bits, self.group_size, self.time_groups, self.min_accuracy,
                                        self.calibration_samples, self.target_size_mb, self.symmetric,
                                        self.fail_fast))
@@ -828,7 +828,7 @@ def _spatial(weights: Mapping[str, FloatArray], cfg: DiffusionQuantConfig,
 
 def _config(config: DiffusionQuantConfig | str | None) -> DiffusionQuantConfig:
     # Compiled, a value of another type is refused with a TypeError at the call boundary
-    # before this check runs (MYPYC.md, "Runtime surprises"); the check serves pure-Python mode.
+    # before this check runs (docs/MYPYC.md, "Runtime surprises"); the check serves pure-Python mode.
     if config is None:
         return DiffusionQuantConfig.from_profile("local")
     if isinstance(config, str):

@@ -3,7 +3,7 @@
 Every kernel takes ``blocks`` of shape ``(n_blocks, block)`` float32 and works on all
 blocks at once; callers reshape once at the edge (see ``tensor.py``). No Python loop
 touches elements. Temporaries are updated in place (``out=``) because mypyc-compiled
-callers lose NumPy's temporary elision (MYPYC.md, "What mypyc does to NumPy code").
+callers lose NumPy's temporary elision (docs/MYPYC.md, "What mypyc does to NumPy code").
 
 Code convention: codes are unsigned integers in ``[0, 2**bits - 1]`` and
 ``value = (code - zero) * scale``.

@@ -60,7 +60,7 @@ class Scheme:
             raise ConfigurationError(f"scheme {self.name!r}: its parameters name it {canonical!r}")
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
-        # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md,
+        # Compiled frozen dataclasses cannot be unpickled field by field (docs/MYPYC.md,
         # "Runtime surprises"); rebuilding from the table by name keeps multiprocessing working.
         return (get_scheme, (self.name,))
 

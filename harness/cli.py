@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
   python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made by llama.cpp
   python -m harness run --model minilm --criteria my.toml --out build/report
+  python -m harness run --model minilm --baseline last-release/results.json   # regression gate
   python -m harness report reports/results.json        # re-render the report from results
   python -m harness verify reports/results.json        # re-check results against artifacts and criteria
   python -m harness list                               # models, schemes, metrics, faults
@@ -67,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--runner", help="how to run the model for output-level metrics (default: detected from the "
                                       "folder; see `list`), or `none` for weight-level validation only")
     run.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    run.add_argument("--baseline", type=Path,
+                     help="results.json of an earlier run: rules like 'output_cosine_mean >= baseline - 0.002' "
+                          "in the criteria are judged against it; refused when it was made with another "
+                          "model, criteria file or scheme")
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
@@ -121,12 +126,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _list() -> int:
     from arrowquant_core.schemes import SCHEMES
-    from fixtures.checkpoint import MODELS
     from harness.criteria import available
     from harness.faults import FAULTS
+    from harness.fixtures_import import fixtures_module
     from harness.measures import METRICS
 
-    from fixtures.runners import RUNNERS
+    MODELS = fixtures_module("checkpoint").MODELS
+    RUNNERS = fixtures_module("runners").RUNNERS
 
     print("models:")
     for entry in MODELS.values():
@@ -226,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
                 return _refuse(args.results, problems, "it does not hold up")
             _say(f"verified {args.results}: verdict {results['verdict']}, artifacts and criteria match")
             return exitcodes.OK if results["verdict"] == "PASS" else exitcodes.GATE_FAILED
+        from harness.api import run_config
         from harness.config import RunConfig
-        from harness.runner import run
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
                            fault=args.fault, profile=args.profile, compare=args.compare, artifact=args.artifact,
-                           benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner)
-        result = run(config)
+                           benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner,
+                           baseline=args.baseline)
+        result = run_config(config)
         _say(f"{result.verdict}: {result.report_path}")
         return result.exit_code
     except ConfigurationError as exc:

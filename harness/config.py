@@ -19,6 +19,8 @@ class RunConfig:
     deliberate quantizer fault (see ``harness.faults``) for proving the gates work.
     ``artifact`` is a GGUF file quantized elsewhere (llama.cpp, gguf-py), judged by the
     same suite in place of our quantizer's output (``harness.gguf_artifact``).
+    ``baseline`` is the results.json of an earlier run that rules like
+    ``metric >= baseline - 0.002`` are judged against (``harness.baseline``).
     """
 
     model: str
@@ -32,6 +34,7 @@ class RunConfig:
     benchmark_rounds: int = 3
     quiet: bool = False
     runner: str | None = None  # override runner detection ("none": weights only)
+    baseline: Path | None = None
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b not in BIT_WIDTHS]
@@ -49,5 +52,7 @@ class RunConfig:
             if self.fault is not None:
                 raise ConfigurationError("--artifact judges a file made elsewhere; --inject-fault breaks our own "
                                          "quantizer, which then does not run: use one or the other")
+        if self.baseline is not None and not Path(self.baseline).is_file():
+            raise ConfigurationError(f"--baseline {self.baseline}: no such file (a results.json of an earlier run)")
         if self.benchmark_rounds < 1:
             raise ConfigurationError(f"benchmark_rounds = {self.benchmark_rounds}: must be >= 1")

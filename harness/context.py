@@ -18,7 +18,7 @@ from pathlib import Path
 import shutil
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -30,10 +30,12 @@ from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import Scheme
 from arrowquant_core.tensor import blocks_of
 from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_budget, plan_quality, realize
-from fixtures.checkpoint import Checkpoint
 from harness.config import RunConfig
 from harness.criteria import BitPlan, Criteria
 from harness.faults import Fault
+
+if TYPE_CHECKING:  # the fixtures package is installed as arrowquant_fixtures: see harness/fixtures_import.py
+    from fixtures.checkpoint import Checkpoint
 
 FloatArray = npt.NDArray[np.floating]
 

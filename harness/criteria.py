@@ -16,11 +16,22 @@ with ``--criteria FILE``::
 
 ``Criterion.check(value)`` returns ``None`` or the failure text that becomes the test's
 failure message: the metric, the measured value, the rule and the bit width.
+
+A rule may also be relative to a baseline run (``--baseline results.json``)::
+
+    "output_cosine_mean >= baseline - 0.002"    # may lose at most 0.002
+    "quantize_seconds <= baseline * 1.10"       # at most 10% slower
+    "top1_agreement >= baseline"                # no worse at all
+
+Such a criterion has ``relative`` set and no usable threshold until
+``Criterion.resolve(baseline_values)`` turns it into an absolute one (see
+``harness/baseline.py``); ``load_criteria`` refuses relative rules unless asked to keep
+them, so a run without a baseline fails at the start with a clear message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 import math
 import operator
@@ -38,6 +49,9 @@ _OPS: Final[dict[str, Callable[[float, float], bool]]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
 }
 _RULE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+|inf)\s*$")
+# "metric OP baseline", "metric OP baseline - 0.002", "metric OP baseline * 1.1"
+_RELATIVE_RULE = re.compile(
+    r"^\s*([a-z0-9_]+)\s*(>=|<=|==|>|<)\s*baseline\s*(?:([-+*])\s*([0-9.]+(?:[eE][-+]?[0-9]+)?))?\s*$")
 CRITERIA_DIR: Final = Path(__file__).resolve().parent / "criteria"
 MAX_CRITERIA_BYTES: Final = 1 << 20
 """A criteria file is a few KB; anything past 1 MiB (or a device, FIFO, /dev/zero) is refused."""
@@ -50,10 +64,37 @@ class Criterion:
     op: str
     threshold: float
     why: str = ""
+    # relative to a baseline: "" (absolute), "=" (baseline itself), "+", "-" or "*" with
+    # ``offset``; ``threshold`` is NaN until ``resolve`` makes the criterion absolute
+    relative: str = ""
+    offset: float = 0.0
 
     @property
     def rule(self) -> str:
+        if self.relative == "=":
+            return f"{self.metric} {self.op} baseline"
+        if self.relative:
+            return f"{self.metric} {self.op} baseline {self.relative} {self.offset:g}"
         return f"{self.metric} {self.op} {self.threshold:g}"
+
+    def resolve(self, baseline_values: Mapping[str, float], source: str = "baseline") -> Criterion:
+        """The absolute criterion for this baseline's measured values (same bit width).
+
+        >>> parse_rule("output_cosine_mean >= baseline - 0.002", 4).resolve({"output_cosine_mean": 0.96}).rule
+        'output_cosine_mean >= 0.958'
+        """
+        if not self.relative:
+            return self
+        if self.metric not in baseline_values:
+            raise ConfigurationError(f"rule {self.rule!r} (INT{self.bits}): the {source} has no measured "
+                                     f"{self.metric} for INT{self.bits}")
+        base = float(baseline_values[self.metric])
+        if math.isnan(base):
+            raise ConfigurationError(f"rule {self.rule!r} (INT{self.bits}): {self.metric} in the {source} is NaN")
+        threshold = {"=": base, "+": base + self.offset, "-": base - self.offset,
+                     "*": base * self.offset}[self.relative]
+        why = f"{self.rule} with baseline {base:.6g} ({source})" + (f"; {self.why}" if self.why else "")
+        return Criterion(self.bits, self.metric, self.op, threshold, why)
 
     @property
     def id(self) -> str:
@@ -61,6 +102,9 @@ class Criterion:
 
     def check(self, value: float) -> str | None:
         """None when ``value`` meets the rule, otherwise a readable failure."""
+        if self.relative:
+            return (f"INT{self.bits} {self.metric} = {value:.6g}: rule {self.rule} needs a baseline "
+                    "(--baseline results.json)")
         ok = not math.isnan(value) and _OPS[self.op](value, self.threshold)
         if ok:
             return None
@@ -129,9 +173,17 @@ def parse_rule(text: str, bits: int, why: str = "", where: str = "") -> Criterio
     >>> parse_rule("output_cosine_mean >= 0.99", 4).check(0.98)
     'INT4 output_cosine_mean = 0.98 violates output_cosine_mean >= 0.99'
     """
+    relative = _RELATIVE_RULE.match(text)
+    if relative is not None:
+        metric, op, sign, number = relative.groups()
+        if metric not in METRICS:
+            raise ConfigurationError(f"{where}{unknown_name('metric', metric, METRICS)}")
+        return Criterion(bits=bits, metric=metric, op=op, threshold=math.nan, why=why,
+                         relative=sign or "=", offset=float(number) if number else 0.0)
     match = _RULE.match(text)
     if match is None:
-        raise ConfigurationError(f"{where}rule {short(text)} is not 'metric OP number' with OP in {list(_OPS)}")
+        raise ConfigurationError(f"{where}rule {short(text)} is not 'metric OP number' or 'metric OP baseline "
+                                 f"[+-* number]' with OP in {list(_OPS)}")
     metric, op, number = match.groups()
     if metric not in METRICS:
         raise ConfigurationError(f"{where}{unknown_name('metric', short(metric, 60), METRICS)}")
@@ -285,9 +337,12 @@ def inherited_path(path: Path) -> Path | None:
     return path.parent / parent if isinstance(parent, str) else None
 
 
-def load_criteria(path: Path, model: str = "") -> Criteria:
+def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> Criteria:
     """Read and validate a criteria file; every problem is a ConfigurationError naming the
-    file, the section and the rule (wrong types included), never a raw TypeError."""
+    file, the section and the rule (wrong types included), never a raw TypeError.
+
+    Rules relative to a baseline are refused unless ``allow_relative`` (the caller then
+    resolves them, see ``harness.baseline``)."""
     data = _with_parent(_read_toml(path), path)
     shared_section = _table(data.get("all", {}), "[all]", f"criteria file {path}: ")
     shared = _gates(shared_section.get("gates", []), 0, f"{path} [all]: ")
@@ -314,7 +369,11 @@ def load_criteria(path: Path, model: str = "") -> Criteria:
         if scheme_bits != bits:
             raise ConfigurationError(f"{where}scheme {short(scheme)} is not {bits}-bit")
         gates = _gates(section.get("gates", []), bits, where)
-        gates += [Criterion(bits, c.metric, c.op, c.threshold, c.why) for c in shared]
+        gates += [Criterion(bits, c.metric, c.op, c.threshold, c.why, c.relative, c.offset) for c in shared]
+        relative = [g.rule for g in gates if g.relative]
+        if relative and not allow_relative:
+            raise ConfigurationError(f"{where}rules {relative} are relative to a baseline; pass "
+                                     "--baseline results.json (a results.json of an earlier run)")
         report = _list_of(section.get("report", []), str, "report", where)
         for metric in report:
             if metric not in METRICS:

@@ -3,7 +3,7 @@
 Each fault turns a correct quantized model into a broken one (or writes it wrongly).
 ``tests/test_fault_injection.py`` runs the whole suite with each fault and asserts the
 verdict is FAIL and names the gate that caught it. A fault no gate catches means a
-threshold is too loose. Compiled core functions cannot be monkeypatched (MYPYC.md), so
+threshold is too loose. Compiled core functions cannot be monkeypatched (docs/MYPYC.md), so
 faults act on the core's outputs, exactly where a buggy quantizer would differ.
 """
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from fixtures.dream_mini.runner import ACT_CONFIGS, ACT_METRICS
+from harness.fixtures_import import fixtures_module
+
+# the weight-activation configurations dream-mini's runner measures (one table, there)
+_dream_runner = fixtures_module("dream_mini.runner")
+ACT_CONFIGS, ACT_METRICS = _dream_runner.ACT_CONFIGS, _dream_runner.ACT_METRICS
 
 
 LEVELS = ("artifact", "weight", "output", "time")

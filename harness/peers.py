@@ -494,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import tempfile
 
-    from fixtures.checkpoint import load_model
+    from harness.fixtures_import import fixtures_module
+
+    load_model = fixtures_module("checkpoint").load_model
 
     parser = argparse.ArgumentParser(prog="python -m harness.peers", description=main.__doc__)
     parser.add_argument("--model", default="minilm")

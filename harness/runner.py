@@ -48,7 +48,10 @@ def run(config: RunConfig) -> RunResult:
     import pytest
     from pytest_jsonreport.plugin import JSONReport
 
-    from fixtures.checkpoint import load_model, runner_kind
+    from harness.fixtures_import import fixtures_module
+
+    load_model = fixtures_module("checkpoint").load_model
+    runner_kind = fixtures_module("checkpoint").runner_kind
     from harness.context import Progress, RunContext
     from harness.faults import get_fault
     from harness.plugin import SuitePlugin

@@ -1,6 +1,6 @@
 """Shared fixtures for the core tests: seeded, pure generators of small checkpoints.
 
-Kept small on purpose (STYLE.md rule 15): one generator function that takes a
+Kept small on purpose (docs/STYLE.md rule 15): one generator function that takes a
 ``numpy.random.Generator`` and plants the named edge cases the kernels must survive.
 """
 

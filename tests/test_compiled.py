@@ -1,7 +1,7 @@
 """The suite runs against the mypyc build: prove the compiled modules are the ones imported.
 
 No skip: an interpreted core here is an install bug (run ``pip install -e .`` with the
-build requirements), and this test must fail so it is fixed, not hidden (STYLE.md rule 14).
+build requirements), and this test must fail so it is fixed, not hidden (docs/STYLE.md rule 14).
 """
 
 from __future__ import annotations

@@ -364,7 +364,7 @@ def test_bad_mode(mode: str, hint: str) -> None:
 def test_bad_config_type_and_output_folder(model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"unknown profile 'egde'; did you mean 'edge'"):
         ArrowQuantV2().quantize_diffusion_model(model_dir, tmp_path / "q.parquet", "egde")
-    # compiled, the call boundary refuses the type with a TypeError (MYPYC.md); pure Python,
+    # compiled, the call boundary refuses the type with a TypeError (docs/MYPYC.md); pure Python,
     # the readable check does: either way the message names the expected type
     with pytest.raises((ConfigurationError, TypeError), match="DiffusionQuantConfig"):
         ArrowQuantV2().quantize_diffusion_model(model_dir, tmp_path / "q.parquet", {"bits": 4})  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Tests of the block kernels: bit packing, round-to-nearest quantization, dequantization.
 
-Kinds (STYLE.md rule 14): exact round trips, an oracle against a slow per-block
+Kinds (docs/STYLE.md rule 14): exact round trips, an oracle against a slow per-block
 reference that reports the worst block, Hypothesis properties (derandomized), and the
 named edge cases (all-zero block, constant block, single huge outlier, tiny values).
 """

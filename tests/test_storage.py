@@ -1,6 +1,6 @@
 """Tests of Parquet storage: v2 (quantized) and v1 (float) round trips, metadata,
 atomic writes, and damaged or hostile files. Real files in tmp_path, written and
-edited with pyarrow; no mocks. Comparisons are on logical content (STYLE.md rule 8)."""
+edited with pyarrow; no mocks. Comparisons are on logical content (docs/STYLE.md rule 8)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 GPTQ covers every Linear weight (37, with calibration Hessians from
 ``calibration_sentences.txt``); the embedding tables have no input activations and
 fall back to MSE clip search (``methods.quantize_tensor``). The budget: the whole
-model in <= 5 s on this 2-core machine with one BLAS thread (MYPYC.md: 2 OpenBLAS
+model in <= 5 s on this 2-core machine with one BLAS thread (docs/MYPYC.md: 2 OpenBLAS
 threads make small products ~60x slower here). The GPTQ/RTN time ratio measured in
 the same run goes to ``benchmark.extra_info``.
 

@@ -1,0 +1,121 @@
+"""The quality-versus-size chart, drawn from real results files.
+
+``tests/golden/adoption/minilm-compare-results.json`` is the results.json of
+``python -m harness run --model minilm --compare`` (five INT4 points within 0.04 bits
+and 0.025 cosine of each other: the crowding the old chart could not label), and
+``dream-mini-int4-results.json`` a dream-mini INT4 run. The layout is checked on the
+drawn figure: no label overlaps another label or a marker, every label stays inside the
+axes, no two leader lines cross.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from pathlib import Path
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from harness import chart
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "adoption"
+COMPARE = json.loads((GOLDEN / "minilm-compare-results.json").read_text())
+DREAM = json.loads((GOLDEN / "dream-mini-int4-results.json").read_text())
+
+
+def label_boxes(results: dict) -> tuple[list, object, list]:
+    built = chart.build_figure(results)
+    assert built is not None
+    fig, ax, labels = built
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = []
+    for label in labels:
+        label.update_positions(renderer)
+        boxes.append(Text.get_window_extent(label, renderer))
+    return labels, ax, boxes
+
+
+@pytest.mark.parametrize("results", [COMPARE, DREAM], ids=["minilm-compare", "dream-mini"])
+def test_labels_do_not_collide(results: dict) -> None:
+    import matplotlib
+
+    with matplotlib.rc_context({"font.size": 9}):
+        labels, ax, boxes = label_boxes(results)
+    pts, _key = chart.points(results)
+    assert len(labels) == len(pts)
+    for (i, a), (j, b) in itertools.combinations(enumerate(boxes), 2):
+        assert not a.overlaps(b), f"labels {labels[i].get_text()!r} and {labels[j].get_text()!r} overlap"
+    axes_box = ax.get_window_extent()
+    dpi_scale = ax.figure.dpi / 72.0
+    for label, box in zip(labels, boxes):
+        assert axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1
+        for p in pts:
+            px, py = ax.transData.transform((p.x, p.y))
+            r = chart._marker_radius_points(p) * dpi_scale
+            assert not (box.x0 < px + r and px - r < box.x1 and box.y0 < py + r and py - r < box.y1), (
+                f"label {label.get_text()!r} covers the marker of {p.label}")
+    leaders = [label.arrow_patch for label in labels if label.arrow_patch is not None
+               and label.arrow_patch.get_visible()]
+    segments = []
+    for patch in leaders:
+        v = ax.transData.transform(patch.get_path().vertices)  # the arrow's path is in data coordinates
+        segments.append((v[0][0], v[0][1], v[-1][0], v[-1][1]))
+    for a, b in itertools.combinations(segments, 2):
+        assert not chart._crosses(a, b), "two leader lines cross"
+
+
+def test_points_pareto_and_references_come_from_the_results() -> None:
+    pts, key = chart.points(COMPARE)
+    assert key == "output_cosine_mean"
+    base = COMPARE["baselines"]
+    fp32 = next(p for p in pts if p.label == "FP32")
+    assert fp32.x == pytest.approx(base["fp32_bytes"] * 8 / base["parameters"]) and fp32.y == 1.0
+    methods = {(p.bits, p.method) for p in pts if p.kind == "method"}
+    assert (4, "gptq") in methods and (2, "residual2") in methods
+    assert (2, "rtn") not in methods  # INT2's validated method is drawn once, as its plan
+    frontier = chart.pareto(pts)
+    assert [p.x for p in frontier] == sorted(p.x for p in frontier)
+    assert all(a.y < b.y for a, b in zip(frontier, frontier[1:]))
+    for p in pts:
+        if p in frontier:  # nothing at most as large is better
+            assert not any(q.x <= p.x and q.y > p.y for q in pts), p
+        else:  # something on the frontier is at most as large and at least as good
+            assert any(q.x <= p.x and q.y >= p.y for q in frontier), p
+    assert {(p.bits, p.method) for p in frontier if p.kind != "reference"} >= {(4, "gptq-act-mse"), (8, "rtn")}
+
+
+def test_the_plan_is_marked_shippable_only_when_it_passed() -> None:
+    plans = {p.bits: p for p in chart.points(COMPARE)[0] if p.kind == "plan"}
+    assert plans[4].ok and plans[8].ok
+    assert not plans[2].ok and "outputs collapsed" in plans[2].label  # INT2 rtn: cosine 0.41, gates passed
+    failed = copy.deepcopy(COMPARE)
+    for c in failed["criteria"]:
+        if c["bits"] == 4:
+            c["passed"] = False
+            break
+    plans = {p.bits: p for p in chart.points(failed)[0] if p.kind == "plan"}
+    assert not plans[4].ok and "failed gates" in plans[4].label
+
+
+def test_render_writes_a_png_and_a_deterministic_svg(tmp_path: Path) -> None:
+    first = chart.render_chart(DREAM, tmp_path / "dream")
+    assert first[1].read_bytes() == chart.render_chart(DREAM, tmp_path / "again")[1].read_bytes()  # deterministic
+    written = chart.render_chart(COMPARE, tmp_path / "compare")
+    assert [p.name for p in written] == ["quality_vs_size.png", "quality_vs_size.svg"]
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = ET.parse(written[1]).getroot()
+    text = "".join(svg.itertext())
+    for expected in ("INT4 plan: gptq-act-mse 0.989", "Pareto frontier", "unquantized reference", "method: hqq",
+                     "validated plan: passed every gate", "plan measured, not shippable", "FP32 32.0 bits"):
+        assert expected in text, expected
+    assert "(shipped plan)" not in text
+
+
+def test_nothing_measured_draws_nothing(tmp_path: Path) -> None:
+    empty = {**COMPARE, "bit_widths": [{**e, "metrics": {}, "methods": []} for e in COMPARE["bit_widths"]]}
+    assert chart.render_chart(empty, tmp_path) == []
+    assert not list(tmp_path.iterdir())
