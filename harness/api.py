@@ -53,34 +53,16 @@ def validate(model: str | Path, *, bits: int | Iterable[int] = (), criteria: str
 
 
 def run_config(config: RunConfig) -> RunResult:
-    """``harness.runner.run`` plus the baseline step (what the CLI calls).
+    """``harness.runner.run`` (what the CLI calls).
 
-    With ``config.baseline`` the criteria are resolved against it first
+    With ``config.baseline`` the runner resolves the criteria against it first
     (``harness.baseline.prepare``: refuses an incomparable baseline, writes
-    ``<out>/<criteria>.resolved.toml``), the run is judged by the resolved file, and the
-    per-bit deltas are added to results.json under ``"baseline"``.
+    ``<out>/<criteria>.resolved.toml``), judges the run by the resolved file, and adds
+    the per-bit deltas to results.json under ``"baseline"`` and to the report.
     """
     from harness.runner import run
 
-    if config.baseline is None:
-        return run(config)
-    from harness import baseline as bl
-    from harness.fixtures_import import fixtures_module
-    from harness.results import write_json
-    from harness.runner import _default_criteria
-
-    if config.criteria is not None:
-        source = config.criteria
-    else:  # the criteria file the runner would choose (it depends on the model's runner)
-        kind = fixtures_module("checkpoint").runner_kind(config.model, config.runner)
-        source = _default_criteria(config.model, kind, config.profile)
-    prepared = bl.prepare(source, config.model, config.baseline, config.out, config.bits)
-    result = run(replace(config, criteria=prepared.criteria_path))
-    if "baseline" not in result.results and prepared.baseline is not None:  # the runner did not record it
-        result.results["baseline"] = bl.summary(result.results, prepared.baseline)
-        result.results["run"]["criteria_source"] = str(prepared.source_criteria)
-        write_json(result.results, result.results_path)
-    return result
+    return run(config)
 
 
 def load_results(path: str | Path) -> dict[str, object]:

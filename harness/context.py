@@ -33,6 +33,7 @@ from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_budget, plan_qualit
 from harness.config import RunConfig
 from harness.criteria import BitPlan, Criteria
 from harness.faults import Fault
+from harness.progress import Progress
 
 if TYPE_CHECKING:  # the fixtures package is installed as arrowquant_fixtures: see harness/fixtures_import.py
     from fixtures.checkpoint import Checkpoint
@@ -109,18 +110,6 @@ class Baselines:
     fp16_bytes: int
     parameters: int
     how: str
-
-
-class Progress:
-    """Progress lines on stderr, so stdout stays clean for pipes."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -219,10 +208,16 @@ class RunContext:
             realize_fn = self.fault.realize if self.fault is not None and self.fault.realize else realize
             model = realize_fn(self.checkpoint.weights, plan, hessians, ties=ties)
         else:
-            model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits), hessians=hessians,
-                                      ties=ties)
+            with self.progress.bar(len(self.checkpoint.weights), f"INT{bits} quantizing") as bar:
+                model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits),
+                                          hessians=hessians, ties=ties, progress=lambda _d, _t, _n: bar.update(1))
         # the artifact says which weights it was made from, so a stale one is detectable
         model = dataclasses.replace(model, metadata={**model.metadata, SOURCE_KEY: self.source_digest})
+        runner = self.checkpoint.runner
+        if runner is not None and hasattr(runner, "activation_aux"):
+            # activation parameters (per time group) are part of the artifact: the runner
+            # evaluates the weight-activation configurations with what the file holds
+            model = dataclasses.replace(model, aux={**model.aux, **runner.activation_aux()})
         return self.fault.mutate(model) if self.fault is not None else model
 
     @property
@@ -354,7 +349,10 @@ class RunContext:
             raise RuntimeError("no runner for this model: output-level metrics are not available")
         if bits not in self.output_by_bits:
             self.progress(f"INT{bits}: running the model on the evaluation set")
-            raw = self.checkpoint.runner.compare(self.reloaded(bits).weights)
+            runner = self.checkpoint.runner
+            reloaded = self.reloaded(bits)
+            raw = (runner.compare(reloaded.weights, aux=reloaded.model.aux) if hasattr(runner, "activation_aux")
+                   else runner.compare(reloaded.weights))
             # scalars are metrics (gated or reported); lists are tables for the report
             self.output_by_bits[bits] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
             self.tables_by_bits[bits] = {k: v for k, v in raw.items() if not isinstance(v, (int, float))}
@@ -373,30 +371,34 @@ class RunContext:
         rows: list[dict[str, Any]] = []
         folder = self.workdir / "compare"
         plan = self.criteria.plan(bits)
-        for method in plan.compare if self.config.compare else ():
-            config = aq.QuantizationConfig(plan.scheme, method=method)
-            hessians = self.hessians() if get_method(method).needs_hessian else None
-            self.progress(f"INT{bits}: comparing method {method}")
-            t0 = time.perf_counter()
-            model = aq.quantize_model(self.checkpoint.weights, config, hessians=hessians)
-            seconds = time.perf_counter() - t0
-            path = aq.save(model, folder / f"{self.checkpoint.name}-int{bits}-{method}.parquet")
-            size = path.stat().st_size
-            weights = aq.load_weights(path)
-            matrices = [n for n in model.tensors]
-            signal = sum(float(np.sum(np.square(self.checkpoint.weights[n], dtype=np.float64))) for n in matrices)
-            noise = sum(float(np.sum(np.square(np.asarray(weights[n], np.float64) - self.checkpoint.weights[n])))
-                        for n in matrices)
-            row: dict[str, Any] = {
-                "method": method, "scheme": plan.scheme, "quantize_seconds": seconds,
-                "size_mb": size / 1e6, "bits_per_weight": size * 8 / self.checkpoint.parameter_count,
-                "weight_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else math.inf,
-                "calibrated_tensors": sum(1 for t in model.tensors.values() if t.method == method),
-            }
-            if self.checkpoint.runner is not None:
-                raw = self.checkpoint.runner.compare(weights)
-                row.update({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
-            rows.append(row)
+        methods = plan.compare if self.config.compare else ()
+        with self.progress.bar(len(methods), f"INT{bits} comparing methods") as bar:
+            for method in methods:
+                config = aq.QuantizationConfig(plan.scheme, method=method)
+                hessians = self.hessians() if get_method(method).needs_hessian else None
+                self.progress(f"INT{bits}: comparing method {method}")
+                t0 = time.perf_counter()
+                model = aq.quantize_model(self.checkpoint.weights, config, hessians=hessians,
+                                          ties=self.checkpoint.ties)
+                seconds = time.perf_counter() - t0
+                path = aq.save(model, folder / f"{self.checkpoint.name}-int{bits}-{method}.parquet")
+                size = path.stat().st_size
+                weights = aq.load_weights(path)
+                matrices = [n for n in model.tensors]
+                signal = sum(float(np.sum(np.square(self.checkpoint.weights[n], dtype=np.float64))) for n in matrices)
+                noise = sum(float(np.sum(np.square(np.asarray(weights[n], np.float64) - self.checkpoint.weights[n])))
+                            for n in matrices)
+                row: dict[str, Any] = {
+                    "method": method, "scheme": plan.scheme, "quantize_seconds": seconds,
+                    "size_mb": size / 1e6, "bits_per_weight": size * 8 / self.checkpoint.parameter_count,
+                    "weight_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else math.inf,
+                    "calibrated_tensors": sum(1 for t in model.tensors.values() if t.method == method),
+                }
+                if self.checkpoint.runner is not None:
+                    raw = self.checkpoint.runner.compare(weights)
+                    row.update({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
+                rows.append(row)
+                bar.update(1)
         if self.config.compare and plan.peers:  # llama.cpp's formats (gguf-py), same tensors and sentences
             from harness.peers import compare_rows
 

@@ -386,6 +386,13 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed),
     Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped),
     Fault("group-scales-off", "eight groups of the largest weight stored with 4x their scale", group_scales_off),
+    # dream-mini: the artifact's activation tables (time groups)
+    Fault("time-groups-reversed", "the activation table's time groups applied in reverse order",
+          time_groups_reversed),
+    Fault("act-scales-other-layer", "each layer's activation scales taken from another layer",
+          act_scales_of_another_layer),
+    Fault("time-group-table-dropped", "the time-group activation tables left out of the artifact",
+          time_group_table_dropped),
     # dit-mini
     Fault("conv-reshaped-wrong-order", "conv weights flattened channel-last but stored as channel-first",
           conv_reshaped_wrong_order),

@@ -20,7 +20,6 @@ from harness.results import OUTPUTS_MEASURED, WEIGHTS_ONLY, write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 WORST_LAYERS = 10
-CHART_NAME = "quality_vs_size.svg"
 SUMMARY_COLUMNS = (
     ("size_mb", "Size MB", "{:.2f}"), ("compression_vs_fp32", "vs FP32", "{:.2f}x"),
     ("compression_vs_fp16", "vs FP16", "{:.2f}x"), ("bits_per_weight", "Bits/weight", "{:.2f}"),
@@ -82,51 +81,6 @@ def quality_key(m: dict[str, Any]) -> str:
 
 def quality_min_key(m: dict[str, Any]) -> str:
     return next((b for a, b in QUALITY_KEYS if a in m), "output_cosine_min")
-
-
-def chart_points(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """(bits per weight on disk, output quality) of every method and plan measured."""
-    points = []
-    for e in results["bit_widths"]:
-        for m in e.get("methods", []):
-            if quality_key(m) in m:
-                points.append({"label": f"INT{e['bits']} {m['method']}", "x": m["bits_per_weight"],
-                               "y": _num(m[quality_key(m)])})
-        metrics = e["metrics"]
-        key = quality_key(metrics)
-        if key in metrics and "bits_per_weight" in metrics:
-            tag = "ladder" if e.get("plan") else e.get("method", "")
-            shipped = (e.get("verdict") or {}).get("decision") == "ship"
-            points.append({"label": f"INT{e['bits']} {tag} ({'passed: ship' if shipped else 'failed gates'})",
-                           "x": metrics["bits_per_weight"], "y": _num(metrics[key]), "plan": shipped})
-    return points
-
-
-def render_chart(results: dict[str, Any]) -> str | None:
-    """An SVG scatter of quality against size; None when nothing was measured."""
-    points = chart_points(results)
-    if not points:
-        return None
-    width, height, left, bottom, top, right = 900, 440, 70, 50, 30, 380
-    xs = [p["x"] for p in points]
-    ys = [p["y"] for p in points]
-    x0, x1 = 0.0, max(xs) * 1.1
-    y0, y1 = min(0.0, min(ys)), 1.0
-    def sx(v: float) -> float:
-        return left + (v - x0) / (x1 - x0) * (width - left - right)
-    def sy(v: float) -> float:
-        return height - bottom - (v - y0) / (y1 - y0) * (height - bottom - top)
-    ticks_x = [round(x0 + i * (x1 - x0) / 5, 1) for i in range(6)]
-    ticks_y = [round(y0 + i * (y1 - y0) / 5, 2) for i in range(6)]
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    ylabel = ("output cosine (mean)" if any("output_cosine_mean" in e["metrics"] for e in results["bit_widths"])
-              else "masked top-1 agreement")
-    return env.get_template("chart.svg.j2").render(
-        width=width, height=height, left=left, bottom=bottom, top=top, right=right, ylabel=ylabel,
-        xticks=[(f"{t:g}", sx(t)) for t in ticks_x], yticks=[(f"{t:g}", sy(t)) for t in ticks_y],
-        points=[{**p, "cx": sx(p["x"]), "cy": sy(p["y"]), "ly": 40 + 16 * i} for i, p in enumerate(points)],
-        legend_x=width - right + 20)
 
 
 def recommendations(results: dict[str, Any]) -> list[str]:
@@ -210,6 +164,12 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
                  ", ".join(md_code(r) for r in (e.get("verdict") or {}).get("failed_gates", [])) or "all gates met"]
                 for e in entries]
     model_info = results.get("model") or {}
+    regression = results.get("baseline") or {}
+    gated = {(c["bits"], c["metric"]) for c in results["criteria"]}
+    deltas = [[f"INT{md_text(d['bits'])}", md_code(d["metric"]), _fmt(d["value"], "{:.6g}"),
+               _fmt(d["baseline"], "{:.6g}"), _fmt(d["delta"], "{:+.4g}"),
+               "gated" if (d["bits"], d["metric"]) in gated else "reported"]
+              for d in regression.get("deltas", [])]
     runner_tables = [{"bits": e["bits"], "title": key.replace("_", " "),
                       "header": [md_text(c) for c in rows[0]],
                       "rows": [[md_text(_fmt(r.get(c), "{:.4g}")) for c in rows[0]] for r in rows]}
@@ -284,6 +244,10 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
         "worst": worst,
         "timestep_groups": groups,
         "runner_tables": runner_tables,
+        "deltas": deltas,
+        "baseline_source": (f"{md_code(regression.get('path'))} (model {md_text(regression.get('model'))}, "
+                            f"verdict {md_text(regression.get('verdict'))}, commit "
+                            f"{md_code(str(regression.get('git_commit'))[:12])})") if regression else None,
         "methods": methods,
         "method_quality": "output cosine" if any("output_cosine_mean" in m for e in entries for m in e.get("methods", []))
         else "masked top-1 agreement",
@@ -303,8 +267,14 @@ def render(results: dict[str, Any], template: str = "report.md.j2") -> str:
 
 
 def render_report(results: dict[str, Any], path: Path) -> Path:
-    """Write the Markdown report (and its chart, next to it) atomically."""
-    chart = render_chart(results)
-    if chart is not None:
-        write_text_atomic(path.with_name(CHART_NAME), chart)
-    return write_text_atomic(path, render({**results, "chart": CHART_NAME if chart else None}))
+    """Write the Markdown report (and its chart, next to it) atomically.
+
+    The chart (``harness.chart``: PNG and SVG, legend, FP32/FP16 references, Pareto
+    frontier) is drawn when at least two configurations were measured; one point is a
+    table row, not a chart."""
+    from harness.chart import points as chart_points_of, render_chart as draw
+
+    measured = [p for p in chart_points_of(results)[0] if p.kind != "reference"]
+    charts = draw(results, path.parent) if len(measured) >= 2 else []
+    png = next((c.name for c in charts if c.suffix == ".png"), None)
+    return write_text_atomic(path, render({**results, "chart": png}))

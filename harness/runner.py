@@ -62,6 +62,14 @@ def run(config: RunConfig) -> RunResult:
     fault = get_fault(config.fault) if config.fault else None
     kind = runner_kind(config.model, config.runner)  # cheap: no weights read yet
     criteria_path = config.criteria or _default_criteria(config.model, kind, config.profile)
+    prepared = None
+    if config.baseline is not None:
+        # rules such as "output_cosine_mean >= baseline - 0.002" resolved against an earlier
+        # run (refused when it was made with another model, criteria or scheme)
+        from harness import baseline as regression
+
+        prepared = regression.prepare(criteria_path, config.model, config.baseline, config.out, config.bits)
+        criteria_path = prepared.criteria_path
     criteria = load_criteria(criteria_path, config.model)
     bit_widths = config.bits or tuple(sorted(criteria.plans, reverse=True))
     for bits in bit_widths:
@@ -171,6 +179,9 @@ def run(config: RunConfig) -> RunResult:
         "verdict": verdict,
         "verdict_scope": scope,
     }
+    if prepared is not None and prepared.baseline is not None:
+        results["baseline"] = regression.summary(results, prepared.baseline)
+        results["run"]["criteria_source"] = str(prepared.source_criteria)
     results["run"]["wall_seconds"] = round(time.perf_counter() - t0, 2)
     results_path = out / RESULTS_NAME
     report_path = out / REPORT_NAME

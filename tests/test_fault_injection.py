@@ -41,6 +41,13 @@ ACCOUNTING = {
     "embedding-rows-swapped": {"embedding_row_cosine_min"},
     "group-scales-off": {"group_range_ratio_max"},
 }
+# Faults in dream-mini's activation tables (the artifact's aux rows), run at INT8 where the
+# W8A8 configurations are gated.
+AUX = {
+    "time-groups-reversed": {"activation_tables_match", "a8_timeaware_kl_ratio"},
+    "act-scales-other-layer": {"activation_tables_match", "a8_tensor_timeaware_kl_mean"},
+    "time-group-table-dropped": {"activation_tables_stored"},
+}
 # Faults of the calibrated path: (model, profile, bits) where the path runs, and the gates.
 CALIBRATED = {
     "gptq-wrong-hessian": ("minilm", None, 4, {"output_cosine_mean", "output_cosine_min"}),
@@ -54,7 +61,7 @@ ELSEWHERE = {"conv-reshaped-wrong-order"}
 
 
 def test_every_fault_has_an_expectation() -> None:
-    assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) | ELSEWHERE == set(FAULTS)
+    assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) | set(AUX) | ELSEWHERE == set(FAULTS)
 
 
 def _check(result: RunResult, tmp_path: Path, fault: str, metrics: set[str], what: str) -> None:
@@ -84,6 +91,13 @@ def test_accounting_fault_fails_the_gate(model: str, fault: str, tmp_path: Path)
         # the runner rebuilds the model from the artifact alone: it cannot run without the tensor
         failures = " ".join(f["message"] for f in result.results["tests"]["failures"])
         assert "cannot rebuild the model" in failures or "missing" in failures, failures
+
+
+@pytest.mark.parametrize("fault", sorted(AUX))
+def test_activation_table_fault_fails_the_gate(fault: str, tmp_path: Path) -> None:
+    result = run(RunConfig(model="dream-mini", bits=(8,), out=tmp_path, fault=fault, quiet=True,
+                           benchmark_rounds=1, compare=False))
+    _check(result, tmp_path, fault, AUX[fault], "dream-mini")
 
 
 @pytest.mark.parametrize("fault", sorted(CALIBRATED))

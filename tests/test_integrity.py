@@ -158,7 +158,7 @@ def test_tensor_names_and_user_text_render_inert(run_out: Path) -> None:
     assert headings[1:] == clean_headings[1:]  # no heading injected; the title names the (escaped) model
     assert headings[0] == "# Quantization validation report — " + md_text(evil)
     outside_code = text.replace(md_code(evil), "")  # inside a code span nothing is markup
-    assert "<img" not in outside_code and "](" not in outside_code.replace("](quality_vs_size.svg)", "")
+    assert "<img" not in outside_code and "](" not in outside_code.replace("](quality_vs_size.png)", "")
     def columns(markdown: str) -> list[int]:  # cells per table row: an escaped pipe splits nothing
         return [line.count("|") - line.count("\\|") for line in markdown.splitlines() if line.startswith("| INT")]
 
