@@ -84,8 +84,9 @@ __all__ = [
     "unpack",
 ]
 
-COMPILED_MODULES = ("atomic", "clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
-                    "plan", "residual", "safetensors_io", "schemes", "storage", "tensor")
+COMPILED_MODULES = ("atomic", "clip", "diffusion", "errors", "gptq", "hqq", "igptq", "kernels", "kquant", "methods",
+                    "metrics", "model", "plan", "residual", "rotation", "safetensors_io", "schemes", "storage",
+                    "tensor")
 
 
 def is_compiled() -> bool:

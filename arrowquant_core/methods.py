@@ -12,10 +12,20 @@ per tensor (``QuantizationConfig.method`` / ``method_overrides``).
     gptq-mse      GPTQ, MSE-clipped group ranges
     gptq-act-mse  both
     residual2     residual 2-bit: two sign steps, 4-level lattice    (residual.py)
+    iclip         clip search weighted by diag(H) (imatrix style)    (kquant.py)
+    iclip-h       iclip on the Hadamard-rotated weight               (kquant.py, rotation.py)
+    gptq-i        GPTQ, act order, static ranges from iclip          (igptq.py)
+    gptq-ih       gptq-i on the Hadamard-rotated weight (block 64)   (igptq.py, rotation.py)
+    gptq-ih128    gptq-i, Hadamard block 128
+
+Only the ``iclip`` / ``gptq-i*`` family supports the K-quant schemes (``-k6`` / ``-k8``:
+scales stored as codes, ``kquant.py``): their searches choose scales on the stored grid.
 
 GPTQ needs the Hessian of the tensor's input activations; a tensor without one (an
-embedding table has no input activations) falls back to ``clip``, and the tensor's
-``method`` says so, so the report never claims GPTQ where it did not run.
+embedding table has no input activations) falls back to the row's ``fallback``
+(``clip``; ``iclip`` with uniform importance for the ``i`` family, ``iclip-h`` for the
+rotated ones), and the tensor's ``method`` says so, so the report never claims GPTQ
+where it did not run.
 """
 
 from __future__ import annotations
@@ -32,7 +42,10 @@ from arrowquant_core.clip import quantize_clip
 from arrowquant_core.errors import ConfigurationError, unknown_name
 from arrowquant_core.gptq import quantize_gptq
 from arrowquant_core.hqq import quantize_hqq
+from arrowquant_core.igptq import quantize_igptq
+from arrowquant_core.kquant import quantize_iclip
 from arrowquant_core.residual import residual2_quantize
+from arrowquant_core.rotation import rotate, rotate_hessian
 from arrowquant_core.schemes import Scheme
 from arrowquant_core.tensor import QuantizedTensor, as_float32, from_codes, quantize
 
@@ -47,6 +60,9 @@ class Method:
     act_order: bool = False
     mse_clip: bool = False
     bits: tuple[int, ...] = (8, 4, 2)  # bit widths the method supports
+    fallback: str = "clip"  # what runs on a tensor without a Hessian
+    k_schemes: bool = False  # can choose scales on a K-scheme's code grid (kquant.py)
+    rotation: int = 0  # Hadamard block of the input dimension (rotation.py), 0 = none
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (get_method, (self.name,))  # compiled frozen dataclasses unpickle by name
@@ -63,6 +79,16 @@ _ROWS: Final[tuple[Method, ...]] = (
            act_order=True, mse_clip=True),
     Method("residual2", "residual 2-bit: two 1-bit sign steps per group (non-uniform 4-level lattice)",
            bits=(2,)),
+    Method("iclip", "clip search weighted by diag(H) of the input (imatrix style); uniform without a Hessian",
+           needs_hessian=True, fallback="iclip", k_schemes=True),
+    Method("iclip-h", "iclip on the randomized-Hadamard-rotated weight (block 64), undone at dequantization",
+           needs_hessian=True, fallback="iclip-h", k_schemes=True, rotation=64),
+    Method("gptq-i", "GPTQ in activation order, static group ranges from iclip (diag(H)-weighted)",
+           needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True),
+    Method("gptq-ih", "gptq-i on the randomized-Hadamard-rotated weight (block 64, QuIP#-style)",
+           needs_hessian=True, act_order=True, fallback="iclip-h", k_schemes=True, rotation=64),
+    Method("gptq-ih128", "gptq-i on the randomized-Hadamard-rotated weight (block 128)",
+           needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True, rotation=128),
 )
 
 METHODS: Final[dict[str, Method]] = {m.name: m for m in _ROWS}
@@ -80,6 +106,10 @@ def check_method(name: str, scheme: Scheme) -> Method:
     method = get_method(name)
     if scheme.bits not in method.bits:
         raise ConfigurationError(f"method {name!r} supports {list(method.bits)}-bit schemes, not {scheme.name}")
+    if scheme.scale_bits and not method.k_schemes:
+        k_methods = [m.name for m in _ROWS if m.k_schemes]
+        raise ConfigurationError(f"method {name!r} cannot store scales as codes (scheme {scheme.name}); "
+                                 f"K-schemes take one of {k_methods}")
     return method
 
 
@@ -110,11 +140,31 @@ def _residual2(array: object, scheme: Scheme, name: str, hessian: F32 | None,
                       np.zeros(0, np.float32), np.zeros(0, np.uint8), method.name, params)
 
 
+def _iclip(array: object, scheme: Scheme, name: str, hessian: F32 | None, method: Method) -> QuantizedTensor:
+    if method.rotation:
+        values, _dtype = as_float32(array, name)
+        shape = tuple(int(d) for d in values.shape)
+        if len(shape) != 2 or shape[1] % method.rotation:
+            return quantize_iclip(array, scheme, name, hessian)  # tagged "iclip": not rotated
+        rotated = rotate(values, method.rotation).astype(values.dtype)
+        h = rotate_hessian(hessian, method.rotation) if hessian is not None else None
+        qt = quantize_iclip(rotated, scheme, name, h, method=method.name)
+        return dataclasses.replace(qt, dtype=_dtype)
+    return quantize_iclip(array, scheme, name, hessian)
+
+
+def _igptq(array: object, scheme: Scheme, name: str, hessian: F32 | None, method: Method) -> QuantizedTensor:
+    if hessian is None:
+        return _iclip(array, scheme, name, None, get_method(method.fallback))
+    return quantize_igptq(array, scheme, name, hessian, rotation=method.rotation, method=method.name)
+
+
 Kernel = Callable[[object, Scheme, str, "F32 | None", Method], QuantizedTensor]
 
 _DISPATCH: Final[dict[str, Kernel]] = {
     "rtn": _rtn, "clip": _clip, "hqq": _hqq, "gptq": _gptq, "gptq-act": _gptq, "gptq-mse": _gptq,
-    "gptq-act-mse": _gptq, "residual2": _residual2,
+    "gptq-act-mse": _gptq, "residual2": _residual2, "iclip": _iclip, "iclip-h": _iclip, "gptq-i": _igptq,
+    "gptq-ih": _igptq, "gptq-ih128": _igptq,
 }
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from arrowquant_core.errors import FormatError, QuantizationError
+from arrowquant_core.rotation import ROTATED_METHODS, unrotate
 from arrowquant_core.kernels import dequantize_blocks, pack, quantize_blocks, residual2_dequantize_blocks, unpack
 from arrowquant_core.schemes import Scheme, get_scheme
 
@@ -236,7 +237,11 @@ def dequantize_float32(qt: QuantizedTensor) -> F32:
     else:
         zeros = qt.zeros if qt.zeros.size else np.full(qt.scales.size, 1 << (qt.scheme.bits - 1), np.uint8)
         values = dequantize_blocks(block_codes(qt), qt.scales, zeros)
-    return np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols]).reshape(qt.shape)
+    matrix = np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols])
+    hadamard = ROTATED_METHODS.get(qt.method, 0)
+    if hadamard:  # codes are of the rotated weight W R (rotation.py); undo: W = (W R) R^T
+        matrix = unrotate(matrix, hadamard)
+    return matrix.reshape(qt.shape)
 
 
 def dequantize(qt: object) -> npt.NDArray[np.floating]:

@@ -1,0 +1,159 @@
+"""Quality per bit on the real MiniLM: output cosine (mean / worst sentence) vs bits per weight.
+
+Issue 13, items 3 and 4. Every figure is measured here: the whole model is quantized
+with a configuration (scheme + method, per-tensor overrides), written with
+``arrowquant_core.save``, its bytes on disk divided by the parameter count give bits
+per weight, it is reloaded with ``load_weights`` and the sentence embeddings of the
+*evaluation* corpus are compared with FP32 (``MiniLMRunner.compare``). The mean cosine
+on a calibration subset (``MiniLMRunner.calibration_score``) is reported beside it:
+choices between configurations are made on that column, never on the evaluation one.
+
+The default suite runs one configuration (the proposed INT4 default) against the
+current one, both timed in the same process. The whole table is a script:
+
+    PYTHONPATH=$PWD OPENBLAS_NUM_THREADS=1 python tests/benchmarks/test_bench_quality_per_bit.py [NAME ...]
+
+(``--list`` prints the configuration names.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from threadpoolctl import threadpool_limits
+
+import arrowquant_core as aq
+
+F32 = npt.NDArray[np.float32]
+GPTQ_BUDGET_S = 5.0  # issue 13 item 4, on a quiet machine; checked here as a ratio to gptq-act-mse
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    config: aq.QuantizationConfig
+    note: str = ""
+
+
+def _cfg(scheme: str, method: str, overrides: tuple[tuple[str, str], ...] = (),
+         method_overrides: tuple[tuple[str, str], ...] = ()) -> aq.QuantizationConfig:
+    return aq.QuantizationConfig(scheme, method=method, overrides=overrides, method_overrides=method_overrides)
+
+
+EMB = "*embeddings*"
+CONFIGS: dict[str, Config] = {c.name: c for c in (
+    Config("int8-g128/rtn", _cfg("int8-g128-asym", "rtn"), "current INT8 default"),
+    Config("int8-g64-k8/iclip", _cfg("int8-g64-asym-k8", "iclip")),
+    Config("int8-g32-k8/iclip", _cfg("int8-g32-asym-k8", "iclip")),
+    Config("int8-g32-k8/gptq-i", _cfg("int8-g32-asym-k8", "gptq-i")),
+    Config("int4-g64/gptq-act-mse", _cfg("int4-g64-asym", "gptq-act-mse"), "current INT4 default"),
+    Config("int4-g64/gptq-i", _cfg("int4-g64-asym", "gptq-i")),
+    Config("int4-g64/gptq-ih", _cfg("int4-g64-asym", "gptq-ih")),
+    Config("int4-g32-k8/gptq-i", _cfg("int4-g32-asym-k8", "gptq-i")),
+    Config("int4-g32-k8/gptq-ih", _cfg("int4-g32-asym-k8", "gptq-ih")),
+    Config("int4-g32-k8/gptq-ih128", _cfg("int4-g32-asym-k8", "gptq-ih128")),
+    Config("int4-g16-k8/gptq-ih", _cfg("int4-g16-asym-k8", "gptq-ih")),
+    Config("int4-g32-k6/gptq-ih", _cfg("int4-g32-asym-k6", "gptq-ih")),
+    Config("int2-g64/gptq-act-mse", _cfg("int2-g64-asym", "gptq-act-mse"), "current INT2 GPTQ"),
+    Config("int2-g16-k8/gptq-i", _cfg("int2-g16-asym-k8", "gptq-i")),
+    Config("int2-g16-k8/gptq-ih", _cfg("int2-g16-asym-k8", "gptq-ih")),
+    Config("int2-g16-k8/gptq-ih128", _cfg("int2-g16-asym-k8", "gptq-ih128")),
+    Config("int2-g32-k8/gptq-ih", _cfg("int2-g32-asym-k8", "gptq-ih")),
+    Config("int2-g16-k8/gptq-ih+emb4", _cfg("int2-g16-asym-k8", "gptq-ih", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int2-g32-k8/gptq-ih+emb4", _cfg("int2-g32-asym-k8", "gptq-ih", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int4-g32-k8/gptq-ih+emb2", _cfg("int4-g32-asym-k8", "gptq-ih", ((EMB, "int2-g16-asym-k8"),))),
+    Config("int4-g32-k8/gptq-ih+emb2g32", _cfg("int4-g32-asym-k8", "gptq-ih", ((EMB, "int2-g32-asym-k8"),))),
+)}
+
+
+def minilm() -> tuple[dict[str, F32], dict[str, F32]]:
+    from fixtures.minilm.activations import calibration_hessians
+    from fixtures.minilm.model import original_weights
+
+    return original_weights(), calibration_hessians()
+
+
+def measure(weights: Mapping[str, F32], hessians: Mapping[str, F32], config: aq.QuantizationConfig,
+            runner: Any, calibration: Callable[[dict[str, Any]], float] | None = None) -> dict[str, float]:
+    """Quantize, save, reload, compare: the row of the quality-per-bit table."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        model = aq.quantize_model(weights, config, hessians=hessians)
+        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        path = aq.save(model, Path(folder) / "model.parquet")
+        size = path.stat().st_size
+        reloaded = aq.load(path)
+        back = aq.load_weights(path)
+    exact = all(np.array_equal(reloaded.tensors[n].codes, t.codes) and np.array_equal(reloaded.tensors[n].scales, t.scales)
+                and np.array_equal(reloaded.tensors[n].zeros, t.zeros) for n, t in model.tensors.items())
+    out = runner.compare(back)
+    row = {"output_cosine_mean": float(out["output_cosine_mean"]), "output_cosine_min": float(out["output_cosine_min"]),
+           "bits_per_weight": 8.0 * size / model.parameter_count, "bytes": float(size),
+           "quantize_seconds": seconds, "roundtrip_exact": float(exact)}
+    if calibration is not None:
+        row["calibration_cosine_mean"] = float(calibration(dict(back)))
+    return row
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[dict[str, F32], dict[str, F32], Any]:
+    from fixtures.minilm.runner import MiniLMRunner
+
+    weights, hessians = minilm()
+    return weights, hessians, MiniLMRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread() -> Iterator[None]:
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def test_int4_k8_rotated_gptq_beats_the_current_default_at_fewer_bits(
+        data: tuple[dict[str, F32], dict[str, F32], Any]) -> None:
+    weights, hessians, runner = data
+    new = measure(weights, hessians, CONFIGS["int4-g32-k8/gptq-ih"].config, runner)
+    old = measure(weights, hessians, CONFIGS["int4-g64/gptq-act-mse"].config, runner)
+    assert new["roundtrip_exact"] == 1.0
+    assert new["bits_per_weight"] <= 4.5, new
+    # measured 0.9913 / 0.9795 against 0.9887 / 0.9663 (PROPOSAL below); margins keep a
+    # machine-to-machine wobble of the embeddings from failing it
+    assert new["output_cosine_mean"] >= old["output_cosine_mean"] + 0.001, (new, old)
+    assert new["output_cosine_min"] >= old["output_cosine_min"] + 0.005, (new, old)
+    # time within 3x of the current GPTQ default measured in the same process (the <= 5 s
+    # budget is for a quiet machine; a ratio survives a busy one)
+    assert new["quantize_seconds"] <= 3.0 * old["quantize_seconds"], (new, old)
+
+
+def main(argv: list[str]) -> int:
+    if "--list" in argv:
+        for c in CONFIGS.values():
+            print(c.name, c.note)
+        return 0
+    from fixtures.minilm.runner import MiniLMRunner
+
+    names = argv or list(CONFIGS)
+    weights, hessians = minilm()
+    runner = MiniLMRunner()
+    calibration = runner.calibration_score()
+    print(f"{'configuration':34s} {'bpw':>6s} {'calib':>8s} {'mean':>8s} {'worst':>7s} {'sec':>6s}")
+    for name in names:
+        row = measure(weights, hessians, CONFIGS[name].config, runner, calibration)
+        print(f"{name:34s} {row['bits_per_weight']:6.3f} {row['calibration_cosine_mean']:8.5f} "
+              f"{row['output_cosine_mean']:8.5f} {row['output_cosine_min']:7.4f} {row['quantize_seconds']:6.1f}"
+              + ("" if row["roundtrip_exact"] == 1.0 else "  ROUNDTRIP NOT EXACT"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
