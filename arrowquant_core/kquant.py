@@ -86,7 +86,7 @@ def exponents_for(maxima: F32, cmax: int) -> I64:
     """Smallest ``e`` with ``maxima <= cmax * 2**e`` (0 where the maximum is 0).
 
     >>> exponents_for(np.array([255.0, 256.0, 0.5], np.float32), 255).tolist()
-    [0, 1, -9]
+    [0, 1, -8]
     """
     m = maxima.astype(np.float64)
     positive = m > 0
