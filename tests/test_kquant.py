@@ -84,7 +84,7 @@ def test_search_matches_the_definition_block_by_block() -> None:
     assert np.allclose(deq, ref_deq, rtol=1e-5, atol=1e-6)
 
 
-@settings(derandomize=True, max_examples=60, deadline=None)
+@settings(derandomize=True, max_examples=40, deadline=None)
 @given(st.floats(1e-30, 1e30), st.sampled_from([63, 255]))
 def test_exponent_is_the_smallest_that_holds_the_maximum(m: float, cmax: int) -> None:
     e = int(exponents_for(np.array([m], np.float32), cmax)[0])
@@ -93,7 +93,7 @@ def test_exponent_is_the_smallest_that_holds_the_maximum(m: float, cmax: int) ->
     assert v > cmax * 2.0 ** (e - 1)
 
 
-@settings(derandomize=True, max_examples=40, deadline=None)
+@settings(derandomize=True, max_examples=25, deadline=None)
 @given(st.integers(0, 2**31), st.sampled_from(K_SCHEMES), st.integers(1, 40), st.floats(1e-6, 1e3))
 def test_searched_scales_encode_and_decode_bit_exact(seed: int, scheme: str, rows: int, spread: float) -> None:
     sch = get_scheme(scheme)

@@ -13,7 +13,9 @@ current one, both timed in the same process. The whole table is a script:
 
     PYTHONPATH=$PWD OPENBLAS_NUM_THREADS=1 python tests/benchmarks/test_bench_quality_per_bit.py [NAME ...]
 
-(``--list`` prints the configuration names.)
+(``--list`` prints the configuration names; ``budget=3.0`` runs ``plan.plan_budget`` with
+``BUDGET_RUNGS`` at that many bits per weight, sensitivity scored on calibration sentences;
+``budget48=4.45`` the same with ``BUDGET_RUNGS_HIGH``.)
 """
 
 from __future__ import annotations
@@ -135,6 +137,42 @@ def test_int4_k8_rotated_gptq_beats_the_current_default_at_fewer_bits(
     assert new["quantize_seconds"] <= 3.0 * old["quantize_seconds"], (new, old)
 
 
+BUDGET_RUNGS: tuple[tuple[str, str], ...] = (
+    ("int2-g16-asym-k8", "gptq-ih"), ("int4-g32-asym-k8", "gptq-ih"))
+BUDGET_RUNGS_HIGH: tuple[tuple[str, str], ...] = (
+    ("int4-g32-asym-k8", "gptq-ih"), ("int8-g32-asym-k8", "gptq-i"))
+
+
+def measure_budget(weights: Mapping[str, F32], hessians: Mapping[str, F32], target_bpw: float, runner: Any,
+                   rungs: tuple[tuple[str, str], ...] = BUDGET_RUNGS) -> dict[str, float]:
+    """``plan.plan_budget`` at a planned size of ``target_bpw`` (float tensors included), scored on
+    calibration sentences; the realized model is then measured like any configuration."""
+    calibration = runner.calibration_score()
+    names = [n for n, a in weights.items() if a.ndim == 2]
+    floats = sum(4.0 * a.size for n, a in weights.items() if a.ndim != 2)
+    params = sum(int(a.size) for a in weights.values())
+    budget = target_bpw * params / 8.0 - floats
+    ladder = tuple(aq.Rung(s, m) for s, m in rungs)
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        plan = aq.plan_budget(weights, names, ladder, calibration, budget, hessians=hessians)
+        model = aq.realize(weights, plan, hessians=hessians)
+        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        path = aq.save(model, Path(folder) / "model.parquet")
+        size = path.stat().st_size
+        back = aq.load_weights(path)
+    out = runner.compare(back)
+    counts = {r.label: sum(1 for d in plan.decisions if d.rung == i) for i, r in enumerate(ladder)}
+    print(f"  plan at {target_bpw} bpw: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    for d in plan.decisions:
+        if d.rung:
+            print(f"    {d.name} -> {ladder[d.rung].label}")
+    return {"output_cosine_mean": float(out["output_cosine_mean"]), "output_cosine_min": float(out["output_cosine_min"]),
+            "bits_per_weight": 8.0 * size / params, "quantize_seconds": seconds,
+            "calibration_cosine_mean": plan.score, "roundtrip_exact": 1.0}
+
+
 def main(argv: list[str]) -> int:
     if "--list" in argv:
         for c in CONFIGS.values():
@@ -148,7 +186,11 @@ def main(argv: list[str]) -> int:
     calibration = runner.calibration_score()
     print(f"{'configuration':34s} {'bpw':>6s} {'calib':>8s} {'mean':>8s} {'worst':>7s} {'sec':>6s}")
     for name in names:
-        row = measure(weights, hessians, CONFIGS[name].config, runner, calibration)
+        if name.startswith("budget"):  # budget=B: INT2/INT4 rungs; budget48=B: INT4/INT8 rungs
+            rungs = BUDGET_RUNGS_HIGH if name.startswith("budget48=") else BUDGET_RUNGS
+            row = measure_budget(weights, hessians, float(name.split("=", 1)[1]), runner, rungs)
+        else:
+            row = measure(weights, hessians, CONFIGS[name].config, runner, calibration)
         print(f"{name:34s} {row['bits_per_weight']:6.3f} {row['calibration_cosine_mean']:8.5f} "
               f"{row['output_cosine_mean']:8.5f} {row['output_cosine_min']:7.4f} {row['quantize_seconds']:6.1f}"
               + ("" if row["roundtrip_exact"] == 1.0 else "  ROUNDTRIP NOT EXACT"), flush=True)
