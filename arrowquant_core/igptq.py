@@ -6,7 +6,8 @@ The composition the issue asks for ("importance-weighted clip search feeding GPT
    (``rotation.py``: randomized block Hadamard, QuIP#-style incoherence);
 2. choose every group's scale and integer zero point up front with the clip search
    of ``kquant.search_params``, each value's squared error weighted by ``diag(H)`` of
-   its input column (llama.cpp's imatrix weighting); for K-schemes the scales are
+   its input column (llama.cpp's imatrix weighting; ``importance=False``: unweighted,
+   which measured better on MiniLM, see ``methods.py``); for K-schemes the scales are
    searched on their stored code grid, so what GPTQ rounds against is exactly what
    the file holds;
 3. run GPTQ (``gptq.gptq_matrix``) in activation order with those parameters fixed
@@ -33,8 +34,10 @@ F32 = npt.NDArray[np.float32]
 
 
 def quantize_igptq(array: object, scheme: Scheme | str, name: str, hessian: object, rotation: int = 0,
-                   method: str = "gptq-i", damp: float = 0.01, block_size: int = 128) -> QuantizedTensor:
-    """GPTQ with importance-weighted static group ranges; ``rotation`` = Hadamard block (0: none).
+                   method: str = "gptq-i", damp: float = 0.01, block_size: int = 128,
+                   importance: bool = True) -> QuantizedTensor:
+    """GPTQ with static group ranges from the grid search, weighted by ``diag(H)`` if
+    ``importance`` (else plain squared error); ``rotation`` = Hadamard block (0: none).
 
     >>> from arrowquant_core.gptq import hessian_from_activations
     >>> rng = np.random.default_rng(0)
@@ -55,10 +58,10 @@ def quantize_igptq(array: object, scheme: Scheme | str, name: str, hessian: obje
         values = rotate(values, rotation).astype(np.float32)
         column_importance(h, cols, name)  # validates the shape before rotating
         h = rotate_hessian(np.asarray(h), rotation)
-    importance = importance_blocks(column_importance(h, cols, name), shape, sch)
+    weights = importance_blocks(column_importance(h, cols, name), shape, sch) if importance else None
     blocks, _layout = blocks_of(values, sch)
     per = groups_per_super(sch) if sch.scale_bits else 1
-    _codes, scales, zeros = search_params(blocks, sch.bits, sch.symmetric, sch.scale_bits, per, importance)
+    _codes, scales, zeros = search_params(blocks, sch.bits, sch.symmetric, sch.scale_bits, per, weights)
     u, perm = factor_hessian(h, cols, damp, True, name)
     rows, _cols, block, n_groups = layout(shape, sch)
     codes, _s, _z = gptq_matrix(values, u, sch.bits, sch.symmetric, group, block_size, perm,

@@ -16,7 +16,15 @@ per tensor (``QuantizationConfig.method`` / ``method_overrides``).
     iclip-h       iclip on the Hadamard-rotated weight               (kquant.py, rotation.py)
     gptq-i        GPTQ, act order, static ranges from iclip          (igptq.py)
     gptq-ih       gptq-i on the Hadamard-rotated weight (block 64)   (igptq.py, rotation.py)
-    gptq-ih128    gptq-i, Hadamard block 128
+    gptq-k        GPTQ, act order, static ranges from the plain       (igptq.py)
+                  squared-error search on the scheme's scale grid
+    gptq-kh       gptq-k on the Hadamard-rotated weight (block 64)   (igptq.py, rotation.py)
+    gptq-kh128    gptq-k, Hadamard block 128
+
+Measured on MiniLM (tests/benchmarks/test_bench_quality_per_bit.py): weighting the
+range search by diag(H) *before* GPTQ does not help -- GPTQ already steers the rounding
+by the full Hessian -- (INT4 g64: gptq-i 0.9881 / 0.957 vs gptq-k 0.9887 / 0.966); the
+K-scheme grid and the rotation do. ``gptq-kh`` is the proposed default.
 
 Only the ``iclip`` / ``gptq-i*`` family supports the K-quant schemes (``-k6`` / ``-k8``:
 scales stored as codes, ``kquant.py``): their searches choose scales on the stored grid.
@@ -63,6 +71,7 @@ class Method:
     fallback: str = "clip"  # what runs on a tensor without a Hessian
     k_schemes: bool = False  # can choose scales on a K-scheme's code grid (kquant.py)
     rotation: int = 0  # Hadamard block of the input dimension (rotation.py), 0 = none
+    importance: bool = True  # i family: range search weighted by diag(H); k family: plain error
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (get_method, (self.name,))  # compiled frozen dataclasses unpickle by name
@@ -87,8 +96,13 @@ _ROWS: Final[tuple[Method, ...]] = (
            needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True),
     Method("gptq-ih", "gptq-i on the randomized-Hadamard-rotated weight (block 64, QuIP#-style)",
            needs_hessian=True, act_order=True, fallback="iclip-h", k_schemes=True, rotation=64),
-    Method("gptq-ih128", "gptq-i on the randomized-Hadamard-rotated weight (block 128)",
-           needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True, rotation=128),
+    Method("gptq-k", "GPTQ in activation order, static group ranges from the plain clip search on the "
+           "scheme's scale grid", needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True,
+           importance=False),
+    Method("gptq-kh", "gptq-k on the randomized-Hadamard-rotated weight (block 64, QuIP#-style)",
+           needs_hessian=True, act_order=True, fallback="iclip-h", k_schemes=True, rotation=64, importance=False),
+    Method("gptq-kh128", "gptq-k on the randomized-Hadamard-rotated weight (block 128)",
+           needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True, rotation=128, importance=False),
 )
 
 METHODS: Final[dict[str, Method]] = {m.name: m for m in _ROWS}
@@ -156,7 +170,8 @@ def _iclip(array: object, scheme: Scheme, name: str, hessian: F32 | None, method
 def _igptq(array: object, scheme: Scheme, name: str, hessian: F32 | None, method: Method) -> QuantizedTensor:
     if hessian is None:
         return _iclip(array, scheme, name, None, get_method(method.fallback))
-    return quantize_igptq(array, scheme, name, hessian, rotation=method.rotation, method=method.name)
+    return quantize_igptq(array, scheme, name, hessian, rotation=method.rotation, method=method.name,
+                          importance=method.importance)
 
 
 Kernel = Callable[[object, Scheme, str, "F32 | None", Method], QuantizedTensor]
@@ -164,7 +179,7 @@ Kernel = Callable[[object, Scheme, str, "F32 | None", Method], QuantizedTensor]
 _DISPATCH: Final[dict[str, Kernel]] = {
     "rtn": _rtn, "clip": _clip, "hqq": _hqq, "gptq": _gptq, "gptq-act": _gptq, "gptq-mse": _gptq,
     "gptq-act-mse": _gptq, "residual2": _residual2, "iclip": _iclip, "iclip-h": _iclip, "gptq-i": _igptq,
-    "gptq-ih": _igptq, "gptq-ih128": _igptq,
+    "gptq-ih": _igptq, "gptq-k": _igptq, "gptq-kh": _igptq, "gptq-kh128": _igptq,
 }
 
 

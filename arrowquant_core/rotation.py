@@ -53,7 +53,7 @@ BLOCK_SIZES: Final[tuple[int, ...]] = (32, 64, 128, 256)
 # Methods whose codes are of the rotated weight, and their Hadamard block size. The one
 # table ``tensor.dequantize_float32`` reads to undo the rotation; ``methods.py`` rows
 # name the same block sizes.
-ROTATED_METHODS: Final[dict[str, int]] = {"gptq-ih": 64, "iclip-h": 64, "gptq-ih128": 128}
+ROTATED_METHODS: Final[dict[str, int]] = {"gptq-ih": 64, "iclip-h": 64, "gptq-kh": 64, "gptq-kh128": 128}
 
 
 def signs(cols: int) -> F32:

@@ -137,7 +137,7 @@ def test_importance_weighting_never_loses_on_the_weighted_error() -> None:
 
 
 def test_k_schemes_take_only_the_methods_that_store_scale_codes() -> None:
-    assert K_METHODS == ["gptq-i", "gptq-ih", "gptq-ih128", "iclip", "iclip-h"]
+    assert K_METHODS == ["gptq-i", "gptq-ih", "gptq-k", "gptq-kh", "gptq-kh128", "iclip", "iclip-h"]
     with pytest.raises(ConfigurationError, match="cannot store scales as codes"):
         check_method("gptq-act-mse", get_scheme("int4-g32-asym-k8"))
     with pytest.raises(ConfigurationError, match="cannot store scales as codes"):
@@ -166,10 +166,10 @@ def test_storage_round_trip_is_bit_exact(tmp_path: Path, scheme: str) -> None:
         "fc2.weight": rng.standard_normal((16, 128)).astype(np.float32),
         "fc1.bias": rng.standard_normal(24).astype(np.float32),
     }
-    config = aq.QuantizationConfig(scheme, method="gptq-ih", method_overrides=(("fc2.*", "gptq-i"),))
+    config = aq.QuantizationConfig(scheme, method="gptq-kh", method_overrides=(("fc2.*", "gptq-i"),))
     model = aq.quantize_model(weights, config, hessians={"fc1.weight": h, "fc2.weight": h})
     assert {n: t.method for n, t in model.tensors.items()} == {
-        "emb.weight": "iclip-h", "fc1.weight": "gptq-ih", "fc2.weight": "gptq-i"}
+        "emb.weight": "iclip-h", "fc1.weight": "gptq-kh", "fc2.weight": "gptq-i"}
     path = aq.save(model, tmp_path / "m.parquet")
     back = aq.load(path)
     for name, qt in model.tensors.items():

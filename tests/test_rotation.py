@@ -152,6 +152,8 @@ def test_gptq_i_beats_its_own_ranges_rounded_plainly_on_the_layer_output(scheme:
 
     assert out_err("gptq-i") < 0.8 * out_err("iclip")
     assert out_err("gptq-ih") < 0.8 * out_err("iclip-h")
+    assert out_err("gptq-k") < 0.8 * out_err("iclip")
+    assert out_err("gptq-kh") < 0.8 * out_err("iclip-h")
 
 
 def test_hessian_methods_fall_back_to_their_named_method_without_a_hessian() -> None:
@@ -159,4 +161,20 @@ def test_hessian_methods_fall_back_to_their_named_method_without_a_hessian() -> 
     sch = get_scheme("int4-g32-asym-k8")
     assert quantize_tensor(w, sch, "emb", "gptq-i").method == "iclip"
     assert quantize_tensor(w, sch, "emb", "gptq-ih").method == "iclip-h"
-    assert quantize_tensor(w, sch, "emb", "gptq-ih128").method == "iclip"
+    assert quantize_tensor(w, sch, "emb", "gptq-kh128").method == "iclip"
+    assert quantize_tensor(w, sch, "emb", "gptq-k").method == "iclip"
+    assert quantize_tensor(w, sch, "emb", "gptq-kh").method == "iclip-h"
+
+
+def test_gptq_k_is_gptq_act_mse_on_plain_schemes() -> None:
+    # With float32 scales and no weighting, the k family's static ranges are the plain MSE
+    # clip search: the same codes as gptq-act-mse (static groups, activation order).
+    rng = np.random.default_rng(8)
+    x = correlated(rng, 400, 128)
+    h = hessian_from_activations(x)
+    w = rng.standard_normal((12, 128)).astype(np.float32)
+    sch = get_scheme("int4-g32-asym")
+    a = quantize_tensor(w, sch, "fc", "gptq-k", h)
+    b = quantize_tensor(w, sch, "fc", "gptq-act-mse", h)
+    assert np.array_equal(a.scales, b.scales) and np.array_equal(a.zeros, b.zeros)
+    assert float(np.mean(a.codes == b.codes)) > 0.99

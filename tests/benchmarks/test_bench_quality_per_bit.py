@@ -59,21 +59,25 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("int8-g32-k8/gptq-i", _cfg("int8-g32-asym-k8", "gptq-i")),
     Config("int4-g64/gptq-act-mse", _cfg("int4-g64-asym", "gptq-act-mse"), "current INT4 default"),
     Config("int4-g64/gptq-i", _cfg("int4-g64-asym", "gptq-i")),
-    Config("int4-g64/gptq-ih", _cfg("int4-g64-asym", "gptq-ih")),
+    Config("int4-g64/gptq-kh", _cfg("int4-g64-asym", "gptq-kh")),
     Config("int4-g32-k8/gptq-i", _cfg("int4-g32-asym-k8", "gptq-i")),
-    Config("int4-g32-k8/gptq-ih", _cfg("int4-g32-asym-k8", "gptq-ih")),
-    Config("int4-g32-k8/gptq-ih128", _cfg("int4-g32-asym-k8", "gptq-ih128")),
-    Config("int4-g16-k8/gptq-ih", _cfg("int4-g16-asym-k8", "gptq-ih")),
-    Config("int4-g32-k6/gptq-ih", _cfg("int4-g32-asym-k6", "gptq-ih")),
+    Config("int4-g32-k8/gptq-kh", _cfg("int4-g32-asym-k8", "gptq-kh")),
+    Config("int4-g32-k8/gptq-kh128", _cfg("int4-g32-asym-k8", "gptq-kh128")),
+    Config("int4-g16-k8/gptq-kh", _cfg("int4-g16-asym-k8", "gptq-kh")),
+    Config("int4-g32-k6/gptq-kh", _cfg("int4-g32-asym-k6", "gptq-kh")),
+    Config("int4-g16-k8/gptq-kh+emb-g32-k6", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k6"),))),
+    Config("int4-g16-k8/gptq-kh128+emb-g32-k6", _cfg("int4-g16-asym-k8", "gptq-kh128", ((EMB, "int4-g32-asym-k6"),))),
+    Config("int8-g64-sym-k8/gptq-k", _cfg("int8-g64-sym-k8", "gptq-k")),
+    Config("int8-g64-k6/gptq-k", _cfg("int8-g64-asym-k6", "gptq-k")),
     Config("int2-g64/gptq-act-mse", _cfg("int2-g64-asym", "gptq-act-mse"), "current INT2 GPTQ"),
     Config("int2-g16-k8/gptq-i", _cfg("int2-g16-asym-k8", "gptq-i")),
-    Config("int2-g16-k8/gptq-ih", _cfg("int2-g16-asym-k8", "gptq-ih")),
-    Config("int2-g16-k8/gptq-ih128", _cfg("int2-g16-asym-k8", "gptq-ih128")),
-    Config("int2-g32-k8/gptq-ih", _cfg("int2-g32-asym-k8", "gptq-ih")),
-    Config("int2-g16-k8/gptq-ih+emb4", _cfg("int2-g16-asym-k8", "gptq-ih", ((EMB, "int4-g32-asym-k8"),))),
-    Config("int2-g32-k8/gptq-ih+emb4", _cfg("int2-g32-asym-k8", "gptq-ih", ((EMB, "int4-g32-asym-k8"),))),
-    Config("int4-g32-k8/gptq-ih+emb2", _cfg("int4-g32-asym-k8", "gptq-ih", ((EMB, "int2-g16-asym-k8"),))),
-    Config("int4-g32-k8/gptq-ih+emb2g32", _cfg("int4-g32-asym-k8", "gptq-ih", ((EMB, "int2-g32-asym-k8"),))),
+    Config("int2-g16-k8/gptq-kh", _cfg("int2-g16-asym-k8", "gptq-kh")),
+    Config("int2-g16-k8/gptq-kh128", _cfg("int2-g16-asym-k8", "gptq-kh128")),
+    Config("int2-g32-k8/gptq-kh", _cfg("int2-g32-asym-k8", "gptq-kh")),
+    Config("int2-g16-k8/gptq-kh+emb4", _cfg("int2-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int2-g32-k8/gptq-kh+emb4", _cfg("int2-g32-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int4-g32-k8/gptq-kh+emb2", _cfg("int4-g32-asym-k8", "gptq-kh", ((EMB, "int2-g16-asym-k8"),))),
+    Config("int4-g32-k8/gptq-kh+emb2g32", _cfg("int4-g32-asym-k8", "gptq-kh", ((EMB, "int2-g32-asym-k8"),))),
 )}
 
 
@@ -124,7 +128,7 @@ def one_blas_thread() -> Iterator[None]:
 def test_int4_k8_rotated_gptq_beats_the_current_default_at_fewer_bits(
         data: tuple[dict[str, F32], dict[str, F32], Any]) -> None:
     weights, hessians, runner = data
-    new = measure(weights, hessians, CONFIGS["int4-g32-k8/gptq-ih"].config, runner)
+    new = measure(weights, hessians, CONFIGS["int4-g32-k8/gptq-kh"].config, runner)
     old = measure(weights, hessians, CONFIGS["int4-g64/gptq-act-mse"].config, runner)
     assert new["roundtrip_exact"] == 1.0
     assert new["bits_per_weight"] <= 4.5, new
@@ -138,9 +142,13 @@ def test_int4_k8_rotated_gptq_beats_the_current_default_at_fewer_bits(
 
 
 BUDGET_RUNGS: tuple[tuple[str, str], ...] = (
-    ("int2-g16-asym-k8", "gptq-ih"), ("int4-g32-asym-k8", "gptq-ih"))
+    ("int2-g32-asym-k8", "gptq-kh"), ("int4-g32-asym-k8", "gptq-kh"))
+# plan.Rung.planned_bytes counts stored bytes before zstd; the file is smaller (scale and
+# zero codes compress). Measured planned / on-disk for uniform INT2 g32-k8 and INT4 g32-k8
+# models: ~1.10 and ~1.07; the realized bits per weight are measured and reported anyway.
+PLANNED_PER_DISK = 1.09
 BUDGET_RUNGS_HIGH: tuple[tuple[str, str], ...] = (
-    ("int4-g32-asym-k8", "gptq-ih"), ("int8-g32-asym-k8", "gptq-i"))
+    ("int4-g32-asym-k8", "gptq-kh"), ("int8-g32-asym-k8", "gptq-i"))
 
 
 def measure_budget(weights: Mapping[str, F32], hessians: Mapping[str, F32], target_bpw: float, runner: Any,
@@ -151,7 +159,7 @@ def measure_budget(weights: Mapping[str, F32], hessians: Mapping[str, F32], targ
     names = [n for n, a in weights.items() if a.ndim == 2]
     floats = sum(4.0 * a.size for n, a in weights.items() if a.ndim != 2)
     params = sum(int(a.size) for a in weights.values())
-    budget = target_bpw * params / 8.0 - floats
+    budget = target_bpw * params / 8.0 * PLANNED_PER_DISK - floats
     ladder = tuple(aq.Rung(s, m) for s, m in rungs)
     with threadpool_limits(limits=1, user_api="blas"):
         start = time.perf_counter()
