@@ -67,6 +67,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("int4-g32-k6/gptq-kh", _cfg("int4-g32-asym-k6", "gptq-kh")),
     Config("int4-g16-k8/gptq-kh+emb-g32-k6", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k6"),))),
     Config("int4-g16-k8/gptq-kh128+emb-g32-k6", _cfg("int4-g16-asym-k8", "gptq-kh128", ((EMB, "int4-g32-asym-k6"),))),
+    Config("int4-g16-k8/gptq-kh+emb-g32-k8", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int4-g16-k8/gptq-kh+emb-g32-k8-plain", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),),
+                                                        ((EMB, "iclip"),))),
     Config("int8-g64-sym-k8/gptq-k", _cfg("int8-g64-sym-k8", "gptq-k")),
     Config("int8-g64-k6/gptq-k", _cfg("int8-g64-asym-k6", "gptq-k")),
     Config("int2-g64/gptq-act-mse", _cfg("int2-g64-asym", "gptq-act-mse"), "current INT2 GPTQ"),
@@ -125,20 +128,30 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-def test_int4_k8_rotated_gptq_beats_the_current_default_at_fewer_bits(
+PROPOSED_INT4 = "int4-g32-k8/gptq-kh"
+
+
+def test_proposed_int4_default_is_better_per_bit_than_the_current_one(
         data: tuple[dict[str, F32], dict[str, F32], Any]) -> None:
+    """The proposed INT4 default, measured end to end (quantize, save, reload, embed).
+
+    The current default (int4-g64-asym / gptq-act-mse) measured 0.9887 / 0.966 at 4.30
+    bits per weight; the proposal 0.9927 / 0.979 at 4.25 (module docstring command). The
+    floors sit between the two, so falling back to the old quality fails the test.
+    """
     weights, hessians, runner = data
-    new = measure(weights, hessians, CONFIGS["int4-g32-k8/gptq-kh"].config, runner)
-    old = measure(weights, hessians, CONFIGS["int4-g64/gptq-act-mse"].config, runner)
-    assert new["roundtrip_exact"] == 1.0
-    assert new["bits_per_weight"] <= 4.5, new
-    # measured 0.9913 / 0.9795 against 0.9887 / 0.9663 (PROPOSAL below); margins keep a
-    # machine-to-machine wobble of the embeddings from failing it
-    assert new["output_cosine_mean"] >= old["output_cosine_mean"] + 0.001, (new, old)
-    assert new["output_cosine_min"] >= old["output_cosine_min"] + 0.005, (new, old)
-    # time within 3x of the current GPTQ default measured in the same process (the <= 5 s
-    # budget is for a quiet machine; a ratio survives a busy one)
-    assert new["quantize_seconds"] <= 3.0 * old["quantize_seconds"], (new, old)
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        aq.quantize_model(weights, aq.QuantizationConfig("int4-g64-asym"))
+        rtn_seconds = time.perf_counter() - start
+    row = measure(weights, hessians, CONFIGS[PROPOSED_INT4].config, runner)
+    assert row["roundtrip_exact"] == 1.0
+    assert row["bits_per_weight"] <= 4.30, row
+    assert row["output_cosine_mean"] >= 0.991, row
+    assert row["output_cosine_min"] >= 0.972, row
+    # Speed as a ratio to round-to-nearest in the same process (a busy machine slows both);
+    # gptq-act-mse measured ~15x RTN here, the whole-model budget is <= 5 s on a quiet machine.
+    assert row["quantize_seconds"] <= 40.0 * rtn_seconds, (row, rtn_seconds)
 
 
 BUDGET_RUNGS: tuple[tuple[str, str], ...] = (
