@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from arrowquant_core.clip import DEFAULT_GRID
 from arrowquant_core.gptq import check_options, factor_hessian, gptq_group_size, gptq_matrix
 from arrowquant_core.kquant import column_importance, groups_per_super, importance_blocks, search_params
 from arrowquant_core.rotation import check_block, rotate, rotate_hessian
@@ -35,11 +36,12 @@ F32 = npt.NDArray[np.float32]
 
 def quantize_igptq(array: object, scheme: Scheme | str, name: str, hessian: object, rotation: int = 0,
                    method: str = "gptq-i", damp: float = 0.01, block_size: int = 128,
-                   importance: bool = True) -> QuantizedTensor:
+                   importance: bool = True, grid: tuple[float, ...] = DEFAULT_GRID) -> QuantizedTensor:
     """GPTQ with static group ranges from the grid search, weighted by ``diag(H)`` if
     ``importance`` (else plain squared error); ``rotation`` = Hadamard block (0: none).
 
-    >>> from arrowquant_core.gptq import hessian_from_activations
+    >>> from arrowquant_core.clip import DEFAULT_GRID
+from arrowquant_core.gptq import hessian_from_activations
     >>> rng = np.random.default_rng(0)
     >>> h = hessian_from_activations(rng.standard_normal((256, 64)).astype(np.float32))
     >>> w = rng.standard_normal((8, 64)).astype(np.float32)
@@ -61,7 +63,7 @@ def quantize_igptq(array: object, scheme: Scheme | str, name: str, hessian: obje
     weights = importance_blocks(column_importance(h, cols, name), shape, sch) if importance else None
     blocks, _layout = blocks_of(values, sch)
     per = groups_per_super(sch) if sch.scale_bits else 1
-    _codes, scales, zeros = search_params(blocks, sch.bits, sch.symmetric, sch.scale_bits, per, weights)
+    _codes, scales, zeros = search_params(blocks, sch.bits, sch.symmetric, sch.scale_bits, per, weights, grid)
     u, perm = factor_hessian(h, cols, damp, True, name)
     rows, _cols, block, n_groups = layout(shape, sch)
     codes, _s, _z = gptq_matrix(values, u, sch.bits, sch.symmetric, group, block_size, perm,

@@ -20,6 +20,8 @@ per tensor (``QuantizationConfig.method`` / ``method_overrides``).
                   squared-error search on the scheme's scale grid
     gptq-kh       gptq-k on the Hadamard-rotated weight (block 64)   (igptq.py, rotation.py)
     gptq-kh128    gptq-k, Hadamard block 128
+    krtn          round-to-nearest on the scheme's scale grid (no search: INT8's fast path)
+    gptq-kr       GPTQ, act order, min/max ranges on the scale grid (fallback krtn)
 
 Measured on MiniLM (tests/benchmarks/test_bench_quality_per_bit.py): weighting the
 range search by diag(H) *before* GPTQ does not help -- GPTQ already steers the rounding
@@ -46,7 +48,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from arrowquant_core.clip import quantize_clip
+from arrowquant_core.clip import DEFAULT_GRID, quantize_clip
 from arrowquant_core.errors import ConfigurationError, unknown_name
 from arrowquant_core.gptq import quantize_gptq
 from arrowquant_core.hqq import quantize_hqq
@@ -72,6 +74,7 @@ class Method:
     k_schemes: bool = False  # can choose scales on a K-scheme's code grid (kquant.py)
     rotation: int = 0  # Hadamard block of the input dimension (rotation.py), 0 = none
     importance: bool = True  # i family: range search weighted by diag(H); k family: plain error
+    search: bool = True  # False: min/max ranges (clip factor 1.0 only), for speed at INT8
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (get_method, (self.name,))  # compiled frozen dataclasses unpickle by name
@@ -101,6 +104,10 @@ _ROWS: Final[tuple[Method, ...]] = (
            importance=False),
     Method("gptq-kh", "gptq-k on the randomized-Hadamard-rotated weight (block 64, QuIP#-style)",
            needs_hessian=True, act_order=True, fallback="iclip-h", k_schemes=True, rotation=64, importance=False),
+    Method("krtn", "round-to-nearest with scales on the scheme's grid (K-schemes' plain RTN)",
+           fallback="krtn", k_schemes=True, importance=False, search=False),
+    Method("gptq-kr", "GPTQ in activation order, min/max group ranges on the scheme's scale grid",
+           needs_hessian=True, act_order=True, fallback="krtn", k_schemes=True, importance=False, search=False),
     Method("gptq-kh128", "gptq-k on the randomized-Hadamard-rotated weight (block 128)",
            needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True, rotation=128, importance=False),
 )
@@ -155,6 +162,8 @@ def _residual2(array: object, scheme: Scheme, name: str, hessian: F32 | None,
 
 
 def _iclip(array: object, scheme: Scheme, name: str, hessian: F32 | None, method: Method) -> QuantizedTensor:
+    if not method.search:
+        return quantize_iclip(array, scheme, name, None, grid=(1.0,), method=method.name)
     if method.rotation:
         values, _dtype = as_float32(array, name)
         shape = tuple(int(d) for d in values.shape)
@@ -171,7 +180,7 @@ def _igptq(array: object, scheme: Scheme, name: str, hessian: F32 | None, method
     if hessian is None:
         return _iclip(array, scheme, name, None, get_method(method.fallback))
     return quantize_igptq(array, scheme, name, hessian, rotation=method.rotation, method=method.name,
-                          importance=method.importance)
+                          importance=method.importance, grid=DEFAULT_GRID if method.search else (1.0,))
 
 
 Kernel = Callable[[object, Scheme, str, "F32 | None", Method], QuantizedTensor]
@@ -179,7 +188,7 @@ Kernel = Callable[[object, Scheme, str, "F32 | None", Method], QuantizedTensor]
 _DISPATCH: Final[dict[str, Kernel]] = {
     "rtn": _rtn, "clip": _clip, "hqq": _hqq, "gptq": _gptq, "gptq-act": _gptq, "gptq-mse": _gptq,
     "gptq-act-mse": _gptq, "residual2": _residual2, "iclip": _iclip, "iclip-h": _iclip, "gptq-i": _igptq,
-    "gptq-ih": _igptq, "gptq-k": _igptq, "gptq-kh": _igptq, "gptq-kh128": _igptq,
+    "gptq-ih": _igptq, "gptq-k": _igptq, "krtn": _iclip, "gptq-kr": _igptq, "gptq-kh": _igptq, "gptq-kh128": _igptq,
 }
 
 

@@ -137,7 +137,8 @@ def test_importance_weighting_never_loses_on_the_weighted_error() -> None:
 
 
 def test_k_schemes_take_only_the_methods_that_store_scale_codes() -> None:
-    assert K_METHODS == ["gptq-i", "gptq-ih", "gptq-k", "gptq-kh", "gptq-kh128", "iclip", "iclip-h"]
+    assert K_METHODS == ["gptq-i", "gptq-ih", "gptq-k", "gptq-kh", "gptq-kh128", "gptq-kr", "iclip", "iclip-h",
+                         "krtn"]
     with pytest.raises(ConfigurationError, match="cannot store scales as codes"):
         check_method("gptq-act-mse", get_scheme("int4-g32-asym-k8"))
     with pytest.raises(ConfigurationError, match="cannot store scales as codes"):
@@ -145,6 +146,18 @@ def test_k_schemes_take_only_the_methods_that_store_scale_codes() -> None:
     with pytest.raises(ConfigurationError, match="scale_bits"):
         aq.Scheme("int4-g128-asym-k8", 4, False, "group", 128, 8)
     assert get_scheme("int2-g16-asym-k8").description.endswith("super-scale per 256 values")
+
+
+def test_krtn_is_round_to_nearest_when_the_grid_holds_the_scales() -> None:
+    # the one non-zero group per super-block has min/max scale 1.0, which sits on the
+    # power-of-two grid (code 128 x 2**-7): krtn's codes are round-to-nearest's
+    x = np.zeros((3, 256), np.float32)
+    x[:, :32] = np.linspace(-1.0, 14.0, 32, dtype=np.float32)  # range 15 -> scale 1.0
+    sch = get_scheme("int4-g32-asym-k8")
+    ours = quantize_tensor(x, sch, "w", "krtn")
+    ref = aq.quantize(x, "int4-g32-asym")
+    assert ours.method == "krtn"
+    assert np.array_equal(ours.codes, ref.codes) and np.array_equal(ours.scales, ref.scales)
 
 
 def test_k_scheme_costs_fewer_bytes_than_float_scales() -> None:

@@ -70,6 +70,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("int4-g16-k8/gptq-kh+emb-g32-k8", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),))),
     Config("int4-g16-k8/gptq-kh+emb-g32-k8-plain", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),),
                                                         ((EMB, "iclip"),))),
+    Config("int8-g64-sym-k8/gptq-kr", _cfg("int8-g64-sym-k8", "gptq-kr")),
+    Config("int8-g64-sym-k8/krtn", _cfg("int8-g64-sym-k8", "krtn")),
     Config("int8-g64-sym-k8/gptq-k", _cfg("int8-g64-sym-k8", "gptq-k")),
     Config("int8-g64-k6/gptq-k", _cfg("int8-g64-asym-k6", "gptq-k")),
     Config("int2-g64/gptq-act-mse", _cfg("int2-g64-asym", "gptq-act-mse"), "current INT2 GPTQ"),
