@@ -13,6 +13,22 @@ current one, both timed in the same process. The whole table is a script:
 
     PYTHONPATH=$PWD OPENBLAS_NUM_THREADS=1 python tests/benchmarks/test_bench_quality_per_bit.py [NAME ...]
 
+Measured on this machine (2 cores shared by 8 sessions, 2026-12-01; bpw = bytes on
+disk x 8 / parameters; cosine mean / worst evaluation sentence; "calib" columns on the
+32-sentence calibration subset):
+
+    configuration                        bpw   calib  c-worst    mean   worst
+    int8-g128/rtn (current)            7.960 0.99983  0.9997  0.99983  0.9995
+    int8-g64-sym-k8/gptq-kr            7.769 0.99995  0.9999  0.99994  0.9998
+    int4-g64/gptq-act-mse (current)    4.303 0.98988  0.9684  0.98866  0.9663
+    int4-g32-k8/gptq-kh                4.251 0.99376  0.9881  0.99269  0.9788
+    int4-g16-k8/gptq-kh+emb-g32-k6     4.426 0.99474  0.9885  0.99399  0.9792
+    int4-g16-k8/gptq-kh128+emb-g32-k6  4.427 0.99416  0.9914  0.99348  0.9840
+    budget=3.15 (plan_budget)          3.094 0.96915     -    0.96898  0.9184
+    budget=2.75 (plan_budget)          2.673 0.93942     -    0.93159  0.7128
+    int2-g16-k8/gptq-kh128             2.595 0.87622  0.8050  0.86702  0.5873
+    int2-g64/gptq-act-mse (current)    2.422 0.81430  0.7220  0.79312  0.4310
+
 (``--list`` prints the configuration names; ``budget=3.0`` runs ``plan.plan_budget`` with
 ``BUDGET_RUNGS`` at that many bits per weight, sensitivity scored on calibration sentences;
 ``budget48=4.45`` the same with ``BUDGET_RUNGS_HIGH``.)
