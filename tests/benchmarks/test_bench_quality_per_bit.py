@@ -174,18 +174,26 @@ def test_proposed_int4_default_is_better_per_bit_than_the_current_one(
     floors sit between the two, so falling back to the old quality fails the test.
     """
     weights, hessians, runner = data
-    with threadpool_limits(limits=1, user_api="blas"):
-        start = time.perf_counter()
-        aq.quantize_model(weights, aq.QuantizationConfig("int4-g64-asym"))
-        rtn_seconds = time.perf_counter() - start
     row = measure(weights, hessians, CONFIGS[PROPOSED_INT4].config, runner)
     assert row["roundtrip_exact"] == 1.0
     assert row["bits_per_weight"] <= 4.30, row
     assert row["output_cosine_mean"] >= 0.991, row
     assert row["output_cosine_min"] >= 0.972, row
-    # Speed as a ratio to round-to-nearest in the same process (a busy machine slows both);
-    # gptq-act-mse measured ~15x RTN here, the whole-model budget is <= 5 s on a quiet machine.
-    assert row["quantize_seconds"] <= 40.0 * rtn_seconds, (row, rtn_seconds)
+    # Speed as a ratio to the current GPTQ default in the same process (a busy machine
+    # slows both), on the tensors that cost the most: the word embeddings (clip search)
+    # and one layer's six Linears (GPTQ). Whole model: 12.4 s vs 28.2 s measured on a busy
+    # machine; the <= 5 s budget holds for gptq-act-mse on a quiet one.
+    part = {n: a for n, a in weights.items() if "word_embeddings" in n or ".layer.0." in n}
+    old_s = _seconds(part, hessians, CONFIGS["int4-g64/gptq-act-mse"].config)
+    new_s = _seconds(part, hessians, CONFIGS[PROPOSED_INT4].config)
+    assert new_s <= 2.0 * old_s, (new_s, old_s)
+
+
+def _seconds(weights: Mapping[str, F32], hessians: Mapping[str, F32], config: aq.QuantizationConfig) -> float:
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        aq.quantize_model(weights, config, hessians=hessians)
+        return time.perf_counter() - start
 
 
 BUDGET_RUNGS: tuple[tuple[str, str], ...] = (
