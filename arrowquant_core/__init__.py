@@ -84,8 +84,9 @@ __all__ = [
     "unpack",
 ]
 
-COMPILED_MODULES = ("actquant", "atomic", "clip", "diffusion", "errors", "gptq", "hqq", "kernels", "methods", "metrics", "model",
-                    "plan", "residual", "safetensors_io", "schemes", "storage", "tensor", "timeaware")
+COMPILED_MODULES = ("actquant", "atomic", "clip", "diffusion", "errors", "gptq", "hqq", "igptq", "kernels", "kquant",
+                    "limits", "methods", "metrics", "model", "plan", "residual", "rotation", "safetensors_io", "schemes",
+                    "spatial", "storage", "tensor", "timeaware")
 
 
 def is_compiled() -> bool:

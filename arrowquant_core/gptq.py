@@ -242,13 +242,16 @@ def _group_params(cur_t: Floats, bits: int, symmetric: bool, mse: bool) -> tuple
 
 def gptq_matrix(matrix: F32, u: F64, bits: int, symmetric: bool, group: int, block_size: int,
                 perm: npt.NDArray[np.intp] | None, float64: bool = False,
-                mse: bool = False) -> tuple[U8, F32, U8]:
+                mse: bool = False, params: tuple[F32, U8] | None = None) -> tuple[U8, F32, U8]:
     """GPTQ on a ``(rows, cols)`` matrix given ``U`` (already permuted if ``perm``).
 
     Returns ``codes (rows, cols) uint8`` in the original column order and
     ``scales, zeros (rows, n_groups)``. ``float64=True`` runs the loop in float64
     (used by the oracle test to compare codes exactly). ``mse=True`` picks each group's
-    range by MSE clip search instead of min/max (module docstring, 7.).
+    range by MSE clip search instead of min/max (module docstring, 7.). ``params``
+    (``scales, zeros``, each ``(rows, n_groups)``) fixes every group's parameters up
+    front, as static groups do (module docstring, 6.): callers that choose them their
+    own way (``kquant.py``: importance-weighted clip search, quantized scales) pass them.
     """
     rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
     n_groups = -(-cols // group)
@@ -258,13 +261,17 @@ def gptq_matrix(matrix: F32, u: F64, bits: int, symmetric: bool, group: int, blo
     zeros = np.zeros((n_groups, rows), dtype=np.uint8)
     wt: Floats = np.array(matrix.T, dtype=ftype, copy=True)  # (cols, rows): a column is a row
     col_group = np.arange(cols) // group
-    static = perm is not None
-    if perm is not None:
+    static = perm is not None or params is not None
+    if params is not None:
+        scales[:] = np.asarray(params[0], dtype=np.float32).reshape(rows, n_groups).T
+        zeros[:] = np.asarray(params[1], dtype=np.uint8).reshape(rows, n_groups).T
+    elif perm is not None:
         # Static groups (module docstring, 6.): parameters from the original weights.
         for k in range(n_groups):
             s, z = _group_params(wt[k * group:(k + 1) * group], bits, symmetric, mse)
             scales[k] = s
             zeros[k] = z
+    if perm is not None:
         wt = wt[perm]
         col_group = col_group[perm]
     uu: Floats = u.astype(ftype)

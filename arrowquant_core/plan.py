@@ -34,7 +34,7 @@ import numpy.typing as npt
 from arrowquant_core.errors import ConfigurationError, ValidationError
 from arrowquant_core.methods import check_method, quantize_tensor
 from arrowquant_core.model import QuantizedModel, passthrough
-from arrowquant_core.schemes import get_scheme
+from arrowquant_core.schemes import SUPER_BLOCK, get_scheme
 from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize, layout
 
 FloatArray = npt.NDArray[np.floating]
@@ -65,7 +65,10 @@ class Rung:
             return 2.0 * numel
         scheme = get_scheme(self.scheme)
         rows, _cols, _block, n_groups = layout(shape, scheme)
-        per_block = 12.0 if self.method == "residual2" else (4.0 + (0.0 if scheme.symmetric else 1.0))
+        # a K-scheme stores a 1-byte scale code per group and an int16 exponent per
+        # super-block (kquant.py); others a float32 scale
+        scale = (1.0 + 2.0 * scheme.group_size / SUPER_BLOCK) if scheme.scale_bits else 4.0
+        per_block = 12.0 if self.method == "residual2" else (scale + (0.0 if scheme.symmetric else 1.0))
         return numel * scheme.bits / 8.0 + rows * n_groups * per_block
 
     def apply(self, array: FloatArray, name: str, hessian: F32 | None) -> QuantizedTensor | FloatArray:

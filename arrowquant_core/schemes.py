@@ -11,6 +11,16 @@ zero point per 64 values.
 
 Like llama.cpp's ``GGML_QUANT_SIZES`` table (gguf-py/gguf/constants.py), the table is
 data; unlike llama.cpp's fixed block of 32, the group size is part of the scheme.
+
+A second family stores the group scales themselves quantized, K-quant style
+(llama.cpp ``block_q4_K`` / ``block_q2_K`` in ggml-common.h: per super-block of
+``QK_K = 256`` weights one fp16 super-scale, per sub-block of 16 or 32 weights a 6-bit
+(Q4_K) or 4-bit (Q2_K) scale code). Here: ``int{bits}-g{group_size}-{sym|asym}-k{scale_bits}``
+keeps the integer zero point per group and stores each group's scale as a
+``scale_bits``-bit code times one float32 super-scale per ``SUPER_BLOCK`` values (the
+``kquant.py`` module docstring gives the exact layout). ``int4-g32-asym-k8`` costs
+``4 + (8 + 8) / 32 + 32 / 256 = 4.625`` bits per weight before compression, against
+``4 + 40 / 32 = 5.25`` for ``int4-g32-asym``.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ BIT_WIDTHS: Final[tuple[int, ...]] = (8, 4, 2)
 # 16 serves the calibrated INT2 methods (GPTQ INT2 needs small groups); 32-256 the rest.
 GROUP_SIZES: Final[tuple[int, ...]] = (16, 32, 64, 128, 256)
 GRANULARITIES: Final[tuple[str, ...]] = ("tensor", "channel", "group")
+# K-quant-style schemes: scale code widths, the group sizes they come in, super-block size.
+SCALE_BITS: Final[tuple[int, ...]] = (6, 8)
+K_GROUP_SIZES: Final[tuple[int, ...]] = (16, 32, 64)
+SUPER_BLOCK: Final[int] = 256
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class Scheme:
     symmetric: bool
     granularity: str
     group_size: int  # 0 unless granularity == "group"
+    scale_bits: int = 0  # 0: float32 scales; else scale codes of this width (kquant.py)
 
     def __post_init__(self) -> None:
         if self.bits not in BIT_WIDTHS:
@@ -53,9 +68,14 @@ class Scheme:
         if self.granularity != "group" and self.group_size != 0:
             raise ConfigurationError(
                 f"scheme {self.name!r}: group_size = {self.group_size} must be 0 unless granularity is 'group'")
+        if self.scale_bits and (self.scale_bits not in SCALE_BITS or self.granularity != "group"
+                                or self.group_size not in K_GROUP_SIZES):
+            raise ConfigurationError(
+                f"scheme {self.name!r}: scale_bits = {self.scale_bits} needs one of {list(SCALE_BITS)} "
+                f"and a group size in {list(K_GROUP_SIZES)}")
         # The name is derived, never free: files store schemes by name, so a name that
         # did not identify its parameters would reload as a different scheme.
-        canonical = _scheme_name(self.bits, self.granularity, self.group_size, self.symmetric)
+        canonical = _scheme_name(self.bits, self.granularity, self.group_size, self.symmetric, self.scale_bits)
         if self.name != canonical:
             raise ConfigurationError(f"scheme {self.name!r}: its parameters name it {canonical!r}")
 
@@ -89,12 +109,16 @@ class Scheme:
             where = "one scale for the whole tensor"
         kind = ("symmetric (zero point fixed at mid-range)" if self.symmetric
                 else "asymmetric (integer zero point, 0.0 exact)")
+        if self.scale_bits:
+            where += (f", stored as {self.scale_bits}-bit codes of a float32 super-scale per "
+                      f"{SUPER_BLOCK} values")
         return f"{self.bits}-bit, {kind}, {where}"
 
 
-def _scheme_name(bits: int, granularity: str, group_size: int, symmetric: bool) -> str:
+def _scheme_name(bits: int, granularity: str, group_size: int, symmetric: bool, scale_bits: int = 0) -> str:
     where = f"g{group_size}" if granularity == "group" else granularity
-    return f"int{bits}-{where}-{'sym' if symmetric else 'asym'}"
+    tail = f"-k{scale_bits}" if scale_bits else ""
+    return f"int{bits}-{where}-{'sym' if symmetric else 'asym'}{tail}"
 
 
 def _build_table() -> dict[str, Scheme]:
@@ -106,6 +130,14 @@ def _build_table() -> dict[str, Scheme]:
                 for symmetric in (True, False):
                     name = _scheme_name(bits, granularity, group_size, symmetric)
                     table[name] = Scheme(name, bits, symmetric, granularity, group_size)
+    # The K-quant family after the plain rows, so lookups by (bits, group, symmetry)
+    # that scan the table (diffusion.scheme_for) still find the plain scheme first.
+    for bits in BIT_WIDTHS:
+        for group_size in K_GROUP_SIZES:
+            for symmetric in (True, False):
+                for scale_bits in SCALE_BITS:
+                    name = _scheme_name(bits, "group", group_size, symmetric, scale_bits)
+                    table[name] = Scheme(name, bits, symmetric, "group", group_size, scale_bits)
     return table
 
 

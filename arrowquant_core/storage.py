@@ -17,7 +17,8 @@ under ``arrowquant.format_version``.
     scheme   string              yes  scheme name (quantized rows)
     method   string              yes  algorithm that chose the codes
     codes    large_binary        yes  packed codes
-    scales   large_binary        yes  float32 scales, one per block
+    scales   large_binary        yes  float32 scales, one per block (K-schemes: int16 exponents
+                                          + uint8 codes, kquant.py)
     zeros    large_binary        yes  uint8 zero points (empty for symmetric schemes)
     params   large_binary        yes  float32 (m, a1, a2) per block for lattice methods, else empty
     tied_to  string              opt  "tied" rows: the canonical tensor this alias is stored as
@@ -61,7 +62,8 @@ from arrowquant_core.errors import ArrowQuantError, FormatError
 from arrowquant_core.limits import check_parquet_footprint, check_shape, cut, short
 from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import SCHEMES
-from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor
+from arrowquant_core.kquant import decode_scales, encode_scales
+from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor, layout
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -127,7 +129,10 @@ def _tied_row(alias: str, canonical: str, reference: dict[str, Any]) -> dict[str
 
 def _quantized_row(qt: QuantizedTensor) -> dict[str, Any]:
     qt.check()
-    codes, scales, zeros = qt.codes.tobytes(), qt.scales.astype("<f4").tobytes(), qt.zeros.tobytes()
+    codes, zeros = qt.codes.tobytes(), qt.zeros.tobytes()
+    # K-schemes store scales as codes (kquant.py docstring gives the layout)
+    scales = (encode_scales(qt.scales, qt.scheme, qt.name) if qt.scheme.scale_bits
+              else qt.scales.astype("<f4").tobytes())
     params = qt.params.astype("<f4").tobytes()
     shape = list(qt.shape)
     header = f"quantized|{qt.name}|{shape}|{qt.dtype}|{qt.scheme.name}|{qt.method}"
@@ -365,12 +370,17 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
     shape = _shape(row, path)
     method = str(row["method"] or "rtn")
     _verify(row, blobs, f"quantized|{name}|{list(shape)}|{row['dtype']}|{scheme.name}|{method}", path)
-    if len(blobs[1]) % 4 or len(blobs[3]) % 4:
+    if (len(blobs[1]) % 4 and not scheme.scale_bits) or len(blobs[3]) % 4:
         raise FormatError(f"{path}: tensor {short(name)}: scale and param bytes must be multiples of 4 (float32)")
+    if scheme.scale_bits:
+        rows, _cols, _block, n_groups = layout(shape, scheme)
+        scales = decode_scales(blobs[1], scheme, rows * n_groups, f"{path}: {name}")
+    else:
+        scales = np.frombuffer(blobs[1], dtype="<f4").astype(np.float32)
     qt = QuantizedTensor(
         name=name, scheme=scheme, shape=shape, dtype=str(row["dtype"]),
         codes=np.frombuffer(blobs[0], dtype=np.uint8),
-        scales=np.frombuffer(blobs[1], dtype="<f4").astype(np.float32),
+        scales=scales,
         zeros=np.frombuffer(blobs[2], dtype=np.uint8), method=method,
         params=np.frombuffer(blobs[3], dtype="<f4").astype(np.float32))
     qt.check(str(path))

@@ -29,6 +29,7 @@ from arrowquant_core.kernels import (
     residual2_dequantize_blocks,
     unpack,
 )
+from arrowquant_core.rotation import ROTATED_METHODS, unrotate
 from arrowquant_core.schemes import Scheme, get_scheme
 
 F32 = npt.NDArray[np.float32]
@@ -280,10 +281,14 @@ def dequantize_float32(qt: QuantizedTensor) -> F32:
     rows, cols, block, n_groups = layout(qt.shape, qt.scheme)
     if not qt.is_lattice:
         zeros = qt.zeros if qt.zeros.size else np.full(qt.scales.size, 1 << (qt.scheme.bits - 1), np.uint8)
-        return dequantize_matrix(qt.codes, rows, cols, block, n_groups, qt.scheme.bits, qt.scales,
-                                 zeros).reshape(qt.shape)
-    values = residual2_dequantize_blocks(block_codes(qt), qt.params.reshape(-1, 3))
-    return np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols]).reshape(qt.shape)
+        matrix = dequantize_matrix(qt.codes, rows, cols, block, n_groups, qt.scheme.bits, qt.scales, zeros)
+    else:
+        values = residual2_dequantize_blocks(block_codes(qt), qt.params.reshape(-1, 3))
+        matrix = np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols])
+    hadamard = ROTATED_METHODS.get(qt.method, 0)
+    if hadamard:  # codes are of the rotated weight W R (rotation.py); undo: W = (W R) R^T
+        matrix = unrotate(matrix, hadamard)
+    return matrix.reshape(qt.shape)
 
 
 def dequantize(qt: object) -> npt.NDArray[np.floating]:

@@ -455,10 +455,12 @@ def _digests(weights: Mapping[str, FloatArray]) -> dict[str, str]:
 
 
 def _expected_method(method: str, name: str, ctx: RunContext) -> str:
-    """Hessian methods fall back to clip search on tensors without a Hessian."""
+    """Hessian methods fall back to their named fallback (clip search for GPTQ) on tensors
+    without a Hessian; the criteria must allow it (``fallback = ...``, checked up front)."""
     ctx.hessians()  # make sure calibration ran, so calibrated_names is known
-    if get_method(method).needs_hessian and name not in ctx.calibrated_names:
-        return "clip"
+    spec = get_method(method)
+    if spec.needs_hessian and name not in ctx.calibrated_names:
+        return spec.fallback
     return method
 
 

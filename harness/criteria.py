@@ -386,16 +386,26 @@ def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> 
             _check_method(name, scheme, where)
         fallback = section.get("fallback")
         if fallback is not None:
-            from arrowquant_core.methods import FALLBACK
+            from arrowquant_core.methods import get_method
 
-            if fallback != FALLBACK:
-                raise ConfigurationError(f"{where}fallback = {str(fallback)[:40]!r}: the only fallback for a "
-                                         f"Hessian method without activations is {FALLBACK!r}")
+            ladder = section.get("ladder")
+            rungs = ladder.get("rungs", []) if isinstance(ladder, dict) else []
+            rung_methods = [r[1] for r in rungs if isinstance(r, list) and len(r) == 2 and r[0] != "fp16"]
+            allowed = sorted({get_method(m).fallback for m in (method, *rung_methods) if m in _method_names()})
+            if fallback not in allowed:
+                raise ConfigurationError(f"{where}fallback = {short(fallback)}: a Hessian method without activations "
+                                         f"falls back to {allowed} (the method's own fallback), nothing else")
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
                               method=method, compare=compare, peers=_peers(section.get("peers", []), where),
                               ladder=_ladder(section.get("ladder"), scheme, method, where),
                               fallback=fallback)
     return Criteria(source=path, model=model_name, plans=plans)
+
+
+def _method_names() -> set[str]:
+    from arrowquant_core.methods import METHODS
+
+    return set(METHODS)
 
 
 def default_criteria_path(model: str, profile: str | None = None) -> Path:

@@ -12,7 +12,8 @@ import pytest
 from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.schemes import SCHEMES, Scheme, get_scheme
 
-NAME = re.compile(r"int(?P<bits>[0-9]+)-(?:(?P<where>tensor|channel)|g(?P<group>[0-9]+))-(?P<sym>sym|asym)")
+NAME = re.compile(r"int(?P<bits>[0-9]+)-(?:(?P<where>tensor|channel)|g(?P<group>[0-9]+))-(?P<sym>sym|asym)"
+                  r"(?:-k(?P<scale_bits>[0-9]+))?")
 ALL = sorted(SCHEMES)
 
 
@@ -30,6 +31,7 @@ def test_name_parses_back_to_the_fields(name: str) -> None:
     assert scheme.name == name
     assert scheme.bits == int(match["bits"])
     assert scheme.symmetric == (match["sym"] == "sym")
+    assert scheme.scale_bits == int(match["scale_bits"] or 0)
     if match["group"] is not None:
         assert (scheme.granularity, scheme.group_size) == ("group", int(match["group"]))
     else:
@@ -39,7 +41,8 @@ def test_name_parses_back_to_the_fields(name: str) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_every_scheme_is_valid_and_self_consistent(name: str) -> None:
     scheme = SCHEMES[name]
-    rebuilt = Scheme(scheme.name, scheme.bits, scheme.symmetric, scheme.granularity, scheme.group_size)
+    rebuilt = Scheme(scheme.name, scheme.bits, scheme.symmetric, scheme.granularity, scheme.group_size,
+                     scheme.scale_bits)
     assert rebuilt == scheme  # __post_init__ accepts every row
     assert scheme.levels == 2 ** scheme.bits
     assert scheme.qmax == 2 ** scheme.bits - 1
@@ -51,8 +54,12 @@ def test_every_scheme_is_valid_and_self_consistent(name: str) -> None:
 
 
 def test_table_has_every_combination_exactly_once() -> None:
-    combos = [(s.bits, s.granularity, s.group_size, s.symmetric) for s in SCHEMES.values()]
-    assert len(combos) == len(set(combos))
+    every = [(s.bits, s.granularity, s.group_size, s.symmetric, s.scale_bits) for s in SCHEMES.values()]
+    assert len(every) == len(set(every))
+    k_rows = {c for c in every if c[4]}
+    assert k_rows == {(b, "group", g, sym, k) for b in (8, 4, 2) for g in (16, 32, 64) for sym in (True, False)
+                      for k in (6, 8)}  # the K-quant family (kquant.py)
+    combos = [c[:4] for c in every if not c[4]]
     assert {s.bits for s in SCHEMES.values()} == {8, 4, 2}
     assert {s.granularity for s in SCHEMES.values()} == {"tensor", "channel", "group"}
     for bits in (8, 4, 2):
@@ -145,6 +152,7 @@ def test_a_scheme_name_always_identifies_its_parameters(scheme_fields: dict[str,
 
 def test_every_valid_parameter_set_is_a_table_row() -> None:
     for name, scheme in SCHEMES.items():
-        rebuilt = Scheme(name, scheme.bits, scheme.symmetric, scheme.granularity, scheme.group_size)
+        rebuilt = Scheme(name, scheme.bits, scheme.symmetric, scheme.granularity, scheme.group_size,
+                         scheme.scale_bits)
         assert fields(rebuilt) == fields(scheme)
         assert pickle.loads(pickle.dumps(rebuilt)) is SCHEMES[name]

@@ -1,0 +1,118 @@
+"""Randomized Hadamard rotation of a weight's input dimension (incoherence processing).
+
+QuIP# (Tseng et al., "QuIP#: Even Better LLM Quantization with Hadamard Incoherence and
+Lattice Codebooks", arXiv:2402.04396, section 3) and QuaRot (Ashkboos et al.,
+arXiv:2404.00456) multiply weights by a random orthogonal ``R = D B``: ``D`` a diagonal
+of random signs, ``B`` a (block-)Hadamard matrix normalised to be orthogonal. A weight
+row's outliers are spread over its block, so the rotated weights are close to Gaussian
+and a uniform grid wastes fewer levels; the layer is unchanged because
+``W x = (W R)(R^T x)``.
+
+Where the inverse can be folded, for BERT (MiniLM), and what we do instead:
+
+- The input of Q/K/V and of the FFN's first Linear is a post-LayerNorm residual stream.
+  BERT is *post*-LN: ``LN(x + f(x))`` subtracts the mean and multiplies by a
+  per-feature ``gamma`` after every residual add, so neither the residual stream nor
+  the LN can be rotated (QuaRot's trick turns *pre*-LN into RMSNorm and rotates the
+  stream; that does not exist here). Not foldable.
+- The FFN's second Linear reads GELU outputs: a nonlinearity per feature, not foldable.
+- The attention output Linear reads ``softmax(QK^T) V`` per head: rotating V's output
+  rows inside each head (block size = head size 32) and the output Linear's input
+  columns with the same ``R`` is exact (QuaRot's per-head value/output rotation). Only
+  2 of 6 Linears per layer, and only with blocks of 32.
+
+So instead of folding, we store the quantized *rotated* weight and undo the rotation
+when dequantizing (``unrotate``: ``W ~= Q(W R) R^T``), which is what QuIP# does at
+inference with a fast Hadamard transform on the activations (``x R``, O(n log n) per
+token). The weights the model sees are the dequantized ones, so every metric measures
+the real effect; an inference engine reading our format applies ``R`` to activations.
+
+GPTQ in the rotated basis needs the rotated Hessian ``R^T H R`` (``rotate_hessian``).
+The signs come from ``numpy.random.PCG64`` raw output with a fixed seed per width
+(NumPy guarantees a bit generator's stream), so the rotation is a function of the
+tensor's width alone and nothing has to be stored. The transform is a butterfly of
+adds (no BLAS), so it gives the same bits on any machine and thread count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from arrowquant_core.errors import ConfigurationError
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+Floats = npt.NDArray[Any]
+
+SIGN_SEED: Final[int] = 0x41515254  # "AQRT"
+BLOCK_SIZES: Final[tuple[int, ...]] = (32, 64, 128, 256)
+
+# Methods whose codes are of the rotated weight, and their Hadamard block size. The one
+# table ``tensor.dequantize_float32`` reads to undo the rotation; ``methods.py`` rows
+# name the same block sizes.
+ROTATED_METHODS: Final[dict[str, int]] = {"gptq-ih": 64, "iclip-h": 64, "gptq-kh": 64, "gptq-kh128": 128}
+
+
+def signs(cols: int) -> F32:
+    """``cols`` random signs (+1 / -1), fixed by the width.
+
+    >>> signs(4).tolist() == signs(4).tolist()
+    True
+    """
+    raw = np.random.PCG64(SIGN_SEED + cols).random_raw(cols)
+    out: F32 = np.where((raw & np.uint64(1)) == 0, 1.0, -1.0).astype(np.float32)
+    return out
+
+
+def check_block(cols: int, block: int, name: str) -> None:
+    if block not in BLOCK_SIZES:
+        raise ConfigurationError(f"tensor {name!r}: Hadamard block {block} is not one of {list(BLOCK_SIZES)}")
+    if cols % block:
+        raise ConfigurationError(f"tensor {name!r}: {cols} input columns are not a multiple of the "
+                                 f"Hadamard block {block}")
+
+
+def fwht(matrix: Floats, block: int) -> Floats:
+    """Orthonormal Walsh-Hadamard transform of every run of ``block`` columns (Sylvester order).
+
+    >>> fwht(np.array([[1.0, 1.0]]), 2).round(6).tolist()
+    [[1.414214, 0.0]]
+    """
+    rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
+    x = np.array(matrix, copy=True).reshape(rows * (cols // block), block)
+    h = 1
+    while h < block:
+        v = x.reshape(-1, block // (2 * h), 2, h)
+        a = v[:, :, 0, :].copy()
+        v[:, :, 0, :] += v[:, :, 1, :]
+        np.subtract(a, v[:, :, 1, :], out=v[:, :, 1, :])
+        h *= 2
+    x *= x.dtype.type(1.0 / np.sqrt(block))
+    return x.reshape(rows, cols)
+
+
+def rotate(matrix: Floats, block: int) -> Floats:
+    """``matrix R`` (rotate the columns): signs, then block Hadamard."""
+    cols = int(matrix.shape[1])
+    return fwht(matrix * signs(cols).astype(matrix.dtype), block)
+
+
+def unrotate(matrix: Floats, block: int) -> Floats:
+    """``matrix R^T``, the inverse of ``rotate`` (the block Hadamard is symmetric)."""
+    cols = int(matrix.shape[1])
+    out = fwht(matrix, block)
+    out *= signs(cols).astype(out.dtype)
+    return out
+
+
+def rotate_hessian(hessian: Floats, block: int) -> F32:
+    """``R^T H R`` in float64, returned float32 and exactly symmetric."""
+    h = np.asarray(hessian, dtype=np.float64)
+    hr = rotate(h, block)  # H R
+    full = rotate(np.ascontiguousarray(hr.T), block).T  # (H R)^T R = R^T H R (H symmetric)
+    sym = 0.5 * (full + full.T)
+    out: F32 = sym.astype(np.float32)
+    return out

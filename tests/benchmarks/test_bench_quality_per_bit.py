@@ -1,0 +1,265 @@
+"""Quality per bit on the real MiniLM: output cosine (mean / worst sentence) vs bits per weight.
+
+Issue 13, items 3 and 4. Every figure is measured here: the whole model is quantized
+with a configuration (scheme + method, per-tensor overrides), written with
+``arrowquant_core.save``, its bytes on disk divided by the parameter count give bits
+per weight, it is reloaded with ``load_weights`` and the sentence embeddings of the
+*evaluation* corpus are compared with FP32 (``MiniLMRunner.compare``). The mean cosine
+on a calibration subset (``MiniLMRunner.calibration_score``) is reported beside it:
+choices between configurations are made on that column, never on the evaluation one.
+
+The default suite runs one configuration (the proposed INT4 default) against the
+current one, both timed in the same process. The whole table is a script:
+
+    PYTHONPATH=$PWD OPENBLAS_NUM_THREADS=1 python tests/benchmarks/test_bench_quality_per_bit.py [NAME ...]
+
+Measured on this machine (2 cores shared by 8 sessions, 2026-12-01; bpw = bytes on
+disk x 8 / parameters; cosine mean / worst evaluation sentence; "calib" columns on the
+32-sentence calibration subset):
+
+    configuration                        bpw   calib  c-worst    mean   worst
+    int8-g128/rtn (current)            7.960 0.99983  0.9997  0.99983  0.9995
+    int8-g64-sym-k8/gptq-kr            7.769 0.99995  0.9999  0.99994  0.9998
+    int4-g64/gptq-act-mse (current)    4.303 0.98988  0.9684  0.98866  0.9663
+    int4-g32-k8/gptq-kh                4.251 0.99376  0.9881  0.99269  0.9788
+    int4-g16-k8/gptq-kh+emb-g32-k6     4.426 0.99474  0.9885  0.99399  0.9792
+    int4-g16-k8/gptq-kh128+emb-g32-k6  4.427 0.99416  0.9914  0.99348  0.9840
+    budget=3.15 (plan_budget)          3.094 0.96915     -    0.96898  0.9184
+    budget=2.75 (plan_budget)          2.673 0.93942     -    0.93159  0.7128
+    int2-g16-k8/gptq-kh128             2.595 0.87622  0.8050  0.86702  0.5873
+    int2-g64/gptq-act-mse (current)    2.422 0.81430  0.7220  0.79312  0.4310
+
+(``--list`` prints the configuration names; ``budget=3.0`` runs ``plan.plan_budget`` with
+``BUDGET_RUNGS`` at that many bits per weight, sensitivity scored on calibration sentences;
+``budget48=4.45`` the same with ``BUDGET_RUNGS_HIGH``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from threadpoolctl import threadpool_limits
+
+import arrowquant_core as aq
+
+F32 = npt.NDArray[np.float32]
+GPTQ_BUDGET_S = 5.0  # issue 13 item 4, on a quiet machine; checked here as a ratio to gptq-act-mse
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    config: aq.QuantizationConfig
+    note: str = ""
+
+
+def _cfg(scheme: str, method: str, overrides: tuple[tuple[str, str], ...] = (),
+         method_overrides: tuple[tuple[str, str], ...] = ()) -> aq.QuantizationConfig:
+    return aq.QuantizationConfig(scheme, method=method, overrides=overrides, method_overrides=method_overrides)
+
+
+EMB = "*embeddings*"
+CONFIGS: dict[str, Config] = {c.name: c for c in (
+    Config("int8-g128/rtn", _cfg("int8-g128-asym", "rtn"), "current INT8 default"),
+    Config("int8-g64-k8/iclip", _cfg("int8-g64-asym-k8", "iclip")),
+    Config("int8-g32-k8/iclip", _cfg("int8-g32-asym-k8", "iclip")),
+    Config("int8-g32-k8/gptq-i", _cfg("int8-g32-asym-k8", "gptq-i")),
+    Config("int4-g64/gptq-act-mse", _cfg("int4-g64-asym", "gptq-act-mse"), "current INT4 default"),
+    Config("int4-g64/gptq-i", _cfg("int4-g64-asym", "gptq-i")),
+    Config("int4-g64/gptq-kh", _cfg("int4-g64-asym", "gptq-kh")),
+    Config("int4-g32-k8/gptq-i", _cfg("int4-g32-asym-k8", "gptq-i")),
+    Config("int4-g32-k8/gptq-kh", _cfg("int4-g32-asym-k8", "gptq-kh")),
+    Config("int4-g32-k8/gptq-kh128", _cfg("int4-g32-asym-k8", "gptq-kh128")),
+    Config("int4-g16-k8/gptq-kh", _cfg("int4-g16-asym-k8", "gptq-kh")),
+    Config("int4-g32-k6/gptq-kh", _cfg("int4-g32-asym-k6", "gptq-kh")),
+    Config("int4-g16-k8/gptq-kh+emb-g32-k6", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k6"),))),
+    Config("int4-g16-k8/gptq-kh128+emb-g32-k6", _cfg("int4-g16-asym-k8", "gptq-kh128", ((EMB, "int4-g32-asym-k6"),))),
+    Config("int4-g16-k8/gptq-kh+emb-g32-k8", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int4-g16-k8/gptq-kh+emb-g32-k8-plain", _cfg("int4-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),),
+                                                        ((EMB, "iclip"),))),
+    Config("int8-g64-sym-k8/gptq-kr", _cfg("int8-g64-sym-k8", "gptq-kr")),
+    Config("int8-g64-sym-k8/krtn", _cfg("int8-g64-sym-k8", "krtn")),
+    Config("int8-g64-sym-k8/gptq-k", _cfg("int8-g64-sym-k8", "gptq-k")),
+    Config("int8-g64-k6/gptq-k", _cfg("int8-g64-asym-k6", "gptq-k")),
+    Config("int2-g64/gptq-act-mse", _cfg("int2-g64-asym", "gptq-act-mse"), "current INT2 GPTQ"),
+    Config("int2-g16-k8/gptq-i", _cfg("int2-g16-asym-k8", "gptq-i")),
+    Config("int2-g16-k8/gptq-kh", _cfg("int2-g16-asym-k8", "gptq-kh")),
+    Config("int2-g16-k8/gptq-kh128", _cfg("int2-g16-asym-k8", "gptq-kh128")),
+    Config("int2-g32-k8/gptq-kh", _cfg("int2-g32-asym-k8", "gptq-kh")),
+    Config("int2-g16-k8/gptq-kh+emb4", _cfg("int2-g16-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int2-g32-k8/gptq-kh+emb4", _cfg("int2-g32-asym-k8", "gptq-kh", ((EMB, "int4-g32-asym-k8"),))),
+    Config("int4-g32-k8/gptq-kh+emb2", _cfg("int4-g32-asym-k8", "gptq-kh", ((EMB, "int2-g16-asym-k8"),))),
+    Config("int4-g32-k8/gptq-kh+emb2g32", _cfg("int4-g32-asym-k8", "gptq-kh", ((EMB, "int2-g32-asym-k8"),))),
+)}
+
+
+def minilm() -> tuple[dict[str, F32], dict[str, F32]]:
+    from fixtures.minilm.activations import calibration_hessians
+    from fixtures.minilm.model import original_weights
+
+    return original_weights(), calibration_hessians()
+
+
+def measure(weights: Mapping[str, F32], hessians: Mapping[str, F32], config: aq.QuantizationConfig,
+            runner: Any, calibration: Callable[[dict[str, Any]], float] | None = None) -> dict[str, float]:
+    """Quantize, save, reload, compare: the row of the quality-per-bit table."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        model = aq.quantize_model(weights, config, hessians=hessians)
+        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        path = aq.save(model, Path(folder) / "model.parquet")
+        size = path.stat().st_size
+        reloaded = aq.load(path)
+        back = aq.load_weights(path)
+    exact = all(np.array_equal(reloaded.tensors[n].codes, t.codes) and np.array_equal(reloaded.tensors[n].scales, t.scales)
+                and np.array_equal(reloaded.tensors[n].zeros, t.zeros) for n, t in model.tensors.items())
+    out = runner.compare(back)
+    row = {"output_cosine_mean": float(out["output_cosine_mean"]), "output_cosine_min": float(out["output_cosine_min"]),
+           "bits_per_weight": 8.0 * size / model.parameter_count, "bytes": float(size),
+           "quantize_seconds": seconds, "roundtrip_exact": float(exact)}
+    if calibration is not None:
+        row["calibration_cosine_mean"] = float(calibration(dict(back)))
+        row["calibration_cosine_min"] = float(_calibration_runner().compare(back)["output_cosine_min"])
+    return row
+
+
+_CAL: list[Any] = []
+
+
+def _calibration_runner() -> Any:
+    """A runner on the calibration subset the ladder scores (``MiniLMRunner.calibration_score``):
+    its worst sentence is what configurations are chosen by, beside the mean."""
+    if not _CAL:
+        from fixtures.minilm import model as minilm
+        from fixtures.minilm.runner import LADDER_SENTENCES, MiniLMRunner
+
+        sentences = minilm.read_sentences(minilm.CALIBRATION_SENTENCES)[::10][:LADDER_SENTENCES]
+        _CAL.append(MiniLMRunner(sentences))
+    return _CAL[0]
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[dict[str, F32], dict[str, F32], Any]:
+    from fixtures.minilm.runner import MiniLMRunner
+
+    weights, hessians = minilm()
+    return weights, hessians, MiniLMRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread() -> Iterator[None]:
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+PROPOSED_INT4 = "int4-g32-k8/gptq-kh"
+
+
+def test_proposed_int4_default_is_better_per_bit_than_the_current_one(
+        data: tuple[dict[str, F32], dict[str, F32], Any]) -> None:
+    """The proposed INT4 default, measured end to end (quantize, save, reload, embed).
+
+    The current default (int4-g64-asym / gptq-act-mse) measured 0.9887 / 0.966 at 4.30
+    bits per weight; the proposal 0.9927 / 0.979 at 4.25 (module docstring command). The
+    floors sit between the two, so falling back to the old quality fails the test.
+    """
+    weights, hessians, runner = data
+    row = measure(weights, hessians, CONFIGS[PROPOSED_INT4].config, runner)
+    assert row["roundtrip_exact"] == 1.0
+    assert row["bits_per_weight"] <= 4.30, row
+    assert row["output_cosine_mean"] >= 0.991, row
+    assert row["output_cosine_min"] >= 0.972, row
+    # Speed as a ratio to the current GPTQ default in the same process (a busy machine
+    # slows both), on the tensors that cost the most: the word embeddings (clip search)
+    # and one layer's six Linears (GPTQ). Whole model: 12.4 s vs 28.2 s measured on a busy
+    # machine; the <= 5 s budget holds for gptq-act-mse on a quiet one.
+    part = {n: a for n, a in weights.items() if "word_embeddings" in n or ".layer.0." in n}
+    old_s = _seconds(part, hessians, CONFIGS["int4-g64/gptq-act-mse"].config)
+    new_s = _seconds(part, hessians, CONFIGS[PROPOSED_INT4].config)
+    assert new_s <= 2.0 * old_s, (new_s, old_s)
+
+
+def _seconds(weights: Mapping[str, F32], hessians: Mapping[str, F32], config: aq.QuantizationConfig) -> float:
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        aq.quantize_model(weights, config, hessians=hessians)
+        return time.perf_counter() - start
+
+
+BUDGET_RUNGS: tuple[tuple[str, str], ...] = (
+    ("int2-g32-asym-k8", "gptq-kh"), ("int4-g32-asym-k8", "gptq-kh"))
+# plan.Rung.planned_bytes counts stored bytes before zstd; the file is smaller (scale and
+# zero codes compress). Measured planned / on-disk for uniform INT2 g32-k8 and INT4 g32-k8
+# models: ~1.10 and ~1.07; the realized bits per weight are measured and reported anyway.
+PLANNED_PER_DISK = 1.09
+BUDGET_RUNGS_HIGH: tuple[tuple[str, str], ...] = (
+    ("int4-g32-asym-k8", "gptq-kh"), ("int8-g32-asym-k8", "gptq-i"))
+
+
+def measure_budget(weights: Mapping[str, F32], hessians: Mapping[str, F32], target_bpw: float, runner: Any,
+                   rungs: tuple[tuple[str, str], ...] = BUDGET_RUNGS) -> dict[str, float]:
+    """``plan.plan_budget`` at a planned size of ``target_bpw`` (float tensors included), scored on
+    calibration sentences; the realized model is then measured like any configuration."""
+    calibration = runner.calibration_score()
+    names = [n for n, a in weights.items() if a.ndim == 2]
+    floats = sum(4.0 * a.size for n, a in weights.items() if a.ndim != 2)
+    params = sum(int(a.size) for a in weights.values())
+    budget = target_bpw * params / 8.0 * PLANNED_PER_DISK - floats
+    ladder = tuple(aq.Rung(s, m) for s, m in rungs)
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        plan = aq.plan_budget(weights, names, ladder, calibration, budget, hessians=hessians)
+        model = aq.realize(weights, plan, hessians=hessians)
+        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        path = aq.save(model, Path(folder) / "model.parquet")
+        size = path.stat().st_size
+        back = aq.load_weights(path)
+    out = runner.compare(back)
+    counts = {r.label: sum(1 for d in plan.decisions if d.rung == i) for i, r in enumerate(ladder)}
+    print(f"  plan at {target_bpw} bpw: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    for d in plan.decisions:
+        if d.rung:
+            print(f"    {d.name} -> {ladder[d.rung].label}")
+    return {"output_cosine_mean": float(out["output_cosine_mean"]), "output_cosine_min": float(out["output_cosine_min"]),
+            "bits_per_weight": 8.0 * size / params, "quantize_seconds": seconds,
+            "calibration_cosine_mean": plan.score, "roundtrip_exact": 1.0}
+
+
+def main(argv: list[str]) -> int:
+    if "--list" in argv:
+        for c in CONFIGS.values():
+            print(c.name, c.note)
+        return 0
+    from fixtures.minilm.runner import MiniLMRunner
+
+    names = argv or list(CONFIGS)
+    weights, hessians = minilm()
+    runner = MiniLMRunner()
+    calibration = runner.calibration_score()
+    print(f"{'configuration':34s} {'bpw':>6s} {'calib':>8s} {'c-worst':>7s} {'mean':>8s} {'worst':>7s} {'sec':>6s}")
+    for name in names:
+        if name.startswith("budget"):  # budget=B: INT2/INT4 rungs; budget48=B: INT4/INT8 rungs
+            rungs = BUDGET_RUNGS_HIGH if name.startswith("budget48=") else BUDGET_RUNGS
+            row = measure_budget(weights, hessians, float(name.split("=", 1)[1]), runner, rungs)
+        else:
+            row = measure(weights, hessians, CONFIGS[name].config, runner, calibration)
+        print(f"{name:34s} {row['bits_per_weight']:6.3f} {row['calibration_cosine_mean']:8.5f} "
+              f"{row.get('calibration_cosine_min', float('nan')):7.4f} "
+              f"{row['output_cosine_mean']:8.5f} {row['output_cosine_min']:7.4f} {row['quantize_seconds']:6.1f}"
+              + ("" if row["roundtrip_exact"] == 1.0 else "  ROUNDTRIP NOT EXACT"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
