@@ -21,6 +21,8 @@ CORE = [
     "arrowquant_core/model.py",
     "arrowquant_core/metrics.py",
     "arrowquant_core/storage.py",
+    "arrowquant_core/actquant.py",
+    "arrowquant_core/spatial.py",
     "arrowquant_core/safetensors_io.py",
     "arrowquant_core/diffusion.py",
     "arrowquant_core/clip.py",

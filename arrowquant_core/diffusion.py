@@ -15,9 +15,15 @@ What is built and what is not:
   weight-only artifact does not need them, and nothing here reads activations.
   ``calibration_samples`` is likewise validated and recorded but not used
   (round-to-nearest needs no calibration data).
-* Text and code models take the text strategy. Image and audio are recognized, but their
-  strategies (spatial quantization, channel equalization) are not built yet: asking for
-  them is a ``ConfigurationError`` saying so, never a silent fallback to the text path.
+* Text and code models take the text strategy. Image and audio models take GPTQ +
+  Spatial (:mod:`arrowquant_core.spatial`): channel equalization folded into the weights,
+  then GPTQ on the smoothed weights, when the caller passes the model's calibration
+  (``calibration=SpatialCalibration(...)``; the core never runs a model, the model's runner
+  captures activations). Without it nothing can be smoothed or calibrated: every weight
+  takes the SpatialQuantizer's fallback, per-channel quantization (clip search), and the
+  result and the artifact count the fallbacks and say why. The artifact records the
+  smoothing applied (metadata ``spatial``), so ``validate_quality`` measures the weights
+  against the smoothed original, the float model the artifact approximates.
 
 Files read (a model folder)::
 
@@ -66,6 +72,7 @@ from arrowquant_core.metrics import cosine, sqnr_db
 from arrowquant_core.model import Progress, QuantizationConfig, QuantizedModel, quantize_model
 from arrowquant_core.safetensors_io import read_npy_folder, read_safetensors, read_safetensors_folder
 from arrowquant_core.schemes import BIT_WIDTHS, SCHEMES, Scheme
+from arrowquant_core.spatial import SpatialCalibration, SpatialConfig, describe, quantize_spatial, smoothed_reference
 from arrowquant_core.storage import load, save
 from arrowquant_core.tensor import dequantize_float32
 
@@ -316,14 +323,15 @@ class ModalityStrategy:
         return (ModalityStrategy, (self.modality, self.strategy, self.built, self.description))
 
 
+SPATIAL_STRATEGY: Final[str] = "gptq+spatial"
 # The one modality -> strategy table (seed documents' multi-modal plan).
 MODALITIES: Final[dict[str, ModalityStrategy]] = {m.modality: m for m in (
     ModalityStrategy("text", "text", True, "token weights; per-group round-to-nearest"),
     ModalityStrategy("code", "text", True, "code is text to the quantizer"),
-    ModalityStrategy("image", "spatial quantization", False,
-                     "per-spatial-location parameters for image diffusion models"),
-    ModalityStrategy("audio", "channel equalization", False,
-                     "equalize channel ranges before quantizing audio models"),
+    ModalityStrategy("image", SPATIAL_STRATEGY, True,
+                     "GPTQ after channel equalization folded into the weights (image diffusion transformers)"),
+    ModalityStrategy("audio", SPATIAL_STRATEGY, True,
+                     "GPTQ after channel equalization folded into the weights (audio diffusion transformers)"),
 )}
 
 
@@ -472,13 +480,14 @@ class DiffusionQuantResult:
     quantize_seconds: float
     layers: tuple[LayerQuality, ...]
     skipped: tuple[tuple[str, str], ...] = ()
+    fallbacks: tuple[tuple[str, str], ...] = ()  # (site or tensor, reason): the spatial path's fallbacks
 
     def __reduce__(self) -> tuple[type[DiffusionQuantResult], tuple[Any, ...]]:
         return (DiffusionQuantResult, (
             self.output_path, self.modality, self.profile, self.scheme, self.compression_ratio,
             self.cosine_similarity, self.min_cosine_similarity, self.model_size_mb,
             self.source_size_mb, self.target_size_mb, self.within_target_size, self.min_accuracy,
-            self.meets_min_accuracy, self.quantize_seconds, self.layers, self.skipped))
+            self.meets_min_accuracy, self.quantize_seconds, self.layers, self.skipped, self.fallbacks))
 
 
 @dataclass(frozen=True)
@@ -579,13 +588,15 @@ class ArrowQuantV2:
 
     def quantize_diffusion_model(self, model_path: StrPath, output_path: StrPath,
                                  config: DiffusionQuantConfig | str | None = None,
-                                 progress: Progress | None = None) -> DiffusionQuantResult:
+                                 progress: Progress | None = None,
+                                 calibration: SpatialCalibration | None = None) -> DiffusionQuantResult:
         """Read a model folder, quantize it, write ``output_path`` (Parquet v2), measure.
 
         ``config`` is a DiffusionQuantConfig or a profile name; None means "local". ``progress(done, total, name)`` is
         called once per tensor. Exceeding ``target_size_mb`` is reported in the result
         (``within_target_size``), not raised. Time-aware activation parameters are not
-        computed yet: ``time_groups`` is only recorded in the metadata.
+        computed yet: ``time_groups`` is only recorded in the metadata. ``calibration`` feeds the
+        image / audio route (GPTQ + Spatial); it is ignored by the text route.
         """
         cfg = _config(config)
         folder = Path(model_path)
@@ -608,8 +619,14 @@ class ArrowQuantV2:
                 progress(done, total, name)
 
         started = time.perf_counter()
+        reference: Mapping[str, npt.NDArray[Any]] = source.weights
+        spatial_meta: dict[str, str] = {}
+        fallbacks: tuple[tuple[str, str], ...] = ()
         try:
-            quantized = quantize_model(source.weights, cfg.to_quantization_config(), on_tensor)
+            if row.strategy == SPATIAL_STRATEGY:
+                quantized, reference, spatial_meta, fallbacks = _spatial(source.weights, cfg, calibration, on_tensor)
+            else:
+                quantized = quantize_model(source.weights, cfg.to_quantization_config(), on_tensor)
         except QuantizationError as exc:
             if done_count[0] < len(names):
                 failing = names[done_count[0]]
@@ -627,6 +644,7 @@ class ArrowQuantV2:
             "source_files": json.dumps(hashes, sort_keys=True),
             "source_bytes": str(source_bytes),
             "skipped": json.dumps(quantized.skipped, sort_keys=True),
+            **spatial_meta,
         })
         model = _with_metadata(quantized, meta)
 
@@ -636,7 +654,7 @@ class ArrowQuantV2:
         try:
             save(model, partial)
             written_bytes = os.stat(partial).st_size
-            layers = _layer_qualities(source.weights, load(partial), partial)
+            layers = _layer_qualities(reference, load(partial), partial)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -651,7 +669,7 @@ class ArrowQuantV2:
             target_size_mb=float(cfg.target_size_mb), within_target_size=size_mb <= cfg.target_size_mb,
             min_accuracy=float(cfg.min_accuracy), meets_min_accuracy=worst >= cfg.min_accuracy,
             quantize_seconds=seconds, layers=layers,
-            skipped=tuple(sorted(quantized.skipped.items())))
+            skipped=tuple(sorted(quantized.skipped.items())), fallbacks=fallbacks)
 
     def validate_quality(self, original_path: StrPath, quantized_path: StrPath,
                          min_accuracy: float | None = None,
@@ -670,7 +688,11 @@ class ArrowQuantV2:
         artifact = Path(quantized_path)
         model = load(artifact)
         threshold, origin = _threshold(min_accuracy, model.metadata, artifact)
-        layers = _layer_qualities(_read_original(original), model, artifact)
+        weights = _read_original(original)
+        record = model.metadata.get("spatial")
+        if record is not None:  # a smoothed artifact approximates the smoothed original
+            weights = smoothed_reference(weights, record)
+        layers = _layer_qualities(weights, model, artifact)
         worst = min(layers, key=lambda layer: layer.cosine)
         report = QualityReport(
             original_path=original, quantized_path=artifact, layers=layers,
@@ -681,6 +703,32 @@ class ArrowQuantV2:
         if raise_on_failure and message is not None:
             raise ValidationError(message)
         return report
+
+
+def _spatial(weights: Mapping[str, FloatArray], cfg: DiffusionQuantConfig,
+             calibration: SpatialCalibration | None, progress: Progress | None,
+             ) -> tuple[QuantizedModel, dict[str, npt.NDArray[Any]], dict[str, str], tuple[tuple[str, str], ...]]:
+    """The image / audio route: GPTQ + Spatial with calibration, the per-channel fallback without."""
+    fallback = f"int{cfg.bits}-channel-sym"
+    if calibration is None:
+        reason = ("no calibration activations were given, so nothing could be smoothed or GPTQ-calibrated; "
+                  f"quantized per channel ({fallback}, clip search)")
+        model = quantize_model(weights, QuantizationConfig(fallback, fail_fast=cfg.fail_fast, method="clip"), progress)
+        fallbacks = tuple((name, reason) for name in model.tensors)
+        meta = {"spatial": json.dumps({"smoothed": [], "fallbacks": {"*": reason}}, sort_keys=True),
+                "spatial_fallbacks": str(len(fallbacks)), "spatial_smoothed_sites": "0"}
+        return model, dict(weights), meta, fallbacks
+    spatial_config = SpatialConfig(cfg.scheme.name, "gptq", fallback_scheme=fallback)
+    result = quantize_spatial({k: np.asarray(v, np.float32) for k, v in weights.items()}, calibration.sites,
+                              calibration.activations, spatial_config, calibration.hessians, calibration.groups)
+    if progress is not None:
+        total = len(result.model.order)
+        for done, name in enumerate(result.model.order, start=1):
+            progress(done, total, name)
+    meta = {"spatial": describe(result, calibration.sites), "spatial_fallbacks": str(len(result.fallbacks)),
+            "spatial_smoothed_sites": str(len(result.factors))}
+    reference: dict[str, npt.NDArray[Any]] = dict(result.smoothed)
+    return result.model, reference, meta, tuple(sorted(result.fallbacks.items()))
 
 
 def _config(config: DiffusionQuantConfig | str | None) -> DiffusionQuantConfig:

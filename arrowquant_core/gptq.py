@@ -318,14 +318,16 @@ def gptq_matrix(matrix: F32, u: F64, bits: int, symmetric: bool, group: int, blo
 
 def gptq_group_size(scheme: Scheme, shape: tuple[int, ...], name: str) -> int:
     """Columns per group for GPTQ: the scheme's group size, or all columns per channel."""
-    if len(shape) != 2:
-        raise QuantizationError(f"tensor {name!r}: GPTQ needs a 2-D Linear weight (out, in), "
-                                f"got shape {list(shape)}")
+    if len(shape) < 2:
+        raise QuantizationError(f"tensor {name!r}: GPTQ needs a Linear weight (out, in) or a conv weight "
+                                f"(out, in, *kernel), got shape {list(shape)}")
     if scheme.granularity == "tensor":
         raise ConfigurationError(
             f"tensor {name!r}: scheme {scheme.name} has one scale per tensor; GPTQ needs per-channel "
             "or per-group scales (choose an int*-channel-* or int*-g*-* scheme)")
-    return scheme.group_size if scheme.granularity == "group" else int(shape[1])
+    # a conv weight (out, in, kh, kw) is the matrix (out, in*kh*kw) in row-major order, the
+    # column order of im2col patches (channel, then kernel row, then kernel column)
+    return scheme.group_size if scheme.granularity == "group" else int(np.prod(shape[1:]))
 
 
 def quantize_gptq(array: object, scheme: Scheme | str, name: str, hessian: object,
@@ -344,7 +346,7 @@ def quantize_gptq(array: object, scheme: Scheme | str, name: str, hessian: objec
     values, dtype = as_float32(array, name)
     shape = tuple(int(d) for d in values.shape)
     gptq_group_size(sch, shape, name)
-    u, perm = factor_hessian(hessian, int(shape[1]), damp, act_order, name)
+    u, perm = factor_hessian(hessian, int(np.prod(shape[1:])), damp, act_order, name)
     return _gptq_tensor(values, dtype, sch, name, u, perm, block_size, mse_clip)
 
 
@@ -376,7 +378,7 @@ def _gptq_tensor(values: F32, dtype: str, sch: Scheme, name: str, u: F64,
     # Near float32's max the propagated errors overflow a float32 loop: run such a tensor
     # in float64 (rare; ordinary weights keep the float32 loop and its exact codes).
     extreme = values.size > 0 and float(np.max(np.abs(values))) > _EXTREME
-    codes, scales, zeros = gptq_matrix(values, u, sch.bits, sch.symmetric, group, block_size, perm,
+    codes, scales, zeros = gptq_matrix(values.reshape(rows, cols), u, sch.bits, sch.symmetric, group, block_size, perm,
                                        float64=extreme, mse=mse_clip)
     pad = block * n_groups - cols
     if pad:

@@ -42,7 +42,7 @@ and the tensor, never a raw pyarrow or NumPy error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import hashlib
 import json
 import math
@@ -86,7 +86,7 @@ def _np_dtype(name: str) -> np.dtype[Any]:
     return dtype
 
 
-def _checksum(parts: list[bytes], header: str) -> str:
+def _checksum(parts: Sequence[bytes | memoryview], header: str) -> str:
     digest = hashlib.sha256(header.encode("utf-8"))
     for part in parts:
         digest.update(len(part).to_bytes(8, "little"))
@@ -300,8 +300,32 @@ def _inspect(table: pa.Table, path: Path) -> tuple[pa.Table, int, dict[str, str]
 
 
 def _rows(table: pa.Table, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    columns = {f: table.column(f).to_pylist() for f in fields}
+    columns = {f: _binary_views(table.column(f)) if f in _BLOB_FIELDS else table.column(f).to_pylist()
+               for f in fields}
     return [{f: columns[f][i] for f in fields} for i in range(table.num_rows)]
+
+
+# Binary columns are read as zero-copy memoryviews of Arrow's buffers, not to_pylist()
+# bytes (one copy of every tensor fewer on load, issue 11); hashlib and np.frombuffer
+# take them as they are.
+_BLOB_FIELDS: Final[frozenset[str]] = frozenset({"data", "codes", "scales", "zeros", "params"})
+
+
+def _binary_views(column: Any) -> list[memoryview | None]:
+    out: list[memoryview | None] = []
+    for chunk in column.chunks:
+        if not (pa.types.is_large_binary(chunk.type) or pa.types.is_binary(chunk.type)):
+            out += [None if v is None else memoryview(v) for v in chunk.to_pylist()]
+            continue
+        _validity, offsets_buffer, data_buffer = chunk.buffers()
+        width = 8 if pa.types.is_large_binary(chunk.type) else 4
+        offsets = np.frombuffer(offsets_buffer, dtype=f"<i{width}", count=len(chunk) + 1,
+                                offset=chunk.offset * width)
+        data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
+        valid = chunk.is_valid().to_pylist()
+        for i in range(len(chunk)):
+            out.append(data[int(offsets[i]):int(offsets[i + 1])] if valid[i] else None)
+    return out
 
 
 def _shape(row: dict[str, Any], path: Path) -> tuple[int, ...]:
@@ -309,7 +333,7 @@ def _shape(row: dict[str, Any], path: Path) -> tuple[int, ...]:
     return check_shape(f"{path}: tensor {short(row['name'])}", row["shape"], 8)
 
 
-def _verify(row: dict[str, Any], parts: list[bytes], header: str, path: Path) -> None:
+def _verify(row: dict[str, Any], parts: Sequence[bytes | memoryview], header: str, path: Path) -> None:
     if _checksum(parts, header) != row["sha256"]:
         raise FormatError(f"{path}: tensor {short(row['name'])}: checksum mismatch (file corrupted or edited)")
 
@@ -317,7 +341,7 @@ def _verify(row: dict[str, Any], parts: list[bytes], header: str, path: Path) ->
 def _decode_raw(row: dict[str, Any], path: Path, kind: str = "float") -> npt.NDArray[Any]:
     name, dtype, data = row["name"], row["dtype"], row["data"]
     allowed = _allowed(kind)
-    if dtype not in allowed or not isinstance(data, bytes):
+    if dtype not in allowed or not isinstance(data, (bytes, memoryview)):
         raise FormatError(f"{path}: tensor {short(name)}: {kind} row needs a dtype in {list(allowed)} and data bytes")
     shape = _shape(row, path)
     _verify(row, [data], f"{'float' if kind == 'v1' else kind}|{name}|{list(shape)}|{dtype}", path)
@@ -334,7 +358,7 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
     if scheme is None:
         raise FormatError(f"{path}: tensor {short(name)}: unknown scheme {short(row['scheme'])}")
     blobs = [row["codes"], row["scales"], row["zeros"], row["params"]]
-    if not all(isinstance(b, bytes) for b in blobs):
+    if not all(isinstance(b, (bytes, memoryview)) for b in blobs):
         raise FormatError(f"{path}: tensor {short(name)}: codes, scales, zeros and params must all be present")
     shape = _shape(row, path)
     method = str(row["method"] or "rtn")

@@ -20,7 +20,15 @@ import numpy as np
 import numpy.typing as npt
 
 from arrowquant_core.errors import FormatError, QuantizationError
-from arrowquant_core.kernels import dequantize_blocks, pack, quantize_blocks, residual2_dequantize_blocks, unpack
+from arrowquant_core.kernels import (
+    block_range,
+    dequantize_matrix,
+    pack,
+    params_from_range,
+    quantize_matrix,
+    residual2_dequantize_blocks,
+    unpack,
+)
 from arrowquant_core.schemes import Scheme, get_scheme
 
 F32 = npt.NDArray[np.float32]
@@ -61,6 +69,12 @@ class QuantizedTensor:
     zeros: U8
     method: str = "rtn"
     params: F32 = field(default_factory=_no_params)
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md); Ray
+        # tasks (harness/sweep.py) send QuantizedTensors between processes.
+        return (QuantizedTensor, (self.name, self.scheme, self.shape, self.dtype, self.codes, self.scales,
+                                  self.zeros, self.method, self.params))
 
     @property
     def is_lattice(self) -> bool:
@@ -200,10 +214,31 @@ def quantize(array: object, scheme: Scheme | str, name: str = "tensor") -> Quant
     (64, 4)
     """
     sch = get_scheme(scheme) if isinstance(scheme, str) else scheme
-    values, dtype = as_float32(array, name)
-    blocks, _layout = blocks_of(values, sch)
-    codes, scales, zeros = quantize_blocks(blocks, sch.bits, sch.symmetric)
-    return from_codes(name, sch, tuple(int(d) for d in values.shape), dtype, codes, scales, zeros, "rtn")
+    values, dtype = float32_input(array, name)
+    shape = tuple(int(d) for d in values.shape)
+    rows, cols, block, n_groups = layout(shape, sch)
+    matrix = values.reshape(rows, cols)
+    lo, hi = block_range(matrix, block, n_groups)
+    if not (bool(np.all(np.isfinite(lo))) and bool(np.all(np.isfinite(hi)))):
+        check_finite(values, name)  # a NaN or inf propagates into the ranges; name the first
+    scales, zeros = params_from_range(lo, hi, sch.bits, sch.symmetric)
+    qt = QuantizedTensor(
+        name=name, scheme=sch, shape=shape, dtype=dtype,
+        codes=quantize_matrix(matrix, block, n_groups, sch.bits, scales, zeros),
+        scales=scales, zeros=np.zeros(0, np.uint8) if sch.symmetric else zeros, method="rtn")
+    qt.check()
+    return qt
+
+
+def float32_input(array: object, name: str) -> tuple[F32, str]:
+    """Like ``as_float32``, but a C-contiguous native float32 array is returned as is,
+    not copied: the round-to-nearest path only reads it (issue 11: the defensive copy
+    was a full extra pass). Its finiteness is checked by the caller on the block ranges.
+    """
+    if isinstance(array, np.ndarray) and array.dtype == np.float32 and array.dtype.isnative \
+            and array.flags.c_contiguous and array.size:
+        return array, "float32"
+    return as_float32(array, name)
 
 
 def from_codes(name: str, scheme: Scheme, shape: tuple[int, ...], dtype: str, block_codes: U8,
@@ -243,11 +278,11 @@ def block_codes(qt: QuantizedTensor) -> U8:
 def dequantize_float32(qt: QuantizedTensor) -> F32:
     """Dequantize to float32 in the original shape."""
     rows, cols, block, n_groups = layout(qt.shape, qt.scheme)
-    if qt.is_lattice:
-        values = residual2_dequantize_blocks(block_codes(qt), qt.params.reshape(-1, 3))
-    else:
+    if not qt.is_lattice:
         zeros = qt.zeros if qt.zeros.size else np.full(qt.scales.size, 1 << (qt.scheme.bits - 1), np.uint8)
-        values = dequantize_blocks(block_codes(qt), qt.scales, zeros)
+        return dequantize_matrix(qt.codes, rows, cols, block, n_groups, qt.scheme.bits, qt.scales,
+                                 zeros).reshape(qt.shape)
+    values = residual2_dequantize_blocks(block_codes(qt), qt.params.reshape(-1, 3))
     return np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols]).reshape(qt.shape)
 
 

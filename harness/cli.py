@@ -24,10 +24,12 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --profile edge  # INT2 with the fallback ladder and mixed precision
   python -m harness run --model minilm --compare       # plus every method compared at INT4 and INT2
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
+  python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made by llama.cpp
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness report reports/results.json        # re-render the report from results
   python -m harness verify reports/results.json        # re-check results against artifacts and criteria
   python -m harness list                               # models, schemes, metrics, faults
+  python -m harness sweep --model dream-mini --bits 8,4 --methods rtn,hqq   # a grid of runs on Ray
 """
 
 
@@ -68,9 +70,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
+    run.add_argument("--artifact", type=Path, metavar="FILE.gguf",
+                     help="judge this GGUF file (quantized by llama.cpp or gguf-py) instead of quantizing: its "
+                          "tensors are mapped to the model's names, dequantized and run through the same suite")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
+    _add_sweep(sub)
     sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
     rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
     rep.add_argument("results", type=Path)
@@ -80,6 +86,37 @@ def parser() -> argparse.ArgumentParser:
                                         "2 = the results do not hold up")
     ver.add_argument("results", type=Path)
     return top
+
+
+def _add_sweep(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sweep = sub.add_parser("sweep", help="models x bit widths x methods (x profiles), each cell a run on Ray",
+                           epilog="examples:\n  python -m harness sweep --model dream-mini --bits 8,4 --methods rtn\n"
+                                  "  python -m harness sweep --model minilm,dream-mini --bits 4 --methods rtn,hqq "
+                                  "--address ray://head:10001\n\n" + exitcodes.epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--model", required=True, help="comma-separated model names or paths")
+    sweep.add_argument("--bits", type=_bits, required=True, help="comma-separated bit widths")
+    sweep.add_argument("--methods", default="rtn", help="comma-separated methods (see `list`; default: rtn)")
+    sweep.add_argument("--profiles", default="", help="comma-separated profiles; 'default' = no profile")
+    sweep.add_argument("--out", type=Path, default=Path("reports/sweep"), help="output folder (default: reports/sweep)")
+    sweep.add_argument("--address", help="Ray cluster address (default: a private local Ray instance)")
+    sweep.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance (default: 2)")
+    sweep.add_argument("--rounds", type=int, default=3, help="benchmark rounds of each cell's timing gates (default: 3)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import SweepConfig, sweep
+
+    names = [p.strip() for p in args.profiles.split(",") if p.strip()] or ["default"]
+    config = SweepConfig(models=tuple(m.strip() for m in args.model.split(",") if m.strip()), bits=args.bits,
+                         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         profiles=tuple(None if p == "default" else p for p in names), out=args.out,
+                         address=args.address, num_cpus=args.num_cpus, quiet=args.quiet,
+                         benchmark_rounds=args.rounds)
+    code, report = sweep(config)
+    print(report)
+    return code
 
 
 def _list() -> int:
@@ -112,6 +149,11 @@ def _list() -> int:
     print("metrics:")
     for metric in METRICS.values():
         print(f"  {metric.name:22s} {metric.description}")
+    from harness.peers import PEERS
+
+    print("peer formats (llama.cpp, quantized by gguf-py; criteria `peers = [...]`):")
+    for peer in PEERS.values():
+        print(f"  {peer.name:8s} {peer.nominal_bits_per_weight:5.2f} bpw  {peer.ggml_type.name:6s} {peer.description}")
     print("faults (for --inject-fault):")
     for fault in FAULTS.values():
         print(f"  {fault.name:24s} {fault.description}")
@@ -159,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 _stdout_gone()
                 code = exitcodes.OK
             return code
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "report":
             from harness.integrity import consistency_problems
             from harness.report import render_report
@@ -186,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.runner import run
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
-                           fault=args.fault, profile=args.profile, compare=args.compare,
+                           fault=args.fault, profile=args.profile, compare=args.compare, artifact=args.artifact,
                            benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner)
         result = run(config)
         _say(f"{result.verdict}: {result.report_path}")

@@ -359,7 +359,11 @@ class RunContext:
         return self.output_by_bits[bits]
 
     def compared_methods(self, bits: int) -> tuple[str, ...]:
-        return self.criteria.plan(bits).compare if self.config.compare else ()
+        """Row labels of the comparison: our methods, then llama.cpp's peer formats."""
+        from harness.peers import LABEL_PREFIX
+
+        plan = self.criteria.plan(bits)
+        return (*plan.compare, *(LABEL_PREFIX + p for p in plan.peers)) if self.config.compare else ()
 
     def compare_methods(self, bits: int) -> list[dict[str, Any]]:
         """Quantize the whole model with each compared method at this bit width's scheme,
@@ -367,7 +371,7 @@ class RunContext:
         rows: list[dict[str, Any]] = []
         folder = self.workdir / "compare"
         plan = self.criteria.plan(bits)
-        for method in self.compared_methods(bits):
+        for method in plan.compare if self.config.compare else ():
             config = aq.QuantizationConfig(plan.scheme, method=method)
             hessians = self.hessians() if get_method(method).needs_hessian else None
             self.progress(f"INT{bits}: comparing method {method}")
@@ -391,6 +395,12 @@ class RunContext:
                 raw = self.checkpoint.runner.compare(weights)
                 row.update({k: float(v) for k, v in raw.items() if isinstance(v, (int, float))})
             rows.append(row)
+        if self.config.compare and plan.peers:  # llama.cpp's formats (gguf-py), same tensors and sentences
+            from harness.peers import compare_rows
+
+            runner = self.checkpoint.runner
+            rows += compare_rows(self.checkpoint.weights, plan.peers, folder, self.checkpoint.name,
+                                 runner.compare if runner is not None else None, self.progress)
         self.tables_by_bits.setdefault(bits, {})["methods"] = rows
         return rows
 
@@ -469,11 +479,15 @@ def _same_codes(a: QuantizedModel, b: QuantizedModel) -> bool:
     return True
 
 
+EMBEDDING_NAMES = ("embeddings.", "embed_tokens", "embedding_table", "word_embeddings", "tok_embeddings",
+                   "wte.weight", "wpe.weight")
+
+
 def is_embedding_table(name: str) -> bool:
-    """Tables looked up by row (token, position, type embeddings): a swapped row there is a
-    different token's vector, which no per-tensor figure can see."""
-    lower = name.lower()
-    return "embed" in lower or lower.endswith(("wte.weight", "wpe.weight"))
+    """Tables looked up by row (token, position, type, class embeddings): a swapped row
+    there is another token's vector, which no per-tensor figure can see. Known by the
+    names transformers, sentence-transformers, GPT-2, Llama and DiT give them."""
+    return any(key in name for key in EMBEDDING_NAMES)
 
 
 def row_cosine_min(reference: npt.NDArray[np.float32], test: npt.NDArray[np.float32]) -> float:

@@ -92,6 +92,7 @@ class BitPlan:
     report: tuple[str, ...] = ()
     method: str = "rtn"
     compare: tuple[str, ...] = ()  # methods compared at this bit width (reported, not gated)
+    peers: tuple[str, ...] = ()  # llama.cpp formats compared beside them (harness.peers.PEERS)
     ladder: LadderSpec | None = None
     # A Hessian method on a tensor without calibration activations (an embedding table,
     # or a model without a runner) is an error unless this names the allowed fallback.
@@ -230,6 +231,25 @@ def read_criteria_text(path: Path) -> str:
         raise ConfigurationError(f"criteria file {path}: line {line}: not valid UTF-8 (byte {exc.start})") from None
 
 
+def _peers(entries: Any, where: str) -> tuple[str, ...]:
+    """``peers = ["Q8_0", "Q4_0"]``: llama.cpp formats (quantized by gguf-py) compared
+    beside the methods under ``--compare``; names from ``harness.peers.PEERS``."""
+    if not entries:
+        return ()
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigurationError(f"{where}peers must be a list of llama.cpp format names, e.g. [\"Q4_0\"]")
+    from harness.peers import get_peer  # imports gguf: only when a file lists peers
+
+    for name in entries:
+        try:
+            get_peer(name)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}{exc}") from None
+    if len(set(entries)) != len(entries):
+        raise ConfigurationError(f"{where}peers {entries}: a format is repeated")
+    return tuple(entries)
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     text = read_criteria_text(path)
     try:
@@ -313,7 +333,7 @@ def load_criteria(path: Path, model: str = "") -> Criteria:
                 raise ConfigurationError(f"{where}fallback = {str(fallback)[:40]!r}: the only fallback for a "
                                          f"Hessian method without activations is {FALLBACK!r}")
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
-                              method=method, compare=compare,
+                              method=method, compare=compare, peers=_peers(section.get("peers", []), where),
                               ladder=_ladder(section.get("ladder"), scheme, method, where),
                               fallback=fallback)
     return Criteria(source=path, model=model_name, plans=plans)

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrowquant_core import storage
-from arrowquant_core.errors import unknown_name
+from arrowquant_core.errors import ConfigurationError, unknown_name
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.plan import MixedPlan, realize
+from arrowquant_core.spatial import SmoothSite, SpatialResult
 from arrowquant_core.tensor import QuantizedTensor, block_codes
 
 
@@ -205,6 +206,104 @@ def stale_artifact(model: QuantizedModel) -> QuantizedModel:
     return dataclasses.replace(model, tensors=tensors, metadata=meta)
 
 
+# dit-mini: faults of the spatial path ------------------------------------------------
+def _conv_victims(model: QuantizedModel) -> list[str]:
+    return [n for n, t in model.tensors.items() if len(t.shape) >= 3]
+
+
+def conv_reshaped_wrong_order(model: QuantizedModel) -> QuantizedModel:
+    """A quantizer that flattened each conv weight ``(out, in, *kernel)`` as ``(out, *kernel, in)``
+    (channels last) but stored it as if it were channel-first: codes of every row permuted."""
+    def reorder(t: QuantizedTensor) -> QuantizedTensor:
+        rows, kernel, cin = t.shape[0], t.shape[2:], t.shape[1]
+        blocks = block_codes(t)
+        flat = blocks.reshape(rows, -1)
+        cols = cin * int(np.prod(kernel))
+        grid = flat[:, :cols].reshape((rows, cin) + kernel)
+        moved = np.moveaxis(grid, 1, -1).reshape(rows, cols)  # channel-last order, read as channel-first
+        flat = flat.copy()
+        flat[:, :cols] = moved
+        return dataclasses.replace(t, codes=_repack(t, flat.reshape(blocks.shape)))
+    victims = _conv_victims(model)
+    if not victims:
+        raise ConfigurationError("fault conv-reshaped-wrong-order: the model has no quantized conv weight "
+                                 "(3+ dimensions); inject it into dit-mini or dit-mini-audio")
+    tensors = {n: (reorder(t) if n in victims else t) for n, t in model.tensors.items()}
+    return dataclasses.replace(model, tensors=tensors)
+
+
+def _undo_fold(weights: dict[str, np.ndarray], site: SmoothSite, s: np.ndarray) -> None:
+    """Multiply ``s`` back into what received ``1/s`` (the producers or the auxiliary vector)."""
+    for fold in site.folds:
+        bias = fold.tensor[: -len("weight")] + "bias"
+        w, b = weights[fold.tensor].copy(), weights[bias].copy()
+        stop = fold.offset + s.shape[0]
+        w[fold.offset:stop] *= s.reshape((-1,) + (1,) * (w.ndim - 1))
+        b[fold.offset:stop] = (1.0 + b[fold.offset:stop]) * s - 1.0 if fold.kind == "one_plus" else b[fold.offset:stop] * s
+        weights[fold.tensor], weights[bias] = w, b
+    if not site.folds:
+        weights[site.aux] = weights[site.aux] / s
+
+
+def _fold(weights: dict[str, np.ndarray], site: SmoothSite, s: np.ndarray) -> None:
+    for fold in site.folds:
+        bias = fold.tensor[: -len("weight")] + "bias"
+        w, b = weights[fold.tensor].copy(), weights[bias].copy()
+        stop = fold.offset + s.shape[0]
+        w[fold.offset:stop] /= s.reshape((-1,) + (1,) * (w.ndim - 1))
+        b[fold.offset:stop] = (1.0 + b[fold.offset:stop]) / s - 1.0 if fold.kind == "one_plus" else b[fold.offset:stop] / s
+        weights[fold.tensor], weights[bias] = w, b
+    if not site.folds:
+        weights[site.aux] = weights[site.aux] * s
+
+
+def smoothing_not_folded(weights: dict[str, np.ndarray], result: SpatialResult,
+                         sites: tuple[SmoothSite, ...]) -> dict[str, np.ndarray]:
+    """Consumer columns multiplied by ``s`` but the inverse never applied to the activations."""
+    out = dict(weights)
+    for site in sites:
+        if site.name in result.factors:
+            _undo_fold(out, site, result.factors[site.name])
+    return out
+
+
+def smoothing_wrong_layer(weights: dict[str, np.ndarray], result: SpatialResult,
+                          sites: tuple[SmoothSite, ...]) -> dict[str, np.ndarray]:
+    """Each site's inverse factor applied at the same kind of site one block later (a wiring bug)."""
+    out = dict(weights)
+    by_kind: dict[tuple[str, int], list[SmoothSite]] = {}
+    for site in sites:
+        if site.name in result.factors:
+            kind = site.name.rsplit(".", 1)[-1]
+            by_kind.setdefault((kind, int(result.factors[site.name].shape[0])), []).append(site)
+    for group in by_kind.values():
+        for i, site in enumerate(group):
+            other = group[(i + 1) % len(group)]
+            if other is site:
+                continue
+            _undo_fold(out, site, result.factors[site.name])
+            _fold(out, site, result.factors[other.name])
+    return out
+
+
+@dataclass(frozen=True)
+class SpatialFault:
+    """A fault of the smoothing path: corrupts the dequantized weights of every smoothed
+    configuration the dit-mini runner measures (``DiTRunner(spatial_fault=...)``)."""
+
+    name: str
+    description: str
+    corrupt: Callable[[dict[str, np.ndarray], SpatialResult, tuple[SmoothSite, ...]], dict[str, np.ndarray]]
+
+
+SPATIAL_FAULTS: dict[str, SpatialFault] = {f.name: f for f in (
+    SpatialFault("smoothing-not-folded", "smoothing factors multiplied into the weights, their inverse never "
+                 "applied to the activations", smoothing_not_folded),
+    SpatialFault("smoothing-wrong-layer", "each smoothing vector's inverse applied at the next block's layer",
+                 smoothing_wrong_layer),
+)}
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
@@ -234,6 +333,9 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed),
     Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped),
     Fault("group-scales-off", "eight groups of the largest weight stored with 4x their scale", group_scales_off),
+    # dit-mini
+    Fault("conv-reshaped-wrong-order", "conv weights flattened channel-last but stored as channel-first",
+          conv_reshaped_wrong_order),
 )}
 
 

@@ -210,6 +210,10 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
                  ", ".join(md_code(r) for r in (e.get("verdict") or {}).get("failed_gates", [])) or "all gates met"]
                 for e in entries]
     model_info = results.get("model") or {}
+    runner_tables = [{"bits": e["bits"], "title": key.replace("_", " "),
+                      "header": [escape_md(c) for c in rows[0]],
+                      "rows": [[escape_md(_fmt(r.get(c), "{:.4g}")) for c in rows[0]] for r in rows]}
+                     for e in entries for key, rows in (e.get("tables") or {}).items()]
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
     groups = [{"bits": e["bits"], "rows": [
         [md_text(g["mask_ratio"]), _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
@@ -279,6 +283,7 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
         "summary_rows": summary_rows,
         "worst": worst,
         "timestep_groups": groups,
+        "runner_tables": runner_tables,
         "methods": methods,
         "method_quality": "output cosine" if any("output_cosine_mean" in m for e in entries for m in e.get("methods", []))
         else "masked top-1 agreement",

@@ -74,6 +74,15 @@ def run(config: RunConfig) -> RunResult:
     progress(f"loaded {checkpoint.name}: {len(checkpoint.weights)} tensors, "
              f"{checkpoint.parameter_count / 1e6:.1f}M parameters; "
              + (f"runner {checkpoint.runner_kind}" if checkpoint.runner else "no runner: WEIGHTS ONLY"))
+    if config.artifact is not None:
+        # issue 13: the file is read and checked against the model (a bad file: FormatError,
+        # exit 2); judging it through the suite needs the RunContext hook that is not wired
+        # yet, and running our own quantizer instead would judge the wrong artifact.
+        from harness.gguf_artifact import load as load_gguf
+
+        artifact = load_gguf(config.artifact, checkpoint.weights)
+        raise ConfigurationError(f"--artifact {config.artifact}: read and checked ({artifact.produced_by}), but "
+                                 "judging a GGUF through the acceptance suite is not wired into the run yet")
     for bits in bit_widths:
         plan = criteria.plan(bits)
         if plan.ladder is not None and not hasattr(checkpoint.runner, "calibration_score"):
@@ -285,6 +294,9 @@ def _bit_entry(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     tables = ctx.tables_by_bits.get(bits, {})
     entry["timestep_groups"] = tables.get("timestep_groups", [])
     entry["methods"] = tables.get("methods", [])
+    # every other table the runner measured (lists of rows), shown in the report as it is
+    entry["tables"] = {k: v for k, v in tables.items() if k not in ("timestep_groups", "methods")
+                       and isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
     entry["method"] = plan.method
     entry["fallback"] = plan.fallback
     entry["verdict"] = _bit_verdict(ctx, bits, unmeasured)

@@ -251,23 +251,11 @@ def test_text_and_code_take_the_text_strategy(modality: str, tmp_path: Path) -> 
     assert detect_modality(write_metadata(tmp_path, json.dumps({"modality": modality}))) == modality
 
 
-@pytest.mark.parametrize(("modality", "strategy"), [("image", "spatial quantization"),
-                                                    ("audio", "channel equalization")])
-def test_image_and_audio_are_refused_as_not_built(modality: str, strategy: str, tmp_path: Path) -> None:
-    folder = write_metadata(tmp_path / "m", json.dumps({"modality": modality}))
-    with pytest.raises(ConfigurationError, match=rf"modality '{modality}' is recognized, but its "
-                                                 rf"quantization strategy \({strategy}\) is not built yet"):
-        detect_modality(folder)
-
-
-def test_refused_modality_writes_nothing(model_dir: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "img"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
-    write_metadata(folder, json.dumps({"modality": "image"}))
-    with pytest.raises(ConfigurationError, match="not built yet"):
-        ArrowQuantV2().quantize_diffusion_model(folder, tmp_path / "out" / "q.parquet")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_image_and_audio_take_gptq_spatial(modality: str, tmp_path: Path) -> None:
+    # the route itself is exercised on dit-mini by tests/test_dit_route.py
+    assert MODALITIES[modality].strategy == "gptq+spatial" and MODALITIES[modality].built
+    assert detect_modality(write_metadata(tmp_path / "m", json.dumps({"modality": modality}))) == modality
 
 
 def test_unknown_modality_says_did_you_mean(tmp_path: Path) -> None:

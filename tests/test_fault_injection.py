@@ -49,8 +49,12 @@ CALIBRATED = {
 }
 
 
+# Faults of the dit-mini spatial path, checked against dit-mini's gates by tests/test_dit_faults.py.
+ELSEWHERE = {"conv-reshaped-wrong-order"}
+
+
 def test_every_fault_has_an_expectation() -> None:
-    assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) == set(FAULTS)
+    assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) | ELSEWHERE == set(FAULTS)
 
 
 def _check(result: RunResult, tmp_path: Path, fault: str, metrics: set[str], what: str) -> None:

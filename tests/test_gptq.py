@@ -295,7 +295,10 @@ def test_error_paths_name_tensor_value_and_rule() -> None:
         quantize_gptq(w, "int4-g32-asym", "fc", asym)
     with pytest.raises(ConfigurationError, match="'fc'.*one scale per tensor"):
         quantize_gptq(w, "int4-tensor-asym", "fc", h)
-    with pytest.raises(QuantizationError, match="'fc'.*2-D"):
+    with pytest.raises(QuantizationError, match=r"'fc'.*Linear weight \(out, in\) or a conv weight"):
+        quantize_gptq(w.reshape(-1), "int4-g32-asym", "fc", h)
+    # a conv weight is its (out, in * kernel) matrix: the Hessian must have that many columns
+    with pytest.raises(QuantizationError, match=r"'fc'.*\[32, 32\].*64 input columns"):
         quantize_gptq(w.reshape(2, 2, 32), "int4-g32-asym", "fc", h)
     with pytest.raises(ConfigurationError, match="block_size = 0"):
         quantize_gptq(w, "int4-g32-asym", "fc", h, block_size=0)

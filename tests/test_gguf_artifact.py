@@ -1,0 +1,203 @@
+"""Judging a GGUF made elsewhere (harness/gguf_artifact.py): name mapping, dequantizing,
+every rule a bad file breaks, and the done-when check on the real MiniLM: a GGUF written
+by gguf-py's quantizer, read through the artifact path, gives the comparison row's figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import re
+
+import gguf
+import numpy as np
+import pytest
+
+from arrowquant_core.errors import ConfigurationError, FormatError
+from harness import gguf_artifact, peers
+from harness.cli import main
+from test_peers import bert_like  # tests/ is on sys.path (rootdir-relative, no package)
+
+T = gguf.GGMLQuantizationType
+POOLER = "0.model.pooler.dense.weight"
+
+
+def write(path: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]], arch: str = "bert") -> Path:
+    """A GGUF with the given (name -> (float data, type)) tensors, quantized by gguf-py."""
+    peers.write_gguf(path, [(n, gguf.quants.quantize(np.asarray(a, np.float32), t), t)
+                            for n, (a, t) in tensors.items()], arch,
+                     {"general.name": "made-elsewhere", "general.quantized_by": "llama-quantize test double",
+                      "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0)})
+    return path
+
+
+def llama_named(weights: dict[str, np.ndarray], qtype: gguf.GGMLQuantizationType = T.Q8_0,
+                drop_pooler: bool = True) -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]:
+    """What llama.cpp's converter + quantizer produce: llama.cpp names and types, pooler dropped."""
+    names = peers.gguf_names(weights).names
+    return {names[n]: (a, peers.choose_type(names[n], a.shape, qtype, True)[0]) for n, a in weights.items()
+            if not (drop_pooler and n.startswith("0.model.pooler."))}
+
+
+def test_llama_cpp_names_map_back_and_the_pooler_is_filled(tmp_path: Path) -> None:
+    weights = bert_like()
+    weights.pop("0.model.pooler.dense.weight")
+    weights["0.model.pooler.dense.weight"] = np.ones((64, 64), np.float32)
+    weights["0.model.pooler.dense.bias"] = np.zeros(64, np.float32)
+    path = write(tmp_path / "ext.gguf", llama_named(weights))
+    art = gguf_artifact.load(path, weights)
+    assert list(art.weights) == list(weights)
+    assert art.filled_from_source == ("0.model.pooler.dense.weight", "0.model.pooler.dense.bias")
+    np.testing.assert_array_equal(art.weights[POOLER], weights[POOLER])
+    assert art.names["0.model.encoder.layer.1.attention.self.value.weight"] == "blk.1.attn_v.weight"
+    assert art.types["0.model.encoder.layer.1.attention.self.value.weight"] == "Q8_0"
+    assert POOLER not in art.quantized and art.bytes == path.stat().st_size
+    ref = weights["0.model.encoder.layer.0.intermediate.dense.weight"]
+    got = art.weights["0.model.encoder.layer.0.intermediate.dense.weight"]
+    assert got.shape == ref.shape and 0 < np.abs(got - ref).max() < 0.01 * np.abs(ref).max()
+    assert "made-elsewhere" in art.produced_by and "llama-quantize test double" in art.produced_by
+    assert art.main_type == "Q8_0" and art.bit_width([8, 4, 2]) == 8
+    assert gguf_artifact.plan_mismatches(art) == []  # what llama.cpp's Q8_0 rules give
+    rows = gguf_artifact.layer_rows(art, weights)
+    assert [r.name for r in rows] == art.quantized and all(r.scheme == "Q8_0" and r.cosine > 0.999 for r in rows)
+    assert gguf_artifact.unquantized_matrices(art) == ["0.model.embeddings.position_embeddings.weight",
+                                                       "0.model.embeddings.token_type_embeddings.weight"]
+
+
+def test_source_names_are_accepted_too(tmp_path: Path) -> None:
+    weights = bert_like()
+    path = write(tmp_path / "src.gguf", {n: (a, T.Q4_0 if a.ndim >= 2 else T.F32) for n, a in weights.items()})
+    art = gguf_artifact.load(path, weights)
+    assert art.filled_from_source == () and art.names[POOLER] == POOLER
+    assert set(art.types.values()) == {"Q4_0", "F32"}
+    # the file says MOSTLY_Q8_0 but holds Q4_0: every quantized tensor breaks llama.cpp's rules
+    mismatches = gguf_artifact.plan_mismatches(art)
+    assert mismatches is not None and len(mismatches) == len(art.quantized)
+    assert "0.model.encoder.layer.0.attention.self.query.weight: Q4_0, llama.cpp Q8_0 gives Q8_0" in mismatches
+
+
+def _error(path: Path, weights: dict[str, np.ndarray]) -> str:
+    with pytest.raises(FormatError) as info:
+        gguf_artifact.load(path, weights)
+    text = str(info.value)
+    assert str(path) in text and "rule" in text, text
+    return text
+
+
+def test_every_broken_rule_is_a_format_error_naming_file_tensor_and_rule(tmp_path: Path) -> None:
+    weights = bert_like()
+    good = llama_named(weights)
+
+    missing = dict(good)
+    missing.pop("blk.1.ffn_down.weight")
+    text = _error(write(tmp_path / "missing.gguf", missing), weights)
+    assert "0.model.encoder.layer.1.output.dense.weight" in text and "blk.1.ffn_down.weight" in text
+
+    unknown = dict(good)
+    unknown["blk.9.attn_q.weight"] = (np.zeros((64, 64)), T.Q8_0)
+    assert "'blk.9.attn_q.weight' is not a tensor of the model" in _error(write(tmp_path / "unk.gguf", unknown), weights)
+
+    twice = dict(good)
+    twice["0.model.embeddings.word_embeddings.weight"] = good["token_embd.weight"]
+    assert "both map to '0.model.embeddings.word_embeddings.weight'" in _error(write(tmp_path / "dup.gguf", twice),
+                                                                               weights)
+
+    wrong = dict(good)
+    wrong["blk.0.attn_q.weight"] = (np.zeros((32, 64)), T.Q8_0)
+    assert re.search(r"'blk.0.attn_q.weight' has shape \[32, 64\].*reversed", _error(write(tmp_path / "shape.gguf", wrong),
+                                                                                     weights))
+
+    nan = dict(good)
+    bad = np.array(weights["0.model.embeddings.LayerNorm.bias"])
+    bad[3] = np.nan
+    nan["token_embd_norm.bias"] = (bad, T.F32)
+    assert "'token_embd_norm.bias' (F32) dequantizes to 1 NaN/Inf" in _error(write(tmp_path / "nan.gguf", nan), weights)
+
+    # Q8_1 (ggml's activation type) has no dequantizer in gguf-py
+    path = tmp_path / "q81.gguf"
+    raw = [(n, gguf.quants.quantize(np.asarray(a, np.float32), t), t) for n, (a, t) in good.items()]
+    q81 = np.zeros((64, 2 * gguf.GGML_QUANT_SIZES[T.Q8_1][1]), np.uint8)  # 64 rows of 2 blocks
+    raw = [(n, q81, T.Q8_1) if n == "blk.0.attn_k.weight" else (n, d, t) for n, d, t in raw]
+    peers.write_gguf(path, raw, "bert", {"general.name": "x"})
+    assert "'blk.0.attn_k.weight' is stored as Q8_1" in _error(path, weights)
+
+    whole = write(tmp_path / "whole.gguf", good).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:-40])
+    text = _error(tmp_path / "cut.gguf", weights)
+    assert "'blk.1.layer_output_norm.weight' needs bytes up to" in text and "truncated" in text  # the last one
+    (tmp_path / "head.gguf").write_bytes(whole[:100])
+    assert "not a complete GGUF file" in _error(tmp_path / "head.gguf", weights)
+    (tmp_path / "text.gguf").write_text("not a gguf at all\n")
+    assert "not a complete GGUF file" in _error(tmp_path / "text.gguf", weights)
+
+    with pytest.raises(ConfigurationError, match="no such file"):
+        gguf_artifact.load(tmp_path / "absent.gguf", weights)
+
+
+def test_cli_refuses_a_bad_artifact_option_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "model.bin").write_bytes(b"x")
+    assert main(["run", "--model", "minilm", "--artifact", str(tmp_path / "model.bin")]) == 2
+    assert "only GGUF files" in capsys.readouterr().err
+    assert main(["run", "--model", "minilm", "--artifact", str(tmp_path / "nope.gguf")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_exits_2_on_a_truncated_gguf_naming_the_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fixtures.minilm.model import original_weights
+
+    result = peers.quantize(original_weights(), peers.get_peer("Q8_0"), tmp_path / "m.gguf")
+    (tmp_path / "cut.gguf").write_bytes(result.path.read_bytes()[:-1000])
+    assert main(["run", "--model", "minilm", "--artifact", str(tmp_path / "cut.gguf"), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cut.gguf: tensor '0.model.pooler.dense.bias' needs bytes up to" in err and "truncated" in err
+
+
+def test_gguf_py_file_judged_as_artifact_matches_the_comparison_row(tmp_path: Path) -> None:
+    """Done-when of issue 13 item 2, on the real MiniLM: Q4_0 and Q8_0 files written by
+    the peer path, read back by the artifact path (GGUFReader, name mapping, dequantize),
+    give the same bytes, weights, weight SQNR and (Q4_0, on a sentence subset) output
+    metrics as the comparison's rows."""
+    from fixtures.minilm.model import EVAL_SENTENCES, original_weights, read_sentences
+    from fixtures.minilm.runner import MiniLMRunner
+
+    weights = original_weights()
+    runner = MiniLMRunner(read_sentences(EVAL_SENTENCES)[::12])  # 20 sentences: the test's time budget
+    for name, compare in (("Q4_0", runner.compare), ("Q8_0", None)):
+        result = peers.quantize(weights, peers.get_peer(name), tmp_path / f"minilm-{name}.gguf", model_name="minilm")
+        peer_row = peers.peer_row(result, weights, compare)
+        art = gguf_artifact.load(result.path, weights)
+        assert art.filled_from_source == () and list(art.weights) == list(weights)
+        for tensor, values in result.weights.items():
+            np.testing.assert_array_equal(art.weights[tensor], values, err_msg=tensor)
+        judged = peers.row(peer_row["method"], weights, art.weights, art.bytes, peer_row["quantize_seconds"], compare)
+        assert judged == {k: peer_row[k] for k in judged}
+        assert art.main_type == name and art.bit_width([8, 4, 2]) == (8 if name == "Q8_0" else 4)
+        assert art.types["0.model.embeddings.word_embeddings.weight"] == "Q8_0"  # llama.cpp's tied-embedding rule
+        if compare is not None:
+            assert 0.9 < judged["output_cosine_mean"] < 0.999  # measured 0.970 on all 240 sentences
+
+
+def test_a_broken_gguf_fails_the_weight_gates(tmp_path: Path) -> None:
+    """Injected fault: one tensor's FP16 block scales doubled inside a Q4_0 file (as a
+    buggy exporter would). The file still reads; the layer rows the suite gates on show
+    it: MiniLM's INT4 gate weight_sqnr_db_min >= 14 fails (a doubled scale gives ~0 dB)."""
+    from harness.criteria import parse_rule
+
+    weights = bert_like()
+    path = write(tmp_path / "ok.gguf", llama_named(weights, T.Q4_0))
+    gate = parse_rule("weight_sqnr_db_min >= 14", 4)
+    assert gate.check(min(r.sqnr_db for r in gguf_artifact.layer_rows(gguf_artifact.load(path, weights),
+                                                                       weights))) is None
+    reader = gguf.GGUFReader(path)
+    target = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight")
+    data = bytearray(path.read_bytes())
+    blocks = np.frombuffer(data, np.uint8, count=target.n_bytes, offset=target.data_offset).reshape(-1, 18).copy()
+    scales = blocks[:, :2].copy().view(np.float16) * np.float16(2)
+    blocks[:, :2] = scales.view(np.uint8).reshape(-1, 2)
+    data[target.data_offset:target.data_offset + target.n_bytes] = blocks.tobytes()
+    broken = tmp_path / "doubled-scales.gguf"
+    broken.write_bytes(bytes(data))
+    rows = {r.name: r for r in gguf_artifact.layer_rows(gguf_artifact.load(broken, weights), weights)}
+    worst = min(r.sqnr_db for r in rows.values())
+    assert worst == rows["0.model.encoder.layer.1.attention.self.value.weight"].sqnr_db and worst < 3
+    failure = gate.check(worst)
+    assert failure is not None and "weight_sqnr_db_min" in failure
