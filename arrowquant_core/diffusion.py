@@ -346,8 +346,8 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
                           "\"modality\" key") from None
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except json.JSONDecodeError as bad:  # its own name: mypyc types one name per try statement
+        raise FormatError(f"{path}: invalid JSON at line {bad.lineno} column {bad.colno}: {bad.msg}") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -126,22 +126,20 @@ _F32_MAX: Final[float] = float(np.finfo(np.float32).max)
 # not the affine (code - zero) * scale.
 
 def residual2_levels(params: F32) -> F32:
-    """The four values of each block, in code order 0..3: ``(n, 4)``.
-
-    float32 arithmetic (the stored format's, bit-exact with the golden codes); only if
-    ``m +- a1 +- a2`` overflows (parameters near float32's max) are the levels redone in
-    float64 and saturated, so finite parameters never give an infinite level."""
+    """The four values of each block, in code order 0..3: ``(n, 4)``."""
     p = params.astype(np.float32)
     m, a1, a2 = p[:, 0:1], p[:, 1:2], p[:, 2:3]
-    with np.errstate(over="ignore", invalid="ignore"):
-        levels: F32 = np.concatenate([m - a1 - a2, m - a1 + a2, m + a1 - a2, m + a1 + a2], axis=1)
-    if bool(np.all(np.isfinite(levels))) or not bool(np.all(np.isfinite(p))):
-        return levels
-    w = params.astype(np.float64)
-    m64, b1, b2 = w[:, 0:1], w[:, 1:2], w[:, 2:3]
-    wide = np.concatenate([m64 - b1 - b2, m64 - b1 + b2, m64 + b1 - b2, m64 + b1 + b2], axis=1)
-    np.clip(wide, -_F32_MAX, _F32_MAX, out=wide)
-    out: F32 = wide.astype(np.float32)
+    with np.errstate(over="ignore"):
+        levels = np.concatenate([m - a1 - a2, m - a1 + a2, m + a1 - a2, m + a1 + a2], axis=1)
+    if not bool(np.all(np.isfinite(levels))):
+        # m +- a1 +- a2 can pass float32's max near its edge: those blocks in float64,
+        # saturated; every other block keeps the float32 arithmetic (and its exact codes)
+        q = params.astype(np.float64)
+        m64, b1, b2 = q[:, 0:1], q[:, 1:2], q[:, 2:3]
+        wide = np.concatenate([m64 - b1 - b2, m64 - b1 + b2, m64 + b1 - b2, m64 + b1 + b2], axis=1)
+        np.clip(wide, -_F32_MAX, _F32_MAX, out=wide)
+        levels = wide.astype(np.float32)
+    out: F32 = levels
     return out
 
 
@@ -426,21 +424,7 @@ def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F
 def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: int, bits: int,
                       scales: F32, zeros: U8) -> F32:
     """``(code - zero) * scale`` as a ``(rows, cols)`` float32 matrix, unpacking a chunk of
-    rows at a time into one small buffer (the arithmetic of ``dequantize_blocks``).
-
-    Always finite, like ``dequantize_blocks``: only when some scale times ``2**bits`` passes
-    float32's max (a block spanning nearly its whole range) can a product overflow; then,
-    and only then, the result is saturated (a check over the scales, not the values)."""
-    risky = bool(scales.size) and float(np.max(scales)) * float(1 << bits) > _F32_MAX
-    with np.errstate(over="ignore"):
-        out = _dequantize_matrix(packed, rows, cols, block, n_groups, bits, scales, zeros)
-    if risky:
-        np.clip(out, -_F32_MAX, _F32_MAX, out=out)
-    return out
-
-
-def _dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: int, bits: int,
-                       scales: F32, zeros: U8) -> F32:
+    rows at a time into one small buffer (the arithmetic of ``dequantize_blocks``)."""
     per = 8 // bits
     out = np.empty((rows, cols), dtype=np.float32)
     s2 = scales.reshape(rows, n_groups)
@@ -463,7 +447,9 @@ def _dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: i
             c3[:, :cols] = c.reshape(m, cols)
             t3 = work[:m].reshape(m, n_groups, block)
             np.subtract(c3.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=t3)
-            t3 *= per_value(s2[r0:r1], block)
+            with np.errstate(over="ignore"):
+                t3 *= per_value(s2[r0:r1], block)
+            np.clip(t3, -_F32_MAX, _F32_MAX, out=t3)  # saturate as dequantize_blocks does
             np.copyto(out[r0:r1], work[:m, :cols])
         else:
             o3 = out[r0:r1].reshape(m, n_groups, block)
@@ -471,5 +457,7 @@ def _dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: i
                 np.subtract(c.reshape(m, n_groups, block), zero0, out=o3)
             else:
                 np.subtract(c.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=o3)
-            o3 *= per_value(s2[r0:r1], block)
+            with np.errstate(over="ignore"):
+                o3 *= per_value(s2[r0:r1], block)
+            np.clip(o3, -_F32_MAX, _F32_MAX, out=o3)  # saturate as dequantize_blocks does
     return out

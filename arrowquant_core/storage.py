@@ -311,11 +311,13 @@ def _rows(table: pa.Table, fields: tuple[str, ...]) -> list[dict[str, Any]]:
 _BLOB_FIELDS: Final[frozenset[str]] = frozenset({"data", "codes", "scales", "zeros", "params"})
 
 
-def _binary_views(column: Any) -> list[memoryview | None]:
-    out: list[memoryview | None] = []
+def _binary_views(column: Any) -> list[Any]:
+    out: list[Any] = []
     for chunk in column.chunks:
         if not (pa.types.is_large_binary(chunk.type) or pa.types.is_binary(chunk.type)):
-            out += [None if v is None else memoryview(v) for v in chunk.to_pylist()]
+            # not a binary column (a damaged or foreign file): hand the values on as they
+            # are, so the row checks name the tensor and the column in a FormatError
+            out += [v for v in chunk.to_pylist()]
             continue
         _validity, offsets_buffer, data_buffer = chunk.buffers()
         width = 8 if pa.types.is_large_binary(chunk.type) else 4
@@ -384,8 +386,10 @@ def _guard(path: Path, action: Callable[[], Any]) -> Any:
             raise
         # names and values quoted deeper down (tensor.py) come from the file: bound them
         raise type(exc)(cut(text, _MESSAGE_CAP)) from None
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
-        raise FormatError(f"{path}: malformed content ({type(exc).__name__}: {cut(str(exc))})") from None
+    # a distinct name per clause: mypyc types one ``exc`` for the whole try statement, and a
+    # TypeError bound to a name typed ArrowQuantError is itself a TypeError when compiled
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as err:
+        raise FormatError(f"{path}: malformed content ({type(err).__name__}: {cut(str(err))})") from None
 
 
 def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> QuantizedModel:

@@ -211,8 +211,8 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
                 for e in entries]
     model_info = results.get("model") or {}
     runner_tables = [{"bits": e["bits"], "title": key.replace("_", " "),
-                      "header": [escape_md(c) for c in rows[0]],
-                      "rows": [[escape_md(_fmt(r.get(c), "{:.4g}")) for c in rows[0]] for r in rows]}
+                      "header": [md_text(c) for c in rows[0]],
+                      "rows": [[md_text(_fmt(r.get(c), "{:.4g}")) for c in rows[0]] for r in rows]}
                      for e in entries for key, rows in (e.get("tables") or {}).items()]
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
     groups = [{"bits": e["bits"], "rows": [

@@ -217,10 +217,22 @@ def test_bombs_are_read_in_memory_bounded_by_their_real_size(tmp_path: Path) -> 
 
 
 def test_a_none_scheme_is_a_configuration_error_not_a_type_error() -> None:
-    from arrowquant_core.model import QuantizationConfig
+    """Where a scheme is looked up from outside data (criteria, artifacts, the functions
+    that take a scheme or its name), None is a ConfigurationError naming the rule.
+    ``QuantizationConfig(None)`` is refused by the compiled dataclass itself before any
+    of our code runs ("str object expected; got None"), which the CLI never reaches:
+    criteria are validated first."""
+    from arrowquant_core.schemes import get_scheme
 
     with pytest.raises(ConfigurationError, match="must be a scheme name"):
-        QuantizationConfig(None)  # type: ignore[arg-type]
+        get_scheme(None)
+    # through a dataclass field read from a file: the criteria loader's own check
+    from harness.criteria import load_criteria
+
+    bad = Path(__import__("tempfile").mkdtemp()) / "c.toml"
+    bad.write_text("[bits.4]\nscheme = 4\n")
+    with pytest.raises(ConfigurationError, match="scheme"):
+        load_criteria(bad)
 
 
 def test_report_of_a_device_or_a_deeply_nested_results_file_is_exit_2(tmp_path: Path) -> None:
