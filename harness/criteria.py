@@ -354,7 +354,7 @@ def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> 
         raise ConfigurationError(f"criteria file {path}: model = {short(model_name)} must be a string")
     plans: dict[int, BitPlan] = {}
     for key, section_obj in sections.items():
-        where = f"{path} [bits.{short(key, 40)}]: "
+        where = f"{path} [bits.{cut(key, 40)}]: "
         if not (key.isascii() and key.isdigit() and len(key) <= 2):
             raise ConfigurationError(f"{where}section name must be a bit width")
         bits = int(key)

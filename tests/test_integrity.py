@@ -204,3 +204,17 @@ def test_kill_9_during_every_write_leaves_only_whole_files(run_out: Path, tmp_pa
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["problems"] == [] and report["leftover_temps"] == [], report
     assert {"results.json", "suite.log", "benchmarks.json", "artifacts/model-int4.parquet"} <= set(report["files_seen"])
+
+
+@pytest.mark.parametrize("text", [HOSTILE, "a`b``c", "|x|", "<script>alert(1)</script>", "1. item", "- item",
+                                  "www.evil.com http://evil", "\x1b[31mred\r\n", "n" * 10_000])
+def test_escapers_keep_one_inert_line(text: str) -> None:
+    from harness.escape import LIMIT, svg_text
+
+    for out in (md_text(text), md_code(text), svg_text(text)):
+        assert "\n" not in out and "\r" not in out and "\x1b" not in out
+        assert len(out) < 3 * LIMIT + 100
+    assert "<" not in md_text(text) and "<" not in svg_text(text)
+    code = md_code(text)
+    fence = code[:len(code) - len(code.lstrip("`"))]
+    assert fence not in code[len(fence):-len(fence)]  # the span cannot be closed early
