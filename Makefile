@@ -23,13 +23,16 @@ export TRANSFORMERS_OFFLINE := 1
 
 FUZZ_EXAMPLES ?= 400
 
-.PHONY: setup run test fuzz clean help
+.PHONY: setup run test fuzz e2e bench measure clean help
 
 help:
 	@echo "make run    set up .venv and run: python -m harness run --model $(MODEL) $(ARGS)"
 	@echo "make test   set up .venv and run the project's tests"
 	@echo "make setup  only set up .venv (torch CPU, then the project with its mypyc-compiled core)"
 	@echo "make fuzz   the long hostile-input campaign (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) per target) and bombs"
+	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository"
+	@echo "make bench  kernel, method and quality-per-bit benchmarks (tests/benchmarks)"
+	@echo "make measure  the long measurement tables (time-aware dream-mini, transformers runners, dit-mini)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +59,20 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	$(PY) tests/fuzz/campaign.py --examples $(FUZZ_EXAMPLES) --json reports/fuzz-campaign.json
 	ARROWQUANT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
+
+# Outside the default run: each gates dream-mini end to end from a scratch repository.
+e2e: $(STAMP)
+	$(PY) -m pytest e2e -q
+
+bench: $(STAMP)
+	$(PY) -m pytest tests/benchmarks -q
+
+# The tables quoted in the issue notes; minutes each, never in the default run.
+measure: $(STAMP)
+	$(PY) -m fixtures.dream_mini.timeaware_report --schedule --gptq
+	$(PY) -m fixtures.runners.hf_measure gpt2 llama minilm
+	$(PY) -m fixtures.dit_mini compare
+	$(PY) -m fixtures.dit_mini compare --audio
 
 clean:
 	rm -rf build *.egg-info arrowquant_core/*.so *__mypyc*.so reports/artifacts
