@@ -65,7 +65,7 @@ class ActScheme:
                 f"{list(ACT_GRANULARITIES)}")
 
     def __reduce__(self) -> tuple[object, tuple[int, str, bool]]:
-        # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md).
+        # Compiled frozen dataclasses cannot be unpickled field by field (docs/MYPYC.md).
         return (ActScheme, (self.bits, self.granularity, self.symmetric))
 
     @property

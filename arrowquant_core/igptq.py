@@ -40,8 +40,7 @@ def quantize_igptq(array: object, scheme: Scheme | str, name: str, hessian: obje
     """GPTQ with static group ranges from the grid search, weighted by ``diag(H)`` if
     ``importance`` (else plain squared error); ``rotation`` = Hadamard block (0: none).
 
-    >>> from arrowquant_core.clip import DEFAULT_GRID
-from arrowquant_core.gptq import hessian_from_activations
+    >>> from arrowquant_core.gptq import hessian_from_activations
     >>> rng = np.random.default_rng(0)
     >>> h = hessian_from_activations(rng.standard_normal((256, 64)).astype(np.float32))
     >>> w = rng.standard_normal((8, 64)).astype(np.float32)

@@ -114,7 +114,7 @@ def read_capped(path: StrPath, cap: int, what: str) -> bytes:
     The file is opened non-blocking (a FIFO swapped in after the check cannot hang us)
     and re-checked on the open descriptor; a missing file raises ``FileNotFoundError``.
 
-    >>> open("/tmp/arrowquant-doc-cap.txt", "w").write("hello")
+    >>> import pathlib; pathlib.Path("/tmp/arrowquant-doc-cap.txt").write_text("hello")
     5
     >>> read_capped("/tmp/arrowquant-doc-cap.txt", 10, "doc file")
     b'hello'

@@ -127,6 +127,9 @@ def check_method(name: str, scheme: Scheme) -> Method:
     method = get_method(name)
     if scheme.bits not in method.bits:
         raise ConfigurationError(f"method {name!r} supports {list(method.bits)}-bit schemes, not {scheme.name}")
+    if method.k_schemes and scheme.granularity != "group":
+        raise ConfigurationError(f"method {name!r} searches ranges per group; scheme {scheme.name} is per "
+                                 f"{scheme.granularity}: choose a group scheme (e.g. int4-g32-asym)")
     if scheme.scale_bits and not method.k_schemes:
         k_methods = [m.name for m in _ROWS if m.k_schemes]
         raise ConfigurationError(f"method {name!r} cannot store scales as codes (scheme {scheme.name}); "
@@ -203,4 +206,14 @@ def quantize_tensor(array: object, scheme: Scheme, name: str, method: str = "rtn
     'residual2'
     """
     row = check_method(method, scheme)
+    if row.k_schemes and isinstance(array, np.ndarray) and array.size and array.dtype.kind == "f":
+        # the grid and rotation searches run in float32: values near float32's edge overflow
+        # there, so such a tensor is a configuration the method cannot take
+        peak = float(np.max(np.abs(array.astype(np.float64))))
+        if peak > _K_LIMIT:
+            raise ConfigurationError(f"tensor {name!r}: |value| up to {peak:.3g}; method {method!r} searches in "
+                                     f"float32 and takes values up to {_K_LIMIT:g}: use rtn, clip or gptq")
     return _DISPATCH[row.name](array, scheme, name, hessian, row)
+
+
+_K_LIMIT: Final[float] = 1e30

@@ -70,6 +70,8 @@ FloatArray = npt.NDArray[np.floating]
 VERSION_KEY: Final = b"arrowquant.format_version"
 METADATA_KEY: Final = b"arrowquant.metadata"
 MANIFEST_KEY: Final = b"arrowquant.manifest_sha256"
+WRITER_KEY: Final = b"arrowquant.writer"
+WRITER: Final = "arrowquant_core 0.1.0"  # information for people and tools, never a decoding rule
 FORMAT_V1: Final = 1
 FORMAT_V2: Final = 2
 
@@ -195,6 +197,7 @@ def _schema(version: int, metadata: Mapping[str, str], rows: list[dict[str, Any]
         ]
     metadata_json = json.dumps(dict(metadata), sort_keys=True).encode()
     meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(), METADATA_KEY: metadata_json,
+                                            WRITER_KEY: WRITER.encode(),
                                             MANIFEST_KEY: _manifest(version, metadata_json,
                                                                     _manifest_rows(rows, version)).encode()}
     return pa.schema(fields, metadata=meta)
@@ -374,7 +377,7 @@ def _decode_quantized(row: dict[str, Any], path: Path) -> QuantizedTensor:
         raise FormatError(f"{path}: tensor {short(name)}: scale and param bytes must be multiples of 4 (float32)")
     if scheme.scale_bits:
         rows, _cols, _block, n_groups = layout(shape, scheme)
-        scales = decode_scales(blobs[1], scheme, rows * n_groups, f"{path}: {name}")
+        scales = decode_scales(bytes(blobs[1]), scheme, rows * n_groups, f"{path}: {name}")
     else:
         scales = np.frombuffer(blobs[1], dtype="<f4").astype(np.float32)
     qt = QuantizedTensor(

@@ -72,7 +72,7 @@ class QuantizedTensor:
     params: F32 = field(default_factory=_no_params)
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        # Compiled frozen dataclasses cannot be unpickled field by field (MYPYC.md); Ray
+        # Compiled frozen dataclasses cannot be unpickled field by field (docs/MYPYC.md); Ray
         # tasks (harness/sweep.py) send QuantizedTensors between processes.
         return (QuantizedTensor, (self.name, self.scheme, self.shape, self.dtype, self.codes, self.scales,
                                   self.zeros, self.method, self.params))

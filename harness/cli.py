@@ -24,7 +24,6 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --profile edge  # INT2 with the fallback ladder and mixed precision
   python -m harness run --model minilm --compare       # plus every method compared at INT4 and INT2
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
-  python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made by llama.cpp
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness run --model minilm --baseline last-release/results.json   # regression gate
   python -m harness report reports/results.json        # re-render the report from results
@@ -75,9 +74,6 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
-    run.add_argument("--artifact", type=Path, metavar="FILE.gguf",
-                     help="judge this GGUF file (quantized by llama.cpp or gguf-py) instead of quantizing: its "
-                          "tensors are mapped to the model's names, dequantized and run through the same suite")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
@@ -236,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.config import RunConfig
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
-                           fault=args.fault, profile=args.profile, compare=args.compare, artifact=args.artifact,
+                           fault=args.fault, profile=args.profile, compare=args.compare,
                            benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner,
                            baseline=args.baseline)
         result = run_config(config)

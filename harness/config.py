@@ -17,8 +17,6 @@ class RunConfig:
     ``bits`` empty means every bit width the criteria file covers. ``profile`` (edge,
     local, cloud) selects the criteria file ``<model>-<profile>.toml``. ``fault`` names a
     deliberate quantizer fault (see ``harness.faults``) for proving the gates work.
-    ``artifact`` is a GGUF file quantized elsewhere (llama.cpp, gguf-py), judged by the
-    same suite in place of our quantizer's output (``harness.gguf_artifact``).
     ``baseline`` is the results.json of an earlier run that rules like
     ``metric >= baseline - 0.002`` are judged against (``harness.baseline``).
     """
@@ -30,7 +28,6 @@ class RunConfig:
     fault: str | None = None
     profile: str | None = None
     compare: bool = False  # also run the method comparisons the criteria list (slower)
-    artifact: Path | None = None  # judge this GGUF file (made elsewhere) instead of quantizing
     benchmark_rounds: int = 3
     quiet: bool = False
     runner: str | None = None  # override runner detection ("none": weights only)
@@ -44,14 +41,6 @@ class RunConfig:
             raise ConfigurationError(f"--bits {list(self.bits)}: a bit width is repeated")
         if self.profile is not None:
             get_profile(self.profile)  # unknown profile: ConfigurationError with "did you mean"
-        if self.artifact is not None:
-            if self.artifact.suffix.lower() != ".gguf":
-                raise ConfigurationError(f"--artifact {self.artifact}: only GGUF files (.gguf) can be judged")
-            if not self.artifact.is_file():
-                raise ConfigurationError(f"--artifact {self.artifact}: no such file")
-            if self.fault is not None:
-                raise ConfigurationError("--artifact judges a file made elsewhere; --inject-fault breaks our own "
-                                         "quantizer, which then does not run: use one or the other")
         if self.baseline is not None and not Path(self.baseline).is_file():
             raise ConfigurationError(f"--baseline {self.baseline}: no such file (a results.json of an earlier run)")
         if self.benchmark_rounds < 1:

@@ -183,15 +183,22 @@ class RunContext:
             self.progress(f"INT{bits}: sensitivity pass and ladder over {len(names)} tensors "
                           f"({' -> '.join(r.label for r in rungs)})")
             t0 = time.perf_counter()
-            log = None if self.config.quiet else self.progress
-            if spec.budget_mb is not None:
-                self.plans_by_bits[bits] = plan_budget(
-                    self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.budget_mb * 1e6,
-                    hessians=self.hessians(), progress=log)
-            else:
-                self.plans_by_bits[bits] = plan_quality(
-                    self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.layer_threshold,
-                    spec.target, hessians=self.hessians(), fail_fast=spec.fail_fast, progress=log)
+            hessians = self.hessians()
+            with self.progress.bar(len(names), f"INT{bits} sensitivity pass") as bar:
+                def log(message: str) -> None:
+                    # one bar step per layer measured; the ladder's promotions as lines
+                    if message.startswith("sensitivity "):
+                        bar.update(1)
+                    else:
+                        self.progress(message)
+                if spec.budget_mb is not None:
+                    self.plans_by_bits[bits] = plan_budget(
+                        self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.budget_mb * 1e6,
+                        hessians=hessians, progress=log)
+                else:
+                    self.plans_by_bits[bits] = plan_quality(
+                        self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.layer_threshold,
+                        spec.target, hessians=hessians, fail_fast=spec.fail_fast, progress=log)
             self.plan_seconds[bits] = time.perf_counter() - t0
         return self.plans_by_bits[bits]
 

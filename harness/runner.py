@@ -85,15 +85,6 @@ def run(config: RunConfig) -> RunResult:
     progress(f"loaded {checkpoint.name}: {len(checkpoint.weights)} tensors, "
              f"{checkpoint.parameter_count / 1e6:.1f}M parameters; "
              + (f"runner {checkpoint.runner_kind}" if checkpoint.runner else "no runner: WEIGHTS ONLY"))
-    if config.artifact is not None:
-        # issue 13: the file is read and checked against the model (a bad file: FormatError,
-        # exit 2); judging it through the suite needs the RunContext hook that is not wired
-        # yet, and running our own quantizer instead would judge the wrong artifact.
-        from harness.gguf_artifact import load as load_gguf
-
-        artifact = load_gguf(config.artifact, checkpoint.weights)
-        raise ConfigurationError(f"--artifact {config.artifact}: read and checked ({artifact.produced_by}), but "
-                                 "judging a GGUF through the acceptance suite is not wired into the run yet")
     for bits in bit_widths:
         plan = criteria.plan(bits)
         if plan.ladder is not None and not hasattr(checkpoint.runner, "calibration_score"):

@@ -52,7 +52,7 @@ SWEEP_JSON = "sweep.json"
 SWEEP_CHART = "sweep_quality_vs_size.svg"
 RAY_HINT = "install the optional extra: pip install 'arrowquant[ray]' (or pip install 'ray[default]')"
 # Environment every Ray worker gets: one BLAS thread per task (two OpenBLAS threads per
-# process on a 2-core machine are ~60x slower, MYPYC.md), offline model loading.
+# process on a 2-core machine are ~60x slower, docs/MYPYC.md), offline model loading.
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -375,7 +375,7 @@ def _quantize_chunk(weights: dict[str, FloatArray], config: dict[str, Any],
                                                                                    dict[str, str]]:
     # the config travels as its fields: a compiled frozen dataclass does not unpickle
     model = quantize_model(weights, QuantizationConfig(**config), hessians=hessians)
-    # plain dicts back: a compiled frozen QuantizedModel does not unpickle (MYPYC.md)
+    # plain dicts back: a compiled frozen QuantizedModel does not unpickle (docs/MYPYC.md)
     return dict(model.tensors), dict(model.floats), dict(model.skipped)
 
 

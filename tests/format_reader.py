@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 VERSION_KEY = b"arrowquant.format_version"
 METADATA_KEY = b"arrowquant.metadata"
-SCHEME_NAME = re.compile(r"^int(\d+)-(tensor|channel|g(\d+))-(sym|asym)$")  # section 5
+SCHEME_NAME = re.compile(r"^int(\d+)-(tensor|channel|g(\d+))-(sym|asym)(?:-k(\d+))?$")  # section 5
+SUPER_BLOCK = 256  # section 6.6: values per super-block of a K scheme
 # section 4: dtype -> NumPy storage type (bfloat16 kept as its raw uint16 bit patterns)
 STORAGE = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2", "bool": "?",
            "int8": "<i1", "int16": "<i2", "int32": "<i4", "int64": "<i8",
@@ -65,13 +66,32 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 
 def scheme_of(name: str) -> tuple[int, bool, str, int]:
-    """Section 5: ``int{bits}-{tensor|channel|g{G}}-{sym|asym}`` -> (bits, symmetric, granularity, G)."""
+    """Section 5: ``int{bits}-{tensor|channel|g{G}}-{sym|asym}[-k{S}]`` -> (bits, symmetric, granularity, G)."""
     match = SCHEME_NAME.match(name)
     if match is None:
         raise SpecError(f"scheme name {name!r} does not follow the grammar")
-    bits, where, group, sym = match.groups()
+    bits, where, group, sym, _scale_bits = match.groups()
     granularity = "group" if group else where
     return int(bits), sym == "sym", granularity, int(group or 0)
+
+
+def scale_bits_of(name: str) -> int:
+    """Section 6.6: S of a ``-k{S}`` scheme (scales stored as S-bit codes), else 0."""
+    match = SCHEME_NAME.match(name)
+    return int(match.group(5)) if match is not None and match.group(5) else 0
+
+
+def k_scales(blob: bytes, group: int, n_blocks: int, name: str) -> np.ndarray:
+    """Section 6.6: int16 exponents, one per super-block, then one uint8 code per group;
+    scale = 2**exponent * code, in float32."""
+    per = SUPER_BLOCK // group
+    n_super = -(-n_blocks // per)
+    if len(blob) != 2 * n_super + n_blocks:
+        raise SpecError(f"{name}: {len(blob)} scale bytes for {n_blocks} groups")
+    exps = np.frombuffer(blob[:2 * n_super], dtype="<i2").astype(np.int64)
+    codes = np.frombuffer(blob[2 * n_super:], dtype=np.uint8)
+    step = np.ldexp(np.float32(1.0), exps[np.arange(n_blocks) // per]).astype(np.float32)
+    return (step * codes.astype(np.float32)).astype(np.float32)
 
 
 def layout(shape: tuple[int, ...], granularity: str, group: int) -> tuple[int, int, int, int]:
@@ -152,7 +172,8 @@ def decode_quantized(row: dict[str, Any]) -> Tensor:
         scales = zeros = None
     else:  # section 6.4
         params = None
-        scales = np.frombuffer(parts[1], dtype="<f4").astype(np.float32)
+        scales = (k_scales(bytes(parts[1]), group, n_blocks, name) if scale_bits_of(scheme)
+                  else np.frombuffer(parts[1], dtype="<f4").astype(np.float32))
         if symmetric:
             if parts[2]:
                 raise SpecError(f"{name}: a symmetric scheme stores no zero points")

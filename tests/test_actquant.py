@@ -1,6 +1,6 @@
 """Tests of activation fake quantization (arrowquant_core.actquant).
 
-Kinds (STYLE.md rule 14): exact round trips on the code grid, an oracle against a slow
+Kinds (docs/STYLE.md rule 14): exact round trips on the code grid, an oracle against a slow
 per-row reference, per-token versus per-tensor on a named outlier case, Hypothesis
 properties (derandomized), and the typed errors.
 """

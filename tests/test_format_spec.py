@@ -23,7 +23,7 @@ import arrowquant_core as aq
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.methods import quantize_tensor
 from arrowquant_core.schemes import SCHEMES
-from arrowquant_core.storage import METADATA_KEY, VERSION_KEY, _schema
+from arrowquant_core.storage import METADATA_KEY, VERSION_KEY, _schema, MANIFEST_KEY, WRITER_KEY
 from arrowquant_core.tensor import block_codes, dequantize, layout
 from tests import format_reader as spec
 
@@ -60,6 +60,11 @@ def bits_of(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}")
 
 
+def _rtn(scheme: str) -> str:
+    """Round-to-nearest: on a K scheme's scale grid, its own variant."""
+    return "krtn" if SCHEMES[scheme].scale_bits else "rtn"
+
+
 def build_model(scheme: str, rng: np.random.Generator) -> QuantizedModel:
     tensors = {}
     floats = {}
@@ -67,12 +72,12 @@ def build_model(scheme: str, rng: np.random.Generator) -> QuantizedModel:
     for dtype in DTYPES:  # every dtype through every scheme on the ragged conv
         name = f"conv.{dtype}"
         w = (rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.1).astype(aq_dtype(dtype))
-        tensors[name] = quantize_tensor(w, SCHEMES[scheme], name, "rtn")
+        tensors[name] = quantize_tensor(w, SCHEMES[scheme], name, _rtn(scheme))
         order.append(name)
     for name, w in weights(rng).items():
-        tensors[name] = quantize_tensor(w, SCHEMES[scheme], name, "rtn")
+        tensors[name] = quantize_tensor(w, SCHEMES[scheme], name, _rtn(scheme))
         order.append(name)
-    if SCHEMES[scheme].bits == 2 and SCHEMES[scheme].granularity == "group":
+    if SCHEMES[scheme].bits == 2 and SCHEMES[scheme].granularity == "group" and not SCHEMES[scheme].scale_bits:
         w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
         tensors["conv.residual2"] = quantize_tensor(w, SCHEMES[scheme], "conv.residual2", "residual2")
         order.append("conv.residual2")
@@ -200,10 +205,10 @@ def test_checksums_are_verified_by_the_spec_reader(tmp_path: Path) -> None:
 
 def test_the_spec_names_every_column_and_metadata_key() -> None:
     text = FORMAT_MD.read_text()
-    schema = _schema(2, {})
+    schema = _schema(2, {}, [])
     for field in schema:
         assert f"| `{field.name}` | `{str(field.type).replace('item: ', '')}` |" in text, field
-    for key in (VERSION_KEY, METADATA_KEY):
+    for key in (VERSION_KEY, METADATA_KEY, MANIFEST_KEY, WRITER_KEY):
         assert f"`{key.decode()}`" in text
     for scheme in ("tensor", "channel", "g{G}"):
         assert scheme in text

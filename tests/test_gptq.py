@@ -353,7 +353,7 @@ def test_capture_hessians_errors_leave_no_hooks() -> None:
     from fixtures.minilm.activations import capture_hessians
 
     hooks_before = _hook_count()
-    with pytest.raises(ConfigurationError, match="no nn.Linear weight named"):
+    with pytest.raises(ConfigurationError, match="no nn.Linear or Conv1D weight named"):
         capture_hessians(["x"], ["embeddings.word_embeddings.weight"])
     with pytest.raises(Exception):
         capture_hessians([None, "fine"], CAPTURE_NAMES)  # type: ignore[list-item]

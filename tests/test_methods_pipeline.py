@@ -14,13 +14,14 @@ from arrowquant_core.errors import ConfigurationError
 
 def weights() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
-    return {"emb.weight": rng.standard_normal((40, 64)).astype(np.float32),
-            "fc.weight": rng.standard_t(4, (32, 64)).astype(np.float32) * 0.1,
+    # 128 input columns: the widest Hadamard block a rotated method uses (gptq-kh128)
+    return {"emb.weight": rng.standard_normal((40, 128)).astype(np.float32),
+            "fc.weight": rng.standard_t(4, (32, 128)).astype(np.float32) * 0.1,
             "fc.bias": rng.standard_normal(32).astype(np.float32)}
 
 
 def hessians() -> dict[str, np.ndarray]:
-    x = np.random.default_rng(4).standard_normal((256, 64)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((256, 128)).astype(np.float32)
     return {"fc.weight": aq.hessian_from_activations(x)}
 
 
@@ -28,7 +29,7 @@ def hessians() -> dict[str, np.ndarray]:
 def test_every_method_round_trips_through_a_file(method: str, tmp_path: Path) -> None:
     scheme = "int2-g32-asym"
     model = aq.quantize_model(weights(), aq.QuantizationConfig(scheme, method=method), hessians=hessians())
-    expected = "clip" if aq.get_method(method).needs_hessian else method
+    expected = aq.get_method(method).fallback if aq.get_method(method).needs_hessian else method
     assert model.tensors["emb.weight"].method == expected, "no Hessian: GPTQ falls back, and says so"
     assert model.tensors["fc.weight"].method == method
     path = aq.save(model, tmp_path / "m.parquet")
@@ -69,7 +70,7 @@ def test_bad_method_configuration(kwargs: dict[str, object], needle: str) -> Non
 
 def test_lattice_tensor_rejects_inconsistent_params() -> None:
     qt = aq.quantize_tensor(weights()["fc.weight"], aq.get_scheme("int2-g32-asym"), "fc", "residual2")
-    assert qt.scales.size == 0 and qt.params.size == 3 * 32 * 2
+    assert qt.scales.size == 0 and qt.params.size == 3 * 32 * (128 // 32)
     import dataclasses
 
     broken = dataclasses.replace(qt, params=qt.params[:-3])
