@@ -7,9 +7,9 @@ Input is the ``results.json`` dict. Every point is a measurement of this run:
 * y: the model's output quality against the original (mean output cosine for
   embedding models, masked top-1 agreement for the diffusion LLM);
 * one point per method compared (``--compare``: colour = bit width, marker = method);
-* the plan each bit width was validated with: a star when it passed every gate with
-  usable outputs ("shippable"), a cross when it did not — a failed or collapsed plan is
-  never drawn as the shipped choice;
+* the plan each bit width was validated with: a star when its verdict is "ship" (every
+  gate met, outputs included where a runner measured them), a cross when it is not — a
+  failed plan is never drawn as the shipped choice;
 * the FP32 and FP16 references: the safetensors copies written and measured in the
   run (x from their bytes on disk; y = 1 by definition, the original against itself);
 * the Pareto frontier: the points no other point beats on both size and quality.
@@ -69,13 +69,14 @@ QUALITY_TITLES = {"output_cosine_mean": "mean output cosine to the original",
 
 
 def _gates_passed(results: dict[str, Any], bits: int) -> bool:
+    """The bit width's own verdict (ship = every gate met, outputs included where a runner
+    measured them); the chart never second-guesses the gates."""
+    entry = next((e for e in results.get("bit_widths", []) if int(e.get("bits", -1)) == bits), {})
+    verdict = entry.get("verdict") or {}
+    if "decision" in verdict:
+        return verdict["decision"] == "ship"
     gates = [c for c in results.get("criteria", []) if c.get("bits") == bits]
     return bool(gates) and all(c.get("passed") for c in gates)
-
-
-def _collapsed(key: str, value: float) -> bool:
-    """The report's own test of unusable outputs (report._collapsed), on one number."""
-    return value < 0.9 if key == "output_cosine_mean" else value < 0.5
 
 
 def points(results: dict[str, Any]) -> tuple[list[Point], str | None]:
@@ -96,9 +97,9 @@ def points(results: dict[str, Any]) -> tuple[list[Point], str | None]:
             out = [p for p in out if not (p.kind == "method" and p.bits == bits and p.method == e.get("method"))]
         if key in metrics and "bits_per_weight" in metrics and math.isfinite(_num(metrics[key])):
             y = _num(metrics[key])
-            ok = _gates_passed(results, bits) and not _collapsed(key, y)
+            ok = _gates_passed(results, bits)
             method = "mixed plan" if e.get("plan") else str(e.get("method", "rtn"))
-            why = "" if ok else (" — failed gates" if not _gates_passed(results, bits) else " — outputs collapsed")
+            why = "" if ok else " — failed gates"
             out.append(Point("plan", f"INT{bits} {method}{why}", _num(metrics["bits_per_weight"]), y, bits,
                              method, ok))
     base = results.get("baselines") or {}

@@ -81,8 +81,14 @@ def test_fault_fails_the_gate(model: str, fault: str, tmp_path: Path) -> None:
     _check(result, tmp_path, fault, metrics, model)
 
 
-@pytest.mark.parametrize("model", sorted(OUTPUT_METRIC))
-@pytest.mark.parametrize("fault", sorted(ACCOUNTING))
+# The accounting gates are one piece of code for every model: all five faults run on the
+# real MiniLM, and on dream-mini the two whose victims differ there (its embedding table
+# and its largest matrix).
+ACCOUNTING_RUNS = [(m, f) for f in sorted(ACCOUNTING) for m in ("minilm", "dream-mini")
+                   if m == "minilm" or f in ("embedding-rows-swapped", "group-scales-off")]
+
+
+@pytest.mark.parametrize(("model", "fault"), ACCOUNTING_RUNS)
 def test_accounting_fault_fails_the_gate(model: str, fault: str, tmp_path: Path) -> None:
     result = run(RunConfig(model=model, bits=(8,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1,
                            compare=False))

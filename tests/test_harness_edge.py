@@ -30,6 +30,5 @@ def test_minilm_edge_profile(tmp_path: Path) -> None:
     assert any(s.startswith("int2-") for s in stored) and any(s.startswith(("int4-", "int8-", "fp16")) for s in stored)
     report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
     assert "## Mixed precision: the fallback ladder" in report
-    assert "![Quality against size](quality_vs_size.png)" in report
-    svg = (tmp_path / "quality_vs_size.svg").read_text()
-    assert "<svg" in svg and "ladder" in svg, "the shipped plan is drawn and labelled"
+    # one configuration measured (the plan): a table row, no chart (--compare adds points)
+    assert "## Verdict by bit width" in report and "| INT2 | **SHIP** | yes |" in report
