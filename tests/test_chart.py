@@ -108,7 +108,10 @@ def test_the_plan_is_marked_shippable_only_when_it_passed() -> None:
 def test_render_writes_a_png_and_a_deterministic_svg(tmp_path: Path) -> None:
     first = chart.render_chart(DREAM, tmp_path / "dream")
     assert first[1].read_bytes() == chart.render_chart(DREAM, tmp_path / "again")[1].read_bytes()  # deterministic
-    written = chart.render_chart(COMPARE, tmp_path / "compare")
+    compare = copy.deepcopy(COMPARE)  # INT2 round-to-nearest: its verdict says do not ship
+    for e in compare["bit_widths"]:
+        e["verdict"] = {"decision": "do not ship" if e["bits"] == 2 else "ship"}
+    written = chart.render_chart(compare, tmp_path / "compare")
     assert [p.name for p in written] == ["quality_vs_size.png", "quality_vs_size.svg"]
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = ET.parse(written[1]).getroot()
