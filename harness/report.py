@@ -83,6 +83,14 @@ def quality_min_key(m: dict[str, Any]) -> str:
     return next((b for a, b in QUALITY_KEYS if a in m), "output_cosine_min")
 
 
+def _cell(value: Any) -> str:
+    """A runner table's cell: our own number formatting for numbers ("—" when not a
+    number), escaped text for anything else (runner tables may carry names)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return md_text(value)
+    return "—" if isinstance(value, float) and math.isnan(value) else _fmt(value, "{:.4g}")
+
+
 def recommendations(results: dict[str, Any]) -> list[str]:
     """Advice derived from the measured numbers and the per-bit verdicts only; nothing
     is said of outputs that were not measured."""
@@ -172,7 +180,7 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
               for d in regression.get("deltas", [])]
     runner_tables = [{"bits": e["bits"], "title": key.replace("_", " "),
                       "header": [md_text(c) for c in rows[0]],
-                      "rows": [[md_text(_fmt(r.get(c), "{:.4g}")) for c in rows[0]] for r in rows]}
+                      "rows": [[_cell(r.get(c)) for c in rows[0]] for r in rows]}
                      for e in entries for key, rows in (e.get("tables") or {}).items()]
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
     groups = [{"bits": e["bits"], "rows": [
