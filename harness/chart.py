@@ -148,12 +148,14 @@ def _marker_radius_points(p: Point) -> float:
 
 
 def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str],
-                  lines: list[tuple[list[float], list[float]]] = ()) -> list[Any]:  # type: ignore[assignment]
+                  lines: list[tuple[list[float], list[float]]] = (),  # type: ignore[assignment]
+                  dense: bool = False) -> tuple[list[Any], list[int]]:
     """Greedy non-overlapping label layout in display coordinates, with leader lines.
 
     Crowded points choose first (they have the fewest free spots); each label tries
     eight directions at growing distances and keeps the first box that overlaps no
-    marker, no earlier label and stays inside the axes."""
+    marker, no earlier label and stays inside the axes. Returns the labels in placing
+    order and the indices of the points that found no free spot."""
     from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
@@ -175,7 +177,11 @@ def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str],
     crowd = [sum(1 for q in screen if math.hypot(q[0] - s[0], q[1] - s[1]) < 60) for s in screen]
     order = sorted(range(len(pts)), key=lambda i: (-crowd[i], i))
     directions = [(1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1)]
+    if dense:  # short tags: more angles and longer leaders before giving up
+        directions += [(1, 0.5), (1, -0.5), (-1, 0.5), (-1, -0.5), (0.5, 1), (-0.5, 1), (0.5, -1), (-0.5, -1)]
+    radii = (9, 20, 32, 46, 62, 80, 100, 125, 150) + ((180, 215, 255, 300) if dense else ())
     placed = []
+    failed: list[int] = []
     leaders: list[Segment] = []
     boxes: list[Any] = []
     for i in order:
@@ -186,7 +192,7 @@ def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str],
                             arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6,
                                         "shrinkA": 1, "shrinkB": 5})
         chosen: tuple[float, float, str, Bbox] | None = None
-        for radius in (9, 20, 32, 46, 62, 80, 100, 125, 150):
+        for radius in radii:
             for dx, dy in directions:
                 ox, oy = dx * radius, dy * radius * 0.55
                 ha = "left" if dx > 0 else ("right" if dx < 0 else "center")
@@ -211,7 +217,8 @@ def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str],
                 break
             if chosen:
                 break
-        if chosen is None:  # no free spot: the plain right-hand position
+        if chosen is None:  # no free spot: the plain right-hand position (the caller retries numbered)
+            failed.append(i)
             label.set_position((9, 0))
             label.set_ha("left")
             label.update_positions(renderer)
@@ -228,7 +235,10 @@ def _place_labels(ax: Any, renderer: Any, pts: list[Point], texts: list[str],
         if label.arrow_patch is not None:
             label.arrow_patch.set_visible(math.hypot(ox, oy) > 12)
         placed.append(label)
-    return placed
+    return placed, failed
+
+
+KEY_COLUMNS = 2  # columns of the numbered key under a crowded chart
 
 
 def render_chart(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -251,8 +261,13 @@ def render_chart(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def build_figure(results: dict[str, Any]) -> tuple[Any, Any, list[Any]] | None:
-    """The figure, its axes and the placed labels; None when nothing was measured."""
+def build_figure(results: dict[str, Any], numbered: bool = False) -> tuple[Any, Any, list[Any]] | None:
+    """The figure, its axes and the placed labels; None when nothing was measured.
+
+    Points are labelled with their text where every label finds a free spot; when one
+    does not (a crowded cluster: llama.cpp's formats beside our methods at ~4.3 bits), the
+    figure is drawn again with a number at each point and the texts in a key under the
+    axes, so no label ever sits on another."""
     pts, key = points(results)
     measured = [p for p in pts if p.kind != "reference"]
     if not measured or key is None:
@@ -266,9 +281,16 @@ def build_figure(results: dict[str, Any]) -> tuple[Any, Any, list[Any]] | None:
     from matplotlib.ticker import FixedLocator, NullLocator
 
     # rc settings (fonts, SVG hash salt) come from render_chart's rc_context
-    fig = Figure(figsize=(10, 6), dpi=150, layout="constrained")
+    rows = math.ceil(len(pts) / KEY_COLUMNS)
+    fig = Figure(figsize=(10, 6 + (0.17 * rows + 0.3 if numbered else 0)), dpi=150, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if numbered:
+        grid = fig.add_gridspec(2, 1, height_ratios=[6, 0.17 * rows + 0.3])
+        ax = fig.add_subplot(grid[0])
+        key_ax = fig.add_subplot(grid[1])
+        key_ax.set_axis_off()
+    else:
+        ax = fig.add_subplot()
     ax.set_xscale("log", base=2)
     xs = [p.x for p in pts]
     ys = [p.y for p in pts]
@@ -335,7 +357,16 @@ def build_figure(results: dict[str, Any]) -> tuple[Any, Any, list[Any]] | None:
             texts.append(f"{p.label} {p.x:.1f} bits")
     # settle the constrained layout (legend included) first, then freeze it: labels are
     # placed in display coordinates, which a later re-layout would shift
+    if numbered:
+        per_column = rows
+        for c in range(KEY_COLUMNS):
+            chunk = [f"{i + 1:>2}  {texts[i]}" for i in range(c * per_column, min(len(pts), (c + 1) * per_column))]
+            key_ax.text(c / KEY_COLUMNS, 1.0, "\n".join(chunk), transform=key_ax.transAxes, va="top", ha="left",
+                        fontsize=7.5, family="monospace")
+        texts = [str(i + 1) for i in range(len(pts))]
     fig.canvas.draw()
     fig.set_layout_engine("none")
-    labels = _place_labels(ax, fig.canvas.get_renderer(), pts, texts, [(step_x, step_y)])
+    labels, failed = _place_labels(ax, fig.canvas.get_renderer(), pts, texts, [(step_x, step_y)], dense=numbered)
+    if failed and not numbered:
+        return build_figure(results, numbered=True)
     return fig, ax, labels

@@ -39,7 +39,31 @@ def label_boxes(results: dict) -> tuple[list, object, list]:
     return labels, ax, boxes
 
 
-@pytest.mark.parametrize("results", [COMPARE, DREAM], ids=["minilm-compare", "dream-mini"])
+def _with_peers(results: dict) -> dict:
+    """The --compare results with llama.cpp's formats beside our methods, as `peers = [...]`
+    adds them: figures from the issue-13 run of ``python -m harness.peers --model minilm``
+    (Q8_0 8.74 bpw 0.99987, Q5_1 7.55 0.99394, Q5_0 7.32 0.99218, Q4_1 7.08 0.97273,
+    Q4_0 6.84 0.97009, Q4_0-pure 4.78 0.96876) plus four more within the INT4 cluster: the
+    crowding that made labels collide."""
+    crowded = copy.deepcopy(results)
+    int4 = next(e for e in crowded["bit_widths"] if e["bits"] == 4)
+    int8 = next(e for e in crowded["bit_widths"] if e["bits"] == 8)
+    peers = [(int8, "llama.cpp Q8_0", 8.74, 0.99987), (int4, "llama.cpp Q5_1", 7.55, 0.99394),
+             (int4, "llama.cpp Q5_0", 7.32, 0.99218), (int4, "llama.cpp Q4_1", 7.08, 0.97273),
+             (int4, "llama.cpp Q4_0", 6.84, 0.97009), (int4, "llama.cpp Q4_0-pure", 4.78, 0.96876),
+             (int4, "llama.cpp Q4_1-pure", 4.31, 0.9702), (int4, "gptq-kh", 4.29, 0.9881),
+             (int4, "gptq-kr", 4.30, 0.9874), (int4, "awq", 4.28, 0.9849)]
+    for entry, method, bpw, cos in peers:
+        entry.setdefault("methods", []).append({"method": method, "bits_per_weight": bpw, "output_cosine_mean": cos,
+                                                "output_cosine_min": cos - 0.02, "size_mb": 1.0,
+                                                "quantize_seconds": 0.1, "weight_sqnr_db": 20.0})
+    return crowded
+
+
+CROWDED = _with_peers(COMPARE)
+
+
+@pytest.mark.parametrize("results", [COMPARE, DREAM, CROWDED], ids=["minilm-compare", "dream-mini", "with-peers"])
 def test_labels_do_not_collide(results: dict) -> None:
     import matplotlib
 
@@ -126,3 +150,21 @@ def test_nothing_measured_draws_nothing(tmp_path: Path) -> None:
     empty = {**COMPARE, "bit_widths": [{**e, "metrics": {}, "methods": []} for e in COMPARE["bit_widths"]]}
     assert chart.render_chart(empty, tmp_path) == []
     assert not list(tmp_path.iterdir())
+
+
+def test_a_crowded_chart_numbers_its_points_and_keys_them() -> None:
+    """Where a label finds no free spot the points are numbered and the texts listed in a
+    key under the axes; a chart whose labels fit keeps them inline."""
+    import matplotlib
+
+    with matplotlib.rc_context({"font.size": 9}):
+        labels, ax, _boxes = label_boxes(CROWDED)
+        plain, _ax, _b = label_boxes(COMPARE)
+    pts, _key = chart.points(CROWDED)
+    assert [label.get_text() for label in labels] == [str(i + 1) for i in range(len(pts))] or \
+        sorted(int(label.get_text()) for label in labels) == list(range(1, len(pts) + 1))
+    key_text = "\n".join(t.get_text() for a in ax.figure.axes if a is not ax for t in a.texts)
+    for i, p in enumerate(pts):
+        assert f"{i + 1:>2}  " in key_text
+    assert "llama.cpp Q4_0-pure" in key_text and "INT4 plan: gptq-act-mse" in key_text
+    assert not any(label.get_text().isdigit() for label in plain), "an uncrowded chart keeps its text labels"
