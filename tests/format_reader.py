@@ -148,6 +148,33 @@ def decode_raw(row: dict[str, Any], kind: str) -> Tensor:
     return Tensor(name, header_kind, shape, dtype, values)
 
 
+# Section 6.8: the methods whose codes are of W R, and their Hadamard block
+ROTATIONS = {"iclip-h": 64, "gptq-ih": 64, "gptq-kh": 64, "gptq-kh128": 128}
+SIGN_SEED = 0x41515254
+
+
+def unrotate(matrix: np.ndarray, block: int, name: str) -> np.ndarray:
+    """Section 6.8, steps 1-3, in float32."""
+    rows, cols = matrix.shape
+    if cols % block:
+        raise SpecError(f"{name}: {cols} columns are not a multiple of the Hadamard block {block}")
+    out = matrix.astype(np.float32, copy=True)
+    for start in range(0, cols, block):
+        h = 1
+        while h < block:
+            for i in range(start, start + block):
+                if (i - start) % (2 * h) < h:
+                    a = out[:, i].copy()
+                    b = out[:, i + h].copy()
+                    out[:, i] = a + b
+                    out[:, i + h] = a - b
+            h *= 2
+    out *= np.float32(1.0 / math.sqrt(block))
+    raw = np.random.PCG64(SIGN_SEED + cols).random_raw(cols)
+    out *= np.where(raw % 2 == 0, np.float32(1.0), np.float32(-1.0)).astype(np.float32)
+    return out
+
+
 def decode_quantized(row: dict[str, Any]) -> Tensor:
     """Sections 5-8."""
     name, dtype, shape = row["name"], row["dtype"], tuple(row["shape"])
@@ -186,6 +213,8 @@ def decode_quantized(row: dict[str, Any]) -> Tensor:
         values -= zeros[:, None].astype(np.float32)
         values *= scales[:, None]
     matrix = values.reshape(rows, groups * block)[:, :cols]
+    if method in ROTATIONS:
+        matrix = unrotate(np.ascontiguousarray(matrix), ROTATIONS[method], name)
     out = to_dtype(np.ascontiguousarray(matrix).reshape(shape), dtype)
     return Tensor(name, "quantized", shape, dtype, out, scheme, method, codes, scales, zeros, params)
 
