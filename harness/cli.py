@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
                           "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="stop the run when the time-aware activation pass fails (default: fall back to base "
+                          "quantization, counted in results.json `fallbacks` and caught by the activation-table gates)")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
                            fault=args.fault, profile=args.profile, compare=args.compare,
                            benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner,
-                           baseline=args.baseline)
+                           baseline=args.baseline, fail_fast=args.fail_fast)
         result = run_config(config)
         _say(f"{result.verdict}: {result.report_path}")
         return result.exit_code

@@ -32,6 +32,7 @@ class RunConfig:
     quiet: bool = False
     runner: str | None = None  # override runner detection ("none": weights only)
     baseline: Path | None = None
+    fail_fast: bool = False  # a failing time-aware pass stops the run instead of falling back
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b not in BIT_WIDTHS]

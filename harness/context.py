@@ -9,7 +9,7 @@ checks goes through ``gate()``, which records it with its verdict for results.js
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 from dataclasses import dataclass, field
 import hashlib
@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 import arrowquant_core as aq
-from arrowquant_core.errors import ConfigurationError
+from arrowquant_core.errors import ConfigurationError, QuantizationError
 from arrowquant_core.methods import get_method
 from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import Scheme
@@ -133,6 +133,10 @@ class RunContext:
     _hessians: dict[str, npt.NDArray[np.float32]] | None = None
     calibrated_names: frozenset[str] = frozenset()
     source_digests: dict[str, str] = field(default_factory=dict)
+    _time_aware: dict[str, Any] | None = None  # the time-aware pass's tables, once per run
+    time_aware_passes: list[dict[str, Any]] = field(default_factory=list)  # attempts and fallbacks
+    _hessian_variants: dict[str, dict[str, npt.NDArray[np.float32]]] | None = None
+    hessian_rows: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.source_digests = _digests(self.checkpoint.weights)
@@ -220,12 +224,115 @@ class RunContext:
                                           hessians=hessians, ties=ties, progress=lambda _d, _t, _n: bar.update(1))
         # the artifact says which weights it was made from, so a stale one is detectable
         model = dataclasses.replace(model, metadata={**model.metadata, SOURCE_KEY: self.source_digest})
-        runner = self.checkpoint.runner
-        if runner is not None and hasattr(runner, "activation_aux"):
-            # activation parameters (per time group) are part of the artifact: the runner
-            # evaluates the weight-activation configurations with what the file holds
-            model = dataclasses.replace(model, aux={**model.aux, **runner.activation_aux()})
+        # activation parameters (per time group) are part of the artifact: the runner
+        # evaluates the weight-activation configurations with what the file holds
+        aux = self.time_aware_pass()
+        if aux:
+            model = dataclasses.replace(model, aux={**model.aux, **aux})
         return self.fault.mutate(model) if self.fault is not None else model
+
+    def time_aware_pass(self) -> dict[str, Any]:
+        """The runner's activation tables per time group (dream-mini), calibrated once.
+
+        A failing pass raises with ``--fail-fast``; otherwise the run falls back to base
+        quantization (weights only, no tables in the artifact), logs the original error
+        and counts the fallback (results.json ``fallbacks``); the artifact then lacks its
+        tables and the ``activation_tables_stored`` gate says so."""
+        runner = self.checkpoint.runner
+        if runner is None or not hasattr(runner, "activation_aux"):
+            return {}
+        if self._time_aware is None:
+            produce: Callable[[], dict[str, Any]] = runner.activation_aux
+            if self.fault is not None and self.fault.time_aware is not None:
+                produce = self.fault.time_aware(produce)
+            record: dict[str, Any] = {"pass": "time-aware activation tables", "fell_back": False, "error": None}
+            self.time_aware_passes.append(record)
+            try:
+                self._time_aware = dict(produce())
+            except Exception as exc:  # the runner runs the model: any failure is the pass failing
+                error = f"{type(exc).__name__}: {exc}"
+                if self.config.fail_fast:
+                    raise QuantizationError(f"time-aware pass failed (--fail-fast): {error}") from exc
+                record.update(fell_back=True, error=error)
+                self.progress(f"time-aware pass failed, falling back to base quantization "
+                              f"(no activation tables in the artifact): {error}")
+                self._time_aware = {}
+        return self._time_aware
+
+    def fallbacks(self, bits: int) -> dict[str, Any]:
+        """What fell back in this bit width's artifact: per planned weight method, the
+        tensors stored with the method's fallback instead (no calibration activations),
+        and the time-aware pass (attempted once per run, shared by every bit width)."""
+        reloaded = self.reloaded_by_bits.get(bits)
+        if reloaded is None:
+            return {"methods": {}, "time_aware": list(self.time_aware_passes)}
+        planned = _planned_methods(self, bits)
+        stored = {row.name: row.method for row in reloaded.layers}
+        methods: dict[str, dict[str, Any]] = {}
+        for name, method in planned.items():
+            if name not in stored:
+                continue
+            spec = get_method(method) if method in _method_table() else None
+            entry = methods.setdefault(method, {"tensors": 0, "fell_back": 0, "tensors_fell_back": [],
+                                                "fallback": spec.fallback if spec and spec.needs_hessian else None})
+            entry["tensors"] += 1
+            if stored[name] != method:
+                entry["fell_back"] += 1
+                entry["tensors_fell_back"].append(name)
+        for entry in methods.values():
+            entry["fallback_rate"] = entry["fell_back"] / entry["tensors"] if entry["tensors"] else 0.0
+        return {"methods": methods, "time_aware": list(self.time_aware_passes)}
+
+    def hessian_variants(self) -> dict[str, dict[str, npt.NDArray[np.float32]]]:
+        """Every Hessian set the runner captures (dream-mini: plain and mask-aware), once;
+        an injected calibration fault corrupts each, as it does the plan's own."""
+        if self._hessian_variants is None:
+            runner = self.checkpoint.runner
+            if runner is None or not hasattr(runner, "hessian_variants"):
+                raise ConfigurationError(f"hessian_comparison needs a runner that captures Hessian variants; "
+                                         f"{self.checkpoint.name!r} has none")
+            self.progress("capturing calibration activations (Hessian variants)")
+            variants = {name: fn() for name, fn in runner.hessian_variants().items()}
+            if self.fault is not None and self.fault.hessians is not None:
+                variants = {name: self.fault.hessians(h) for name, h in variants.items()}
+            self._hessian_variants = variants
+        return self._hessian_variants
+
+    def hessian_comparison(self, bits: int) -> list[dict[str, Any]]:
+        """Each method of the plan's ``hessian_comparison`` with every Hessian variant, at
+        this bit width's scheme: quantized, written, reloaded and run on the evaluation set
+        (weight-only outputs), one row each, with KL per mask-ratio bucket."""
+        if bits in self.hessian_rows:
+            return self.hessian_rows[bits]
+        plan = self.criteria.plan(bits)
+        rows: list[dict[str, Any]] = []
+        if plan.hessian_comparison:
+            runner = self.checkpoint.runner
+            variants = self.hessian_variants()
+            folder = self.workdir / "hessians"
+            cells = [(m, v) for m in plan.hessian_comparison for v in variants]
+            with self.progress.bar(len(cells), f"INT{bits} GPTQ Hessian variants") as bar:
+                for method, variant in cells:
+                    t0 = time.perf_counter()
+                    model = aq.quantize_model(self.checkpoint.weights, aq.QuantizationConfig(plan.scheme, method=method),
+                                              hessians=variants[variant], ties=self.checkpoint.ties)
+                    seconds = time.perf_counter() - t0
+                    path = aq.save(model, folder / f"{self.checkpoint.name}-int{bits}-{method}-{variant}.parquet")
+                    weights = aq.load_weights(path)
+                    measure = getattr(runner, "compare_weights_only", None) or runner.compare
+                    raw = measure(weights)
+                    row: dict[str, Any] = {"method": method, "hessian": variant, "scheme": plan.scheme,
+                                           "quantize_seconds": seconds,
+                                           "calibrated_tensors": sum(1 for t in model.tensors.values()
+                                                                     if t.method == method)}
+                    row.update({k: float(raw[k]) for k in HESSIAN_ROW_METRICS if isinstance(raw.get(k), (int, float))})
+                    for group in raw.get("timestep_groups", []):
+                        row[f"kl {group['mask_ratio']}"] = group["kl_mean"]
+                    rows.append(row)
+                    bar.update(1)
+        self.hessian_rows[bits] = rows
+        self.tables_by_bits.setdefault(bits, {})["hessian_comparison"] = rows
+        return rows
 
     @property
     def matrix_names(self) -> list[str]:
@@ -450,6 +557,9 @@ class RunContext:
 
 
 SOURCE_KEY = "source_digest"
+# the columns of the Hessian comparison's rows (besides KL per mask-ratio bucket)
+HESSIAN_ROW_METRICS = ("kl_mean", "masked_top1_agreement", "top1_agreement_worst_group", "frontier_flip_rate4",
+                       "frontier_flip_rate8", "output_cosine_mean")
 
 
 def _digests(weights: Mapping[str, FloatArray]) -> dict[str, str]:
@@ -461,12 +571,30 @@ def _digests(weights: Mapping[str, FloatArray]) -> dict[str, str]:
     return out
 
 
+def _method_table() -> set[str]:
+    from arrowquant_core.methods import METHODS
+
+    return set(METHODS)
+
+
+def _planned_methods(ctx: RunContext, bits: int) -> dict[str, str]:
+    """The weight method the plan (config or ladder) chose for each quantized tensor,
+    before any fallback."""
+    plan = ctx.mixed_plan(bits)
+    if plan is not None:
+        return {d.name: plan.rungs[d.rung].method for d in plan.decisions if plan.rungs[d.rung].scheme != FP16}
+    method = ctx.criteria.plan(bits).method
+    return {n: method for n in ctx.matrix_names}
+
+
 def _expected_method(method: str, name: str, ctx: RunContext) -> str:
     """Hessian methods fall back to their named fallback (clip search for GPTQ) on tensors
     without a Hessian; the criteria must allow it (``fallback = ...``, checked up front)."""
-    ctx.hessians()  # make sure calibration ran, so calibrated_names is known
     spec = get_method(method)
-    if spec.needs_hessian and name not in ctx.calibrated_names:
+    if not spec.needs_hessian:
+        return method
+    ctx.hessians()  # make sure calibration ran, so calibrated_names is known
+    if name not in ctx.calibrated_names:
         return spec.fallback
     return method
 

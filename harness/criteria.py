@@ -141,6 +141,10 @@ class BitPlan:
     # A Hessian method on a tensor without calibration activations (an embedding table,
     # or a model without a runner) is an error unless this names the allowed fallback.
     fallback: str | None = None
+    # Hessian methods run with every Hessian the model's runner can capture (dream-mini:
+    # plain and mask-aware), at this bit width's scheme, in every run (reported; the
+    # ``*_hessian_*`` metrics can be gated)
+    hessian_comparison: tuple[str, ...] = ()
 
     @property
     def needs_calibration(self) -> bool:
@@ -384,6 +388,14 @@ def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> 
         compare = tuple(_list_of(section.get("compare", []), str, "compare", where))
         for name in (method, *compare):
             _check_method(name, scheme, where)
+        hessian_comparison = tuple(_list_of(section.get("hessian_comparison", []), str, "hessian_comparison", where))
+        for name in hessian_comparison:
+            _check_method(name, scheme, where)
+            from arrowquant_core.methods import get_method
+
+            if not get_method(name).needs_hessian:
+                raise ConfigurationError(f"{where}hessian_comparison: {short(name)} does not use a Hessian "
+                                         "(list GPTQ-family methods, e.g. \"gptq\")")
         fallback = section.get("fallback")
         if fallback is not None:
             from arrowquant_core.methods import get_method
@@ -398,7 +410,7 @@ def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> 
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
                               method=method, compare=compare, peers=_peers(section.get("peers", []), where),
                               ladder=_ladder(section.get("ladder"), scheme, method, where),
-                              fallback=fallback)
+                              fallback=fallback, hessian_comparison=hessian_comparison)
     return Criteria(source=path, model=model_name, plans=plans)
 
 

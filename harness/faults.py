@@ -252,6 +252,14 @@ def time_group_table_dropped(model: QuantizedModel) -> QuantizedModel:
     return dataclasses.replace(model, aux={k: v for k, v in model.aux.items() if not k.startswith("timeaware.")})
 
 
+def time_aware_pass_fails(produce: Callable[[], dict[str, np.ndarray]]) -> Callable[[], dict[str, np.ndarray]]:
+    """The time-aware pass raises (as a calibration that hits a NaN activation would):
+    the run falls back to base quantization, and the artifact has no activation tables."""
+    def failing() -> dict[str, np.ndarray]:
+        raise FloatingPointError("activation statistics of time group 3 are NaN (injected)")
+    return failing
+
+
 AUX_FAULTS: dict[str, Callable[[QuantizedModel], QuantizedModel]] = {
     "time-groups-reversed": time_groups_reversed,
     "act-scales-other-layer": act_scales_of_another_layer,
@@ -365,6 +373,8 @@ class Fault:
     save: Callable[[QuantizedModel, Path], None] | None = None
     hessians: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
     realize: Callable[..., QuantizedModel] | None = None
+    # wraps the runner's time-aware pass (the function producing its activation tables)
+    time_aware: Callable[[Callable[[], dict[str, np.ndarray]]], Callable[[], dict[str, np.ndarray]]] | None = None
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (
@@ -393,6 +403,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           act_scales_of_another_layer),
     Fault("time-group-table-dropped", "the time-group activation tables left out of the artifact",
           time_group_table_dropped),
+    Fault("time-aware-pass-fails", "the time-aware calibration pass raises; the run falls back to base quantization",
+          time_aware=time_aware_pass_fails),
     # dit-mini
     Fault("conv-reshaped-wrong-order", "conv weights flattened channel-last but stored as channel-first",
           conv_reshaped_wrong_order),

@@ -129,6 +129,16 @@ _ROWS: Final[tuple[Metric, ...]] = (
     Metric("activation_tables_match", "artifact", "", True,
            "1: every activation table in the artifact equals the one calibrated from this model "
            "(bit for bit); 0: one differs or is missing; -1: not checked"),
+    # hessian_comparison (dream-mini: GPTQ with the plain and the mask-aware Hessian), the
+    # first method the criteria list, at the bit width's scheme, weight-only outputs
+    Metric("hessian_plain_kl_mean", "output", "nats", False,
+           "GPTQ with the plain calibration Hessian: mean KL at masked positions"),
+    Metric("hessian_mask_aware_kl_mean", "output", "nats", False,
+           "GPTQ with the mask-aware Hessian (masked targets weighted by certainty): mean KL at masked positions"),
+    Metric("hessian_mask_aware_kl_ratio", "output", "", False,
+           "KL with the mask-aware Hessian / KL with the plain one (below 1: mask-aware helps)"),
+    Metric("hessian_plain_vs_shipped_kl_ratio", "output", "", False,
+           "KL of GPTQ with the plain Hessian / KL of the shipped artifact (below 1: calibration helps)"),
     # end dream-mini time-aware
     Metric("quantize_seconds", "time", "s", False, "wall time of the quantization that produced the artifact (calibration capture and sensitivity pass excluded)"),
     Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),

@@ -182,6 +182,19 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
                       "header": [md_text(c) for c in rows[0]],
                       "rows": [[_cell(r.get(c)) for c in rows[0]] for r in rows]}
                      for e in entries for key, rows in (e.get("tables") or {}).items()]
+    fallbacks = []
+    for e in entries:
+        fb = e.get("fallbacks") or {}
+        for method, m in (fb.get("methods") or {}).items():
+            if m.get("fallback"):
+                fallbacks.append(f"INT{md_text(e['bits'])} {md_code(method)}: {m['fell_back']} of {m['tensors']} "
+                                 f"tensors fell back to {md_code(m['fallback'])} (rate {_fmt(m['fallback_rate'], '{:.3f}')})"
+                                 + (f": {', '.join(md_code(n) for n in m['tensors_fell_back'][:8])}"
+                                    + (" …" if len(m['tensors_fell_back']) > 8 else "") if m["fell_back"] else ""))
+    passes = (entries[0].get("fallbacks") or {}).get("time_aware", []) if entries else []
+    for p in passes:
+        fallbacks.append(f"{md_text(p['pass'])}: " + (f"**failed, fell back to base quantization** ({md_text(p['error'])})"
+                                                     if p["fell_back"] else "ran (no fallback)"))
     ordered = sorted(results["criteria"], key=lambda c: (-c["bits"], c["metric"]))
     groups = [{"bits": e["bits"], "rows": [
         [md_text(g["mask_ratio"]), _fmt(g["kl_mean"], "{:.4f}"), _fmt(g["kl_p99"], "{:.4f}"),
@@ -252,6 +265,7 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
         "worst": worst,
         "timestep_groups": groups,
         "runner_tables": runner_tables,
+        "fallbacks": fallbacks,
         "deltas": deltas,
         "baseline_source": (f"{md_code(regression.get('path'))} (model {md_text(regression.get('model'))}, "
                             f"verdict {md_text(regression.get('verdict'))}, commit "

@@ -100,6 +100,11 @@ def run(config: RunConfig) -> RunResult:
         ctx.hessians()  # before the suite: a method that cannot run is a usage error, not a failed test
         for bits in ctx.bits:
             _check_hessian_coverage(ctx, bits, criteria_path)
+    for bits in ctx.bits:
+        if ctx.criteria.plan(bits).hessian_comparison and not hasattr(checkpoint.runner, "hessian_variants"):
+            raise ConfigurationError(f"{criteria_path}: INT{bits} lists hessian_comparison, but {config.model!r} has no "
+                                     "runner that captures Hessian variants (dream-mini's does)")
+    ctx.time_aware_pass()  # before the suite: with --fail-fast a failing pass stops the run here
     plugin = SuitePlugin(ctx)
     json_report = JSONReport()
     bench_tmp = integrity.temp_path(out / BENCHMARKS_NAME)  # pytest-benchmark writes in place
@@ -305,6 +310,7 @@ def _bit_entry(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     entry["method"] = plan.method
     entry["fallback"] = plan.fallback
     entry["verdict"] = _bit_verdict(ctx, bits, unmeasured)
+    entry["fallbacks"] = ctx.fallbacks(bits)
     entry["plan"] = None
     mixed = ctx.plans_by_bits.get(bits)
     if mixed is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from arrowquant_core.errors import QuantizationError
 from harness.config import RunConfig
 from harness.faults import FAULTS
 from harness.runner import RunResult, run
@@ -47,13 +48,17 @@ AUX = {
     "time-groups-reversed": {"activation_tables_match", "a8_timeaware_kl_ratio"},
     "act-scales-other-layer": {"activation_tables_match", "a8_tensor_timeaware_kl_mean"},
     "time-group-table-dropped": {"activation_tables_stored"},
+    "time-aware-pass-fails": {"activation_tables_stored"},
 }
 # Faults of the calibrated path: (model, profile, bits) where the path runs, and the gates.
+# On dream-mini the wrong Hessian reaches the Hessian comparison that every INT4 run makes.
 CALIBRATED = {
-    "gptq-wrong-hessian": ("minilm", None, 4, {"output_cosine_mean", "output_cosine_min"}),
-    "calibration-empty": ("minilm", None, 4, {"plan_mismatches", "output_cosine_mean"}),
-    "ladder-promotions-ignored": ("dream-mini", "edge", 2, {"plan_mismatches"}),
+    "gptq-wrong-hessian": [("minilm", None, 4, {"output_cosine_mean", "output_cosine_min"}),
+                           ("dream-mini", None, 4, {"hessian_plain_vs_shipped_kl_ratio"})],
+    "calibration-empty": [("minilm", None, 4, {"plan_mismatches", "output_cosine_mean"})],
+    "ladder-promotions-ignored": [("dream-mini", "edge", 2, {"plan_mismatches"})],
 }
+CALIBRATED_RUNS = [(fault, *run) for fault, runs in sorted(CALIBRATED.items()) for run in runs]
 
 
 # Faults of the dit-mini spatial path, checked against dit-mini's gates by tests/test_dit_faults.py.
@@ -104,11 +109,27 @@ def test_activation_table_fault_fails_the_gate(fault: str, tmp_path: Path) -> No
     result = run(RunConfig(model="dream-mini", bits=(8,), out=tmp_path, fault=fault, quiet=True,
                            benchmark_rounds=1, compare=False))
     _check(result, tmp_path, fault, AUX[fault], "dream-mini")
+    passes = result.results["bit_widths"][0]["fallbacks"]["time_aware"]
+    if fault == "time-aware-pass-fails":
+        # the fallback is counted and explained, in results.json and the report
+        assert [p["fell_back"] for p in passes] == [True] and "NaN (injected)" in passes[0]["error"]
+        report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
+        assert "**failed, fell back to base quantization**" in report
+    else:
+        assert [p["fell_back"] for p in passes] == [False]
 
 
-@pytest.mark.parametrize("fault", sorted(CALIBRATED))
-def test_calibrated_path_fault_fails_the_gate(fault: str, tmp_path: Path) -> None:
-    model, profile, bits, metrics = CALIBRATED[fault]
+def test_failing_time_aware_pass_stops_a_fail_fast_run(tmp_path: Path) -> None:
+    """--fail-fast: the failing pass raises before the suite, with the original error."""
+    with pytest.raises(QuantizationError, match=r"time-aware pass failed \(--fail-fast\).*NaN \(injected\)"):
+        run(RunConfig(model="dream-mini", bits=(8,), out=tmp_path, fault="time-aware-pass-fails", quiet=True,
+                      benchmark_rounds=1, fail_fast=True))
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(("fault", "model", "profile", "bits", "metrics"), CALIBRATED_RUNS)
+def test_calibrated_path_fault_fails_the_gate(fault: str, model: str, profile: str | None, bits: int,
+                                              metrics: set[str], tmp_path: Path) -> None:
     result = run(RunConfig(model=model, profile=profile, bits=(bits,), out=tmp_path, fault=fault, quiet=True,
                            benchmark_rounds=1, compare=False))
     _check(result, tmp_path, fault, metrics, model)

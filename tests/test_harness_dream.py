@@ -47,6 +47,31 @@ def test_dream_mini_fails_honestly_at_int2_with_timestep_groups(two_runs: tuple[
     assert kl[0] < kl[1] < kl[2]
 
 
+def test_gptq_plain_and_mask_aware_at_int4_and_int2(two_runs: tuple[RunResult, RunResult]) -> None:
+    """Every dream-mini run measures GPTQ with the plain and the mask-aware Hessian at the
+    INT4 and INT2 schemes: KL per mask-ratio bucket in the report, the figures as metrics,
+    and which tensors GPTQ could calibrate (all but the embedding table) in the rows."""
+    result = two_runs[0]
+    entries = {e["bits"]: e for e in result.results["bit_widths"]}
+    assert "hessian_comparison" not in entries[8]["tables"]
+    for bits in (4, 2):
+        rows = entries[bits]["tables"]["hessian_comparison"]
+        assert [(r["method"], r["hessian"]) for r in rows] == [("gptq", "plain"), ("gptq", "mask-aware")]
+        plain, masked = rows
+        assert plain["scheme"] == entries[bits]["scheme"] and plain["calibrated_tensors"] >= 15
+        assert plain["kl_mean"] != masked["kl_mean"], "the two Hessians must give different models"
+        assert sum(1 for k in plain if k.startswith("kl 0.")) == 5
+        metrics = entries[bits]["metrics"]
+        assert metrics["hessian_plain_kl_mean"] == plain["kl_mean"]
+        assert metrics["hessian_mask_aware_kl_ratio"] == masked["kl_mean"] / plain["kl_mean"]
+        assert metrics["hessian_plain_vs_shipped_kl_ratio"] == plain["kl_mean"] / metrics["kl_mean"]
+    # GPTQ beats round-to-nearest at INT4 (gated there)
+    assert entries[4]["metrics"]["hessian_plain_vs_shipped_kl_ratio"] < 0.8
+    report = result.report_path.read_text()
+    assert "### INT4: hessian comparison" in report and "### INT2: hessian comparison" in report
+    assert "## Fallbacks" in report and "time-aware activation tables: ran (no fallback)" in report
+
+
 def test_same_seed_same_codes_and_same_figures(two_runs: tuple[RunResult, RunResult]) -> None:
     first, second = two_runs
     for a, b in zip(first.results["bit_widths"], second.results["bit_widths"]):
