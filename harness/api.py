@@ -36,7 +36,8 @@ def _bits(bits: int | Iterable[int]) -> tuple[int, ...]:
 
 def validate(model: str | Path, *, bits: int | Iterable[int] = (), criteria: str | Path | None = None,
              out: str | Path = "reports", baseline: str | Path | None = None, profile: str | None = None,
-             compare: bool = False, benchmark_rounds: int = 3, quiet: bool = False) -> RunResult:
+             compare: bool = False, benchmark_rounds: int = 3, quiet: bool = False,
+             artifact: str | Path | None = None) -> RunResult:
     """Quantize ``model``, run every gate, write the report; return the outcome.
 
     ``model``: a registered name (``python -m harness list``) or a checkpoint folder.
@@ -45,10 +46,14 @@ def validate(model: str | Path, *, bits: int | Iterable[int] = (), criteria: str
     ``baseline``: a results.json of an earlier run, for rules such as
     ``output_cosine_mean >= baseline - 0.002``.
     ``profile``: ``edge``, ``local`` or ``cloud`` (selects ``<model>-<profile>.toml``).
+    ``artifact``: a GGUF file produced elsewhere (llama.cpp, gguf-py), judged by the same
+    suite instead of quantizing ``model``; ``bits`` then picks the criteria (default:
+    inferred from the file's main tensor type).
     """
     config = RunConfig(model=str(model), bits=_bits(bits), criteria=Path(criteria) if criteria else None,
                        out=Path(out), profile=profile, compare=compare, benchmark_rounds=benchmark_rounds,
-                       quiet=quiet, baseline=Path(baseline) if baseline else None)
+                       quiet=quiet, baseline=Path(baseline) if baseline else None,
+                       artifact=Path(artifact) if artifact else None)
     return run_config(config)
 
 
