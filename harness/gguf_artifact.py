@@ -307,7 +307,8 @@ def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
             raise FormatError(f"{path}: tensor {tensor.name!r} has shape {list(shape)} (GGUF dims "
                               f"{tensor.shape.tolist()} reversed) but the model's {src!r} is {list(ref.shape)}; "
                               "rule: shapes equal after llama.cpp's reversed-dims convention")
-        values = np.asarray(gguf.quants.dequantize(np.asarray(tensor.data), qtype), dtype=np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # a corrupt scale: counted just below, named
+            values = np.asarray(gguf.quants.dequantize(np.asarray(tensor.data), qtype), dtype=np.float32)
         values = values.reshape(shape)
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         if bad:
