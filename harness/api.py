@@ -37,7 +37,7 @@ def _bits(bits: int | Iterable[int]) -> tuple[int, ...]:
 def validate(model: str | Path, *, bits: int | Iterable[int] = (), criteria: str | Path | None = None,
              out: str | Path = "reports", baseline: str | Path | None = None, profile: str | None = None,
              compare: bool = False, benchmark_rounds: int = 3, quiet: bool = False,
-             fail_fast: bool = False) -> RunResult:
+             fail_fast: bool = False, artifact: str | Path | None = None) -> RunResult:
     """Quantize ``model``, run every gate, write the report; return the outcome.
 
     ``model``: a registered name (``python -m harness list``) or a checkpoint folder.
@@ -47,10 +47,14 @@ def validate(model: str | Path, *, bits: int | Iterable[int] = (), criteria: str
     ``output_cosine_mean >= baseline - 0.002``.
     ``profile``: ``edge``, ``local`` or ``cloud`` (selects ``<model>-<profile>.toml``).
     ``fail_fast``: a failing time-aware activation pass raises instead of falling back.
+    ``artifact``: a GGUF file produced elsewhere (llama.cpp, gguf-py), judged by the same
+    suite instead of quantizing ``model``; ``bits`` then picks the criteria (default:
+    inferred from the file's main tensor type).
     """
     config = RunConfig(model=str(model), bits=_bits(bits), criteria=Path(criteria) if criteria else None,
                        out=Path(out), profile=profile, compare=compare, benchmark_rounds=benchmark_rounds,
-                       quiet=quiet, baseline=Path(baseline) if baseline else None, fail_fast=fail_fast)
+                       quiet=quiet, baseline=Path(baseline) if baseline else None,
+                       artifact=Path(artifact) if artifact else None, fail_fast=fail_fast)
     return run_config(config)
 
 

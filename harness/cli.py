@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   python -m harness run --model path/to/checkpoint/    # any safetensors / .npy folder or Parquet v1 file
   python -m harness run --model minilm --criteria my.toml --out build/report
   python -m harness run --model minilm --baseline last-release/results.json   # regression gate
+  python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made elsewhere
   python -m harness report reports/results.json        # re-render the report from results
   python -m harness verify reports/results.json        # re-check results against artifacts and criteria
   python -m harness list                               # models, schemes, metrics, faults
@@ -77,9 +78,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-fast", action="store_true",
                      help="stop the run when the time-aware activation pass fails (default: fall back to base "
                           "quantization, counted in results.json `fallbacks` and caught by the activation-table gates)")
+    run.add_argument("--artifact", type=Path,
+                     help="judge this GGUF file (llama.cpp's llama-quantize, gguf-py, harness.peers) instead of "
+                          "quantizing the model: read with gguf-py, tensors mapped to the model's names (llama.cpp's "
+                          "or the source's), dequantized, and judged by the same suite (size from the file, load "
+                          "time, per-layer weight metrics, accounting, outputs through the runner). The bit width "
+                          "whose criteria apply is --bits N, or, without it, the largest in the criteria not above "
+                          "the nominal bits per weight of the file's main tensor type (Q8_0 -> 8, Q4_0 -> 4, "
+                          "Q5_1 -> 4). Tests that apply only to artifacts ArrowQuant writes (v2 round trip, v1 "
+                          "paths, quantize time, source digest, plan match) are reported as not measured and left "
+                          "out of the verdict. Other formats are refused")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
-    run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
+    run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`); "
+                                                          "with --artifact, break a copy of the file (gguf-* faults)")
     _add_sweep(sub)
     sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
     rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
@@ -162,6 +174,11 @@ def _list() -> int:
     print("faults (for --inject-fault):")
     for fault in FAULTS.values():
         print(f"  {fault.name:24s} {fault.description}")
+    from harness.external import GGUF_FAULTS
+
+    print("faults of a GGUF file (for --inject-fault with --artifact):")
+    for gfault in GGUF_FAULTS.values():
+        print(f"  {gfault.name:24s} {gfault.description}")
     return exitcodes.OK
 
 
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
                            fault=args.fault, profile=args.profile, compare=args.compare,
                            benchmark_rounds=args.rounds, quiet=args.quiet, runner=args.runner,
-                           baseline=args.baseline, fail_fast=args.fail_fast)
+                           baseline=args.baseline, fail_fast=args.fail_fast, artifact=args.artifact)
         result = run_config(config)
         _say(f"{result.verdict}: {result.report_path}")
         return result.exit_code

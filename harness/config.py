@@ -19,6 +19,9 @@ class RunConfig:
     deliberate quantizer fault (see ``harness.faults``) for proving the gates work.
     ``baseline`` is the results.json of an earlier run that rules like
     ``metric >= baseline - 0.002`` are judged against (``harness.baseline``).
+    ``artifact`` is a GGUF file produced elsewhere, judged in place of quantizing the
+    model (``harness.external``): one bit width's criteria, ``bits`` or inferred from the
+    file; ``fault`` then names a GGUF fault (``harness.external.GGUF_FAULTS``).
     """
 
     model: str
@@ -33,6 +36,7 @@ class RunConfig:
     runner: str | None = None  # override runner detection ("none": weights only)
     baseline: Path | None = None
     fail_fast: bool = False  # a failing time-aware pass stops the run instead of falling back
+    artifact: Path | None = None  # a GGUF made elsewhere, judged instead of quantizing (harness.external)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b not in BIT_WIDTHS]
@@ -44,5 +48,16 @@ class RunConfig:
             get_profile(self.profile)  # unknown profile: ConfigurationError with "did you mean"
         if self.baseline is not None and not Path(self.baseline).is_file():
             raise ConfigurationError(f"--baseline {self.baseline}: no such file (a results.json of an earlier run)")
+        if self.artifact is not None:
+            from harness.gguf_artifact import check_gguf
+
+            check_gguf(Path(self.artifact))  # a GGUF file, or ConfigurationError before any work
+            if len(self.bits) > 1:
+                raise ConfigurationError(f"--artifact with --bits {','.join(map(str, self.bits))}: a file is judged "
+                                         "by one bit width's criteria; give one, or none to infer it from the file")
+            if self.compare:
+                raise ConfigurationError("--artifact with --compare: the comparison quantizes the model itself; "
+                                         "judge the file without --compare (python -m harness.peers gives the "
+                                         "llama.cpp rows alone)")
         if self.benchmark_rounds < 1:
             raise ConfigurationError(f"benchmark_rounds = {self.benchmark_rounds}: must be >= 1")

@@ -37,6 +37,7 @@ from harness.progress import Progress
 
 if TYPE_CHECKING:  # the fixtures package is installed as arrowquant_fixtures: see harness/fixtures_import.py
     from fixtures.checkpoint import Checkpoint
+    from harness.external import Deselected, ExternalArtifact
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -45,7 +46,7 @@ FloatArray = npt.NDArray[np.floating]
 class Written:
     bits: int
     plan: BitPlan
-    model: QuantizedModel
+    model: QuantizedModel | None  # None: a file produced elsewhere (--artifact, harness.external)
     path: Path
     bytes: int
     quantize_seconds: float
@@ -81,7 +82,7 @@ class Accounting:
 @dataclass
 class Reloaded:
     bits: int
-    model: QuantizedModel
+    model: QuantizedModel | None  # None: a file produced elsewhere (--artifact, harness.external)
     weights: dict[str, FloatArray]
     load_seconds: float
     layers: list[LayerRow]
@@ -100,7 +101,7 @@ class GateRecord:
     rule: str
     threshold: float
     value: float
-    passed: bool
+    passed: bool | None  # None: not measured because the artifact was produced elsewhere (harness.external)
     why: str
 
 
@@ -137,6 +138,8 @@ class RunContext:
     time_aware_passes: list[dict[str, Any]] = field(default_factory=list)  # attempts and fallbacks
     _hessian_variants: dict[str, dict[str, npt.NDArray[np.float32]]] | None = None
     hessian_rows: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    external: ExternalArtifact | None = None  # --artifact: a GGUF made elsewhere, judged in place of ours
+    deselected: list[Deselected] = field(default_factory=list)  # suite tests that cannot apply to it
 
     def __post_init__(self) -> None:
         self.source_digests = _digests(self.checkpoint.weights)
@@ -264,7 +267,7 @@ class RunContext:
         tensors stored with the method's fallback instead (no calibration activations),
         and the time-aware pass (attempted once per run, shared by every bit width)."""
         reloaded = self.reloaded_by_bits.get(bits)
-        if reloaded is None:
+        if reloaded is None or self.external is not None:  # another tool chose a GGUF's types: no plan
             return {"methods": {}, "time_aware": list(self.time_aware_passes)}
         planned = _planned_methods(self, bits)
         stored = {row.name: row.method for row in reloaded.layers}
@@ -385,6 +388,10 @@ class RunContext:
         return self.baselines
 
     def written(self, bits: int) -> Written:
+        if self.external is not None and bits not in self.written_by_bits:
+            from harness import external
+
+            self.written_by_bits[bits] = external.written(self.external, self, bits)
         if bits not in self.written_by_bits:
             plan = self.criteria.plan(bits)
             # the sensitivity pass and calibration capture are timed and reported apart;
@@ -407,10 +414,15 @@ class RunContext:
         return self.written_by_bits[bits]
 
     def reloaded(self, bits: int) -> Reloaded:
+        if self.external is not None and bits not in self.reloaded_by_bits:
+            from harness import external
+
+            self.reloaded_by_bits[bits] = external.reloaded(self.external, self, bits)
         if bits not in self.reloaded_by_bits:
             written = self.written(bits)
             t0 = time.perf_counter()
             model = aq.load(written.path)
+            assert written.model is not None  # our own artifact: written in this run
             weights = model.dequantize()
             seconds = time.perf_counter() - t0
             layers = []
@@ -465,7 +477,8 @@ class RunContext:
             self.progress(f"INT{bits}: running the model on the evaluation set")
             runner = self.checkpoint.runner
             reloaded = self.reloaded(bits)
-            raw = (runner.compare(reloaded.weights, aux=reloaded.model.aux) if hasattr(runner, "activation_aux")
+            aux = reloaded.model.aux if reloaded.model is not None else {}
+            raw = (runner.compare(reloaded.weights, aux=aux) if hasattr(runner, "activation_aux")
                    else runner.compare(reloaded.weights))
             # scalars are metrics (gated or reported); lists are tables for the report
             self.output_by_bits[bits] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
@@ -550,10 +563,26 @@ class RunContext:
 
     def unmeasured_criteria(self) -> list[GateRecord]:
         """Criteria no test checked (their test errored first, or the suite lacks one):
-        recorded as failed with a NaN value, so an unverified gate never reads as a pass."""
-        seen = {(g.bits, g.rule) for g in self.gates}
+        recorded as failed with a NaN value, so an unverified gate never reads as a pass.
+        Those of tests deselected for a file made elsewhere are ``elsewhere_criteria``."""
+        seen = {(g.bits, g.rule) for g in self.gates} | {(g.bits, g.rule) for g in self.elsewhere_criteria()}
         return [GateRecord("not measured", c.bits, c.metric, c.rule, c.threshold, math.nan, False, c.why)
                 for b in self.bits for c in self.criteria.plan(b).gates if (b, c.rule) not in seen]
+
+    def elsewhere_criteria(self) -> list[GateRecord]:
+        """Criteria on the metrics of suite tests deselected for a file produced elsewhere
+        (``harness.external``): NaN value, ``passed`` None, the reason in ``why``."""
+        from harness.external import NOT_MEASURED
+
+        seen = {(g.bits, g.rule) for g in self.gates}
+        out = []
+        for b in self.bits:
+            for c in self.criteria.plan(b).gates:
+                test = next((d for d in self.deselected if c.metric in d.metrics), None)
+                if test is not None and (b, c.rule) not in seen:
+                    out.append(GateRecord(test.test, b, c.metric, c.rule, c.threshold, math.nan, None,
+                                          f"{NOT_MEASURED} ({test.why}); the criterion: {c.why}"))
+        return out
 
 
 SOURCE_KEY = "source_digest"

@@ -52,7 +52,8 @@ DROPPED_BY_CONVERTER: Final[dict[str, tuple[str, ...]]] = {
 }
 _FLOAT_TYPES: Final = frozenset({T.F32, T.F16})
 # types that hold no quantized weights: floats, integer buffers, tensors taken from the source
-_NOT_QUANTIZED: Final = frozenset({"F32", "F16", "I8", "I16", "I32", "I64", "source"})
+_INTEGER_TYPES: Final = frozenset({"I8", "I16", "I32", "I64"})
+_NOT_QUANTIZED: Final = frozenset({"F32", "F16", "source"}) | _INTEGER_TYPES
 
 
 def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
@@ -117,27 +118,12 @@ class GGUFArtifact:
     @property
     def file_type(self) -> str:
         """``general.file_type`` as llama.cpp names it (MOSTLY_Q4_0), or "unknown"."""
-        value = self.metadata.get("general.file_type")
-        try:
-            return gguf.LlamaFileType(int(value)).name if value is not None else "unknown"
-        except ValueError:
-            return f"unknown ({value})"
+        return file_type_name(self.metadata.get("general.file_type"))
 
     @property
     def main_type(self) -> str:
-        """The format, in effect: the ggml type ``general.file_type`` names (MOSTLY_Q4_K_M
-        -> Q4_K) when it is one, else the quantized type of the most tensors. Not the
-        type of the most parameters: llama.cpp stores BERT's token embeddings (half of
-        MiniLM) as Q8_0 under every legacy format."""
-        stem = self.file_type.removeprefix("MOSTLY_")
-        for candidate in (stem, stem.rsplit("_", 1)[0]):
-            if candidate in T.__members__ and candidate in self.types.values():
-                return candidate
-        counts: dict[str, int] = {}
-        for t in self.types.values():
-            if t not in _NOT_QUANTIZED:
-                counts[t] = counts.get(t, 0) + 1
-        return max(counts, key=lambda k: counts[k]) if counts else "F16/F32"
+        """The format, in effect (``main_type``)."""
+        return main_type(self.file_type, self.types.values())
 
     @property
     def quantized(self) -> list[str]:
@@ -158,17 +144,93 @@ class GGUFArtifact:
         return "; ".join(parts)
 
     def bit_width(self, available: Iterable[int]) -> int:
-        """The criteria section ([bits.N]) to judge the file by: the largest available
-        width not above the main type's nominal bits per weight (Q8_0 8.5 -> 8,
-        Q4_0 4.5 -> 4, Q5_1 6.0 -> 4); the smallest available when none is below."""
-        widths = sorted(set(available))
-        if not widths:
-            raise ConfigurationError(f"{self.path}: the criteria file has no [bits.N] section")
-        qtype = T.__members__.get(self.main_type)
-        block, size = gguf.GGML_QUANT_SIZES[qtype] if qtype is not None else (1, 2)  # no quantized tensor: F16
-        nominal = size * 8 / block
-        below = [b for b in widths if b <= nominal]
-        return below[-1] if below else widths[0]
+        """The criteria section to judge the file by (``bit_width``)."""
+        return bit_width(self.main_type, available, self.path)
+
+
+def file_type_name(value: Any) -> str:
+    """``general.file_type`` as llama.cpp names it (MOSTLY_Q4_0), or "unknown"."""
+    try:
+        return gguf.LlamaFileType(int(value)).name if value is not None else "unknown"
+    except ValueError:
+        return f"unknown ({value})"
+
+
+def main_type(file_type: str, types: Iterable[str]) -> str:
+    """The format, in effect: the ggml type ``general.file_type`` names (MOSTLY_Q4_K_M
+    -> Q4_K) when the file holds it, else the quantized type of the most tensors. Not the
+    type of the most parameters: llama.cpp stores BERT's token embeddings (half of
+    MiniLM) as Q8_0 under every legacy format."""
+    present = list(types)
+    stem = file_type.removeprefix("MOSTLY_")
+    for candidate in (stem, stem.rsplit("_", 1)[0]):
+        if candidate in T.__members__ and candidate in present:
+            return candidate
+    counts: dict[str, int] = {}
+    for t in present:
+        if t not in _NOT_QUANTIZED:
+            counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else "F16/F32"
+
+
+def bit_width(main: str, available: Iterable[int], path: Path) -> int:
+    """The criteria section ([bits.N]) to judge a file of main type ``main`` by: the
+    largest available width not above the type's nominal bits per weight (Q8_0 8.5 -> 8,
+    Q4_0 4.5 -> 4, Q5_1 6.0 -> 4); the smallest available when none is below."""
+    widths = sorted(set(available))
+    if not widths:
+        raise ConfigurationError(f"{path}: the criteria file has no [bits.N] section")
+    qtype = T.__members__.get(main)
+    block, size = gguf.GGML_QUANT_SIZES[qtype] if qtype is not None else (1, 2)  # no quantized tensor: F16
+    nominal = size * 8 / block
+    below = [b for b in widths if b <= nominal]
+    return below[-1] if below else widths[0]
+
+
+GGUF_MAGIC: Final = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """``--artifact`` judges GGUF files only: ConfigurationError for a missing file or one
+    that does not start with GGUF's magic (a Parquet artifact of our own, a safetensors
+    checkpoint, anything else), before any model is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"--artifact {path}: no such file")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != GGUF_MAGIC:
+        hint = ""
+        if head == b"PAR1":
+            hint = ("; it is a Parquet file: ArrowQuant's own artifacts are judged by running without --artifact, "
+                    "which quantizes and writes them in the run")
+        raise ConfigurationError(f"--artifact {path}: not a GGUF file (starts with {head!r}, not {GGUF_MAGIC!r}); "
+                                 f"--artifact judges GGUF files only{hint}")
+
+
+def _open(path: Path) -> _Reader:
+    try:
+        return _Reader(path)
+    except FormatError:
+        raise
+    except Exception as exc:  # gguf's parser: struct/index/value errors on a bad header
+        raise FormatError(f"{path}: not a complete GGUF file ({type(exc).__name__}: {exc}); rule: magic 'GGUF', "
+                          "a version-3 header, metadata and tensor infos whole") from None
+
+
+def header_bit_width(path: Path, available: Iterable[int]) -> tuple[int, str]:
+    """The bit width to judge ``path`` by, from its header alone (no model needed), and
+    how it was chosen, in words for the report."""
+    reader = _open(Path(path))
+    meta = _metadata(reader)
+    ftype = file_type_name(meta.get("general.file_type"))
+    main = main_type(ftype, [t.tensor_type.name for t in reader.tensors])
+    bits = bit_width(main, available, Path(path))
+    qtype = T.__members__.get(main)
+    nominal = (f"{gguf.GGML_QUANT_SIZES[qtype][1] * 8 / gguf.GGML_QUANT_SIZES[qtype][0]:g} bits per weight nominal"
+               if qtype is not None else "no quantized tensor")
+    return bits, (f"inferred from the file: main tensor type {main} ({nominal}; file type {ftype}) -> the largest "
+                  f"bit width of the criteria not above it, INT{bits}")
 
 
 def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -191,13 +253,7 @@ def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
     if not path.is_file():
         raise ConfigurationError(f"--artifact {path}: no such file")
     t0 = time.perf_counter()
-    try:
-        reader = _Reader(path)
-    except FormatError:
-        raise
-    except Exception as exc:  # gguf's parser: struct/index/value errors on a bad header
-        raise FormatError(f"{path}: not a complete GGUF file ({type(exc).__name__}: {exc}); rule: magic 'GGUF', "
-                          "a version-3 header, metadata and tensor infos whole") from None
+    reader = _open(path)
     meta = _metadata(reader)
     arch_name = str(meta.get("general.architecture", ""))
     archs = [a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name]
@@ -251,7 +307,8 @@ def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
             raise FormatError(f"{path}: tensor {tensor.name!r} has shape {list(shape)} (GGUF dims "
                               f"{tensor.shape.tolist()} reversed) but the model's {src!r} is {list(ref.shape)}; "
                               "rule: shapes equal after llama.cpp's reversed-dims convention")
-        values = np.asarray(gguf.quants.dequantize(np.asarray(tensor.data), qtype), dtype=np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # a corrupt scale: counted just below, named
+            values = np.asarray(gguf.quants.dequantize(np.asarray(tensor.data), qtype), dtype=np.float32)
         values = values.reshape(shape)
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         if bad:
@@ -309,8 +366,8 @@ def plan_mismatches(art: GGUFArtifact) -> list[str] | None:
     tied = OUTPUT not in art.names.values()
     out = []
     for src, stored in art.types.items():
-        if stored == "source":
-            continue
+        if stored == "source" or stored in _INTEGER_TYPES:
+            continue  # taken from the source, or an integer buffer (stored exactly, checked by load)
         expected, _why = choose_type(art.names[src], tuple(art.weights[src].shape), peer.ggml_type, tied)
         pure, _ = choose_type(art.names[src], tuple(art.weights[src].shape), peer.ggml_type, tied, pure=True)
         if stored not in (expected.name, pure.name):

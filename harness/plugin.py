@@ -3,7 +3,10 @@
 The runner passes an instance to ``pytest.main(..., plugins=[JSONReport(), plugin])``.
 It puts the run's context on the pytest config (``harness/suite/conftest.py`` turns
 it into the ``ctx`` fixture), parametrizes every test that takes ``bits`` over the
-run's bit widths, and prints one progress line per finished test.
+run's bit widths, and prints one progress line per finished test. When the run
+judges a file produced elsewhere (``--artifact``), it deselects the tests marked
+``@pytest.mark.made_here(metrics=..., why=...)`` and records each with its reason on the
+context (``harness.external``): their criteria are reported as not measured.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ class SuitePlugin:
 
     def pytest_configure(self, config: pytest.Config) -> None:
         config.stash[CONTEXT_KEY] = self.context
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if self.context.external is None:
+            return
+        from harness.external import MARKER, Deselected
+
+        keep, drop = [], []
+        for item in items:
+            mark = item.get_closest_marker(MARKER)
+            if mark is None:
+                keep.append(item)
+                continue
+            drop.append(item)
+            name = getattr(item, "originalname", item.name)
+            if all(d.test != name for d in self.context.deselected):
+                self.context.deselected.append(Deselected(name, tuple(mark.kwargs.get("metrics", ())),
+                                                          str(mark.kwargs.get("why", ""))))
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "bits" in metafunc.fixturenames:

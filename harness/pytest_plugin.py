@@ -58,6 +58,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--arrowquant-baseline", default=None,
                     help="results.json of an earlier run for rules like 'kl_mean <= baseline * 1.05'")
     group.addoption("--arrowquant-profile", default=None, help="deployment profile: edge, local or cloud")
+    group.addoption("--arrowquant-artifact", default=None,
+                    help="judge this GGUF file made elsewhere (llama.cpp, gguf-py) as the model's artifact instead "
+                         "of quantizing it (python -m harness run --artifact)")
     group.addoption("--arrowquant-out", default=None,
                     help="folder for the report and results.json (default: <rootdir>/arrowquant-reports)")
 
@@ -75,6 +78,7 @@ def _options(config: pytest.Config) -> dict[str, Any]:
         "criteria": config.getoption("arrowquant_criteria"),
         "baseline": config.getoption("arrowquant_baseline"),
         "profile": config.getoption("arrowquant_profile"),
+        "artifact": config.getoption("arrowquant_artifact"),
     }
 
 
@@ -90,7 +94,10 @@ def outcome(result: RunResult) -> dict[str, Any]:
         "bits": [e["bits"] for e in results["bit_widths"]],
         "gates_total": len(results["criteria"]),
         "failed_gates": [{"bits": c["bits"], "rule": c["rule"], "value": c["value"], "why": c["why"]}
-                         for c in results["criteria"] if not c["passed"]],
+                         for c in results["criteria"] if c["passed"] is False],
+        # criteria a GGUF made elsewhere cannot have (--artifact): neither passed nor failed
+        "not_measured": [{"bits": c["bits"], "rule": c["rule"], "why": c["why"]}
+                         for c in results["criteria"] if c["passed"] is None],
         "failures": results["tests"]["failures"],
         "baseline": (results.get("baseline") or {}).get("path"),
         "baseline_deltas": (results.get("baseline") or {}).get("deltas", []),

@@ -146,6 +146,30 @@ def criteria_note(record: Any) -> str:
     return note + " — **no committed default for this model**"
 
 
+def _artifact_view(record: Any) -> dict[str, Any] | None:
+    """The "Artifact judged" section: a file produced elsewhere (``--artifact``)."""
+    if not isinstance(record, dict):
+        return None
+    mismatches = record.get("llama_cpp_rule_mismatches")
+    return {
+        "path": md_code(record.get("path")), "bytes": md_text(f"{record.get('bytes', 0):,}"),
+        "sha256": md_code(record.get("sha256")), "reader": md_text(record.get("reader")),
+        "produced_by": md_text(record.get("produced_by")),
+        "general": [(md_code(k), md_text(v)) for k, v in (record.get("general") or {}).items()],
+        "types": ", ".join(f"{md_text(k)} × {md_text(v)}" for k, v in (record.get("tensor_types") or {}).items()),
+        "names": md_text(record.get("tensor_names")),
+        "filled": ", ".join(md_code(n) for n in record.get("filled_from_source") or []),
+        "rules": ("not modelled for this file type" if mismatches is None else
+                  "every tensor has the type llama.cpp's rules give it" if not mismatches else
+                  "; ".join(md_text(m) for m in mismatches[:10]) + (f" and {len(mismatches) - 10} more"
+                                                                    if len(mismatches) > 10 else "")),
+        "bits": md_text(record.get("judged_as_bits")), "bits_how": md_text(record.get("bits_how")),
+        "fault": md_code(record.get("fault")) if record.get("fault") else None,
+        "original": md_code(record.get("original")) if record.get("original") else None,
+        "not_measured": [(md_code(d.get("test")), md_text(d.get("why"))) for d in record.get("not_measured") or []],
+    }
+
+
 def view(results: dict[str, Any]) -> dict[str, Any]:
     prov, run = results["provenance"], results["run"]
     entries = results["bit_widths"]
@@ -169,7 +193,9 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
              _fmt(_num(l.get("row_cosine_min")), "{:.4f}")] for l in layers]})
     verdicts = [[f"INT{md_text(e['bits'])}", f"**{md_text(str((e.get('verdict') or {}).get('decision', '?')).upper())}**",
                  ("yes" if (e.get("verdict") or {}).get("outputs_measured") else "**no**"),
-                 ", ".join(md_code(r) for r in (e.get("verdict") or {}).get("failed_gates", [])) or "all gates met"]
+                 (", ".join(md_code(r) for r in (e.get("verdict") or {}).get("failed_gates", [])) or "all gates met")
+                 + (f"; not measured (produced elsewhere): {', '.join(md_code(r) for r in e['verdict']['not_measured'])}"
+                    if (e.get("verdict") or {}).get("not_measured") else "")]
                 for e in entries]
     model_info = results.get("model") or {}
     regression = results.get("baseline") or {}
@@ -222,7 +248,9 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
                       _fmt(l["weight_cosine"], "{:.4f}"), md_text(f"{l['parameters']:,}"), md_text(l["reason"])]
                      for l in p["layers"]]})
     criteria = [[f"INT{md_text(c['bits'])}", md_code(c['rule']), _fmt(_num(c["value"]), "{:.6g}"),
-                 ("PASS" if c["passed"] is True else ("**NOT MEASURED**" if c["test"] == "not measured" else "**FAIL**")),
+                 ("PASS" if c["passed"] is True else ("**NOT MEASURED**" if c["test"] == "not measured" else
+                                                      "not measured (produced elsewhere)" if c["passed"] is None
+                                                      else "**FAIL**")),
                  md_text(c["why"])] for c in ordered]
     tests = results["tests"]
     base = results.get("baselines") or {}
@@ -244,7 +272,9 @@ def view(results: dict[str, Any]) -> dict[str, Any]:
         "bits": ", ".join(f"INT{md_text(e['bits'])}" for e in entries),
         "tests": {k: md_text(v) for k, v in tests.items() if k in ("total", "passed", "failed", "errors")},
         "gates_total": len(results["criteria"]),
-        "gates_failed": sum(1 for c in results["criteria"] if not c["passed"]),
+        "gates_failed": sum(1 for c in results["criteria"] if c["passed"] is not True and c["passed"] is not None),
+        "gates_elsewhere": sum(1 for c in results["criteria"] if c["passed"] is None),
+        "artifact": _artifact_view(run.get("artifact")),
         "failures": [{"test": md_code(f["test"]), "message": md_text(f["message"])} for f in tests["failures"]],
         "environment": [
             ("Git commit", md_code(prov['git_commit']) + (" (uncommitted changes)" if prov["git_dirty"] else "")),

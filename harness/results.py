@@ -18,6 +18,13 @@ named next to it::
       fault                 str|null  injected fault (self-test runs only)
       profile               str|null  deployment profile
       runner                str|null  the runner that measured outputs (null: weights only)
+      artifact              null, or (--artifact) the GGUF file judged in place of quantizing:
+                            {path, bytes, sha256, format, reader, produced_by, general {general.* keys},
+                             file_type, main_type, quantization_version, tensor_types {type: count},
+                             tensor_names ("llama.cpp" | "source"), filled_from_source [names],
+                             llama_cpp_rule_mismatches [..] | null, judged_as_bits, bits_how,
+                             fault, original, not_measured [{test, metrics, why}]}
+                            (harness.external.ExternalArtifact.record)
     provenance
       git_commit, git_dirty  the harness's own source tree
       python, platform, cpu, cores
@@ -32,15 +39,18 @@ named next to it::
     baselines               {fp32_bytes, fp16_bytes, parameters, how}
     bit_widths[]            one entry per bit width
       bits, scheme, scheme_description, method, fallback (allowed fallback method or null)
-      verdict               {decision: "ship" | "do not ship", failed_gates [rules], gates (count),
-                             outputs_measured bool, output_gates [rules]}
+      verdict               {decision: "ship" | "do not ship", failed_gates [rules],
+                             not_measured [rules: produced elsewhere, not part of the decision],
+                             gates (count), outputs_measured bool, output_gates [rules]}
       artifact              {path, bytes, sha256}
       metrics               {metric: value}  (names: harness.measures.METRICS)
       layers[]              {name, scheme, method (as stored), shape, parameters, cosine, sqnr_db,
                              relative_error, row_cosine_min, group_range_ratio_min/max}
     criteria[]              {test, bits, metric, rule, threshold, value, passed, why}
-    tests                   {total, passed, failed, errors, skipped, duration_seconds,
-                             failures: [{test, message}]}
+                            passed null: not measured, the artifact was produced elsewhere
+                            (why starts "NOT MEASURED: the artifact was produced elsewhere")
+    tests                   {total, passed, failed, errors, skipped, deselected [{test, why}]
+                             (--artifact only), duration_seconds, failures: [{test, message}]}
     verdict                 "PASS" | "FAIL"
     verdict_scope           "outputs measured" | "WEIGHTS ONLY: outputs not measured"
 """

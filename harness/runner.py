@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import shlex
 import sys
@@ -59,7 +59,11 @@ def run(config: RunConfig) -> RunResult:
 
     started, t0 = now(), time.perf_counter()
     progress = Progress(config.quiet)
-    fault = get_fault(config.fault) if config.fault else None
+    fault = get_fault(config.fault) if config.fault and config.artifact is None else None
+    if config.fault and config.artifact is not None:
+        from harness.external import get_gguf_fault
+
+        get_gguf_fault(config.fault)  # with --artifact, a fault breaks a copy of the file
     kind = runner_kind(config.model, config.runner)  # cheap: no weights read yet
     criteria_path = config.criteria or _default_criteria(config.model, kind, config.profile)
     prepared = None
@@ -71,6 +75,16 @@ def run(config: RunConfig) -> RunResult:
         prepared = regression.prepare(criteria_path, config.model, config.baseline, config.out, config.bits)
         criteria_path = prepared.criteria_path
     criteria = load_criteria(criteria_path, config.model)
+    bits_how = ""
+    if config.artifact is not None:
+        # a file made elsewhere is judged by one bit width's criteria: --bits N, or from its header
+        if config.bits:
+            bits_how = f"--bits {config.bits[0]}"
+        else:
+            from harness.gguf_artifact import header_bit_width
+
+            inferred, bits_how = header_bit_width(config.artifact, criteria.plans)
+            config = replace(config, bits=(inferred,))
     bit_widths = config.bits or tuple(sorted(criteria.plans, reverse=True))
     for bits in bit_widths:
         criteria.plan(bits)  # every requested bit width must have criteria
@@ -85,7 +99,7 @@ def run(config: RunConfig) -> RunResult:
     progress(f"loaded {checkpoint.name}: {len(checkpoint.weights)} tensors, "
              f"{checkpoint.parameter_count / 1e6:.1f}M parameters; "
              + (f"runner {checkpoint.runner_kind}" if checkpoint.runner else "no runner: WEIGHTS ONLY"))
-    for bits in bit_widths:
+    for bits in bit_widths if config.artifact is None else ():  # nothing is quantized for --artifact
         plan = criteria.plan(bits)
         if plan.ladder is not None and not hasattr(checkpoint.runner, "calibration_score"):
             raise ConfigurationError(f"{criteria_path}: INT{plan.bits} uses the fallback ladder, which needs a "
@@ -96,7 +110,15 @@ def run(config: RunConfig) -> RunResult:
     artifacts.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(config=config, checkpoint=checkpoint, criteria=criteria, workdir=artifacts,
                      progress=progress, fault=fault)
-    if any(criteria.plan(b).needs_calibration for b in ctx.bits):
+    if config.artifact is not None:
+        from harness.external import open_external
+
+        progress(f"reading {config.artifact} (GGUF) as {checkpoint.name}'s weights; INT{ctx.bits[0]} criteria: "
+                 f"{bits_how}")
+        ctx.external = open_external(config.artifact, checkpoint.weights, ctx.bits[0], bits_how, config.fault,
+                                     artifacts)
+        progress(f"read {ctx.external.artifact.bytes / 1e6:.2f} MB: {ctx.external.artifact.produced_by}")
+    elif any(criteria.plan(b).needs_calibration for b in ctx.bits):
         ctx.hessians()  # before the suite: a method that cannot run is a usage error, not a failed test
         for bits in ctx.bits:
             _check_hessian_coverage(ctx, bits, criteria_path)
@@ -104,7 +126,8 @@ def run(config: RunConfig) -> RunResult:
         if ctx.criteria.plan(bits).hessian_comparison and not hasattr(checkpoint.runner, "hessian_variants"):
             raise ConfigurationError(f"{criteria_path}: INT{bits} lists hessian_comparison, but {config.model!r} has no "
                                      "runner that captures Hessian variants (dream-mini's does)")
-    ctx.time_aware_pass()  # before the suite: with --fail-fast a failing pass stops the run here
+    if config.artifact is None:  # nothing is quantized for --artifact: no activation tables to calibrate
+        ctx.time_aware_pass()  # before the suite: with --fail-fast a failing pass stops the run here
     plugin = SuitePlugin(ctx)
     json_report = JSONReport()
     bench_tmp = integrity.temp_path(out / BENCHMARKS_NAME)  # pytest-benchmark writes in place
@@ -130,6 +153,7 @@ def run(config: RunConfig) -> RunResult:
     failures = [{"test": nodeid.split("::", 1)[-1], "message": message}
                 for nodeid, message in plugin.messages.items()]
     unmeasured = ctx.unmeasured_criteria()
+    elsewhere = ctx.elsewhere_criteria()  # deselected for a file made elsewhere: not in the verdict
     counts = {k: sum(1 for v in plugin.outcomes.values() if v == k)
               for k in ("passed", "failed", "error", "skipped")}
     passed = not unmeasured and not failures and counts["failed"] == 0 and counts["error"] == 0 and counts["skipped"] == 0
@@ -152,6 +176,8 @@ def run(config: RunConfig) -> RunResult:
             "fault": config.fault,
             "profile": config.profile,
             "runner": checkpoint.runner_kind,
+            # --artifact: the GGUF judged, what produced it, what could not be measured on it
+            "artifact": ctx.external.record(ctx.deselected) if ctx.external is not None else None,
         },
         "calibration_seconds": round(ctx.calibration_seconds, 2),
         "provenance": provenance(checkpoint.source_files, {"fault_permutation": 0},
@@ -162,12 +188,13 @@ def run(config: RunConfig) -> RunResult:
                   "ties": dict(checkpoint.ties),
                   "buffers": sorted(n for n, a in checkpoint.weights.items() if a.dtype.name in RAW_DTYPES),
                   "conv_grouping": _conv_grouping(ctx)},
-        "bit_widths": [_bit_entry(ctx, bits, unmeasured) for bits in ctx.bits],
-        "criteria": [asdict(g) for g in ctx.gates] + [asdict(g) for g in unmeasured],
+        "bit_widths": [_bit_entry(ctx, bits, unmeasured + elsewhere) for bits in ctx.bits],
+        "criteria": [asdict(g) for g in ctx.gates] + [asdict(g) for g in elsewhere] + [asdict(g) for g in unmeasured],
         "tests": {
             "total": len(plugin.outcomes),
             "passed": counts["passed"], "failed": counts["failed"], "errors": counts["error"],
             "skipped": counts["skipped"],
+            "deselected": [{"test": d.test, "why": d.why} for d in ctx.deselected],
             "duration_seconds": round(float(report.get("duration", 0.0)), 3),
             "failures": failures,
             "pytest_summary": summary,
@@ -279,10 +306,13 @@ def _conv_grouping(ctx: Any) -> str | None:
 def _bit_verdict(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     """Ship or do not ship this bit width, with the gates that decided it."""
     records = [g for g in ctx.gates if g.bits == bits] + [g for g in unmeasured if g.bits == bits]
-    failed = [g.rule for g in records if not g.passed]
+    failed = [g.rule for g in records if g.passed is not True and g.passed is not None]
     output_gates = [g for g in records if METRICS[g.metric].level == "output"]
     return {"decision": "do not ship" if failed else "ship",
             "failed_gates": failed,
+            # passed None: not measurable on a file produced elsewhere (harness.external), so
+            # the decision above is taken on the other gates and says so here
+            "not_measured": [g.rule for g in records if g.passed is None],
             "gates": len(records),
             "outputs_measured": bool(output_gates) and all(math.isfinite(g.value) for g in output_gates),
             "output_gates": [g.rule for g in output_gates]}
@@ -290,8 +320,11 @@ def _bit_verdict(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
 
 def _bit_entry(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     plan = ctx.criteria.plan(bits)
+    ext = ctx.external
     entry: dict[str, Any] = {
-        "bits": bits, "scheme": plan.scheme, "scheme_description": get_scheme(plan.scheme).description,
+        "bits": bits, "scheme": plan.scheme if ext is None else f"gguf {ext.artifact.main_type}",
+        "scheme_description": get_scheme(plan.scheme).description if ext is None else
+        f"a GGUF file produced elsewhere ({ext.artifact.produced_by}), judged by the INT{bits} criteria",
         "artifact": None, "metrics": ctx.values.get(bits, {}), "layers": [],
         "reported": list(plan.report),
     }
@@ -307,7 +340,7 @@ def _bit_entry(ctx: Any, bits: int, unmeasured: list[Any]) -> dict[str, Any]:
     # every other table the runner measured (lists of rows), shown in the report as it is
     entry["tables"] = {k: v for k, v in tables.items() if k not in ("timestep_groups", "methods")
                        and isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
-    entry["method"] = plan.method
+    entry["method"] = plan.method if ext is None else "produced elsewhere"
     entry["fallback"] = plan.fallback
     entry["verdict"] = _bit_verdict(ctx, bits, unmeasured)
     entry["fallbacks"] = ctx.fallbacks(bits)

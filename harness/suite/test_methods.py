@@ -6,6 +6,8 @@ method cannot quantize, store and reload the model.
 
 import math
 
+import pytest
+
 from harness.context import RunContext
 
 
@@ -16,6 +18,10 @@ def test_method_comparison(ctx: RunContext, bits: int) -> None:
         assert row["size_mb"] > 0 and math.isfinite(row["quantize_seconds"]), row
 
 
+@pytest.mark.made_here(metrics=("hessian_plain_kl_mean", "hessian_mask_aware_kl_mean", "hessian_mask_aware_kl_ratio",
+                                "hessian_plain_vs_shipped_kl_ratio"),
+                       why="it compares ArrowQuant's own GPTQ variants on the model, which says nothing about a "
+                           "file another tool made")
 def test_hessian_comparison(ctx: RunContext, bits: int) -> None:
     """Every Hessian method the criteria list under ``hessian_comparison``, run with each
     Hessian the model's runner captures (dream-mini: plain and mask-aware GPTQ), measured

@@ -1,5 +1,7 @@
 """Category 1 — real-model quantization: every weight quantized, nothing left behind."""
 
+import pytest
+
 from harness.context import RunContext
 
 
@@ -18,6 +20,9 @@ def test_quantization_keeps_source_untouched(ctx: RunContext, bits: int) -> None
     assert not changed, f"quantize_model modified the source tensors {changed[:5]}"
 
 
+@pytest.mark.made_here(metrics=("plan_mismatches", "promotions", "calibration_score"),
+                       why="the plan is ArrowQuant's per-tensor choice of scheme and method; llama.cpp's rules chose "
+                       "the file's types (listed with the artifact, with any tensor that breaks them)")
 def test_artifact_matches_the_plan(ctx: RunContext, bits: int) -> None:
     """Every tensor is stored with the scheme and method the plan (config or ladder) chose."""
     reloaded = ctx.reloaded(bits)

@@ -1,11 +1,14 @@
 """Category 4 — schema compatibility: v1 read, v2 write, v2 read by the v1 path, exact round trip."""
 
 import numpy as np
+import pytest
 
 import arrowquant_core as aq
 from harness.context import RunContext
 
 
+@pytest.mark.made_here(metrics=("roundtrip_exact",), why="the exact round trip is a property of ArrowQuant's Parquet "
+                       "v2 codec; a GGUF file holds no ArrowQuant codes to compare")
 def test_v2_written_and_round_trip_exact(ctx: RunContext, bits: int) -> None:
     written = ctx.written(bits)
     assert aq.format_version(written.path) == 2, f"{written.path} is not format v2"
@@ -14,6 +17,7 @@ def test_v2_written_and_round_trip_exact(ctx: RunContext, bits: int) -> None:
              {"roundtrip_exact": 1.0 if reloaded.roundtrip_exact else 0.0})
 
 
+@pytest.mark.made_here(metrics=(), why="ArrowQuant's v1 reading path reads Parquet v2 files, not GGUF")
 def test_v1_path_reads_v2(ctx: RunContext, bits: int) -> None:
     """The float (v1) reading path dequantizes a v2 file to the same values as load()."""
     written = ctx.written(bits)
@@ -24,6 +28,8 @@ def test_v1_path_reads_v2(ctx: RunContext, bits: int) -> None:
         np.testing.assert_array_equal(via_v1[name], array, err_msg=f"tensor {name}")
 
 
+@pytest.mark.made_here(metrics=(), why="checks ArrowQuant's own v1 float format, which plays no part in judging a "
+                       "GGUF file")
 def test_v1_float_round_trip(ctx: RunContext, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
     """A format v1 file of the original weights reads back bit-exact."""
     path = tmp_path_factory.mktemp("v1") / "weights-v1.parquet"
@@ -35,6 +41,8 @@ def test_v1_float_round_trip(ctx: RunContext, tmp_path_factory) -> None:  # type
         np.testing.assert_array_equal(back[name], array, err_msg=f"tensor {name}")
 
 
+@pytest.mark.made_here(metrics=("source_match",), why="a GGUF file records no digest of the weights it was made "
+                       "from; the per-tensor weight gates compare it with this model instead")
 def test_artifact_was_made_from_this_model(ctx: RunContext, bits: int) -> None:
     """The artifact records the digest of the weights it was quantized from; a stale
     artifact (made from an earlier version of the model) must not pass as this one."""
