@@ -13,14 +13,16 @@ peak memory is a constant plus a small multiple of the largest *block*, never th
   Groups run along the last axis within a row (``tensor.layout``), so every block's
   codes, scales and zero points are exactly the rows' share of the whole tensor's; the
   block results are copied into preallocated whole-tensor arrays, which are therefore
-  byte-identical to ``quantize_tensor`` on the whole tensor (tests/test_stream.py proves
+  byte-identical to ``quantize_tensor``'s on the whole tensor (tests/test_stream.py proves
   it against the in-memory path). Per-tensor schemes and K-schemes (whose scale codes are
   chosen per tensor) are quantized whole.
 * **write** (:class:`StreamWriter`): one Parquet row group per tensor, the rows exactly
   those of ``storage.save`` (same columns, checksums and order). The manifest digest is
-  only known when the last row is written, so it is added to the Parquet footer's
-  key/value metadata at close (``ParquetWriter.add_key_value_metadata``), which is where
-  the format keeps it (docs/FORMAT.md section 3); ``storage.load`` reads it from there.
+  only known when the last row is written, so the keys go into the Parquet footer's
+  key/value metadata at close (``ParquetWriter.add_key_value_metadata``, pyarrow 26),
+  which is where the format keeps them (docs/FORMAT.md section 3); the Arrow schema copy
+  in ``ARROW:schema``, fixed when the file was opened, then has none, and ``storage.load``
+  reads the footer's.
 * **read back and measure** (:func:`iter_artifact`, :func:`measure`): the artifact is read
   one row group at a time, each quantized tensor dequantized a row block at a time and
   compared with the same rows of the source; cosine, SQNR and relative error are
@@ -74,6 +76,8 @@ from arrowquant_core.tensor import QuantizedTensor, dequantize, layout
 Array = npt.NDArray[Any]
 F32 = npt.NDArray[np.float32]
 Progress = Callable[[int, int, str], None]
+
+SOURCE_DIGEST_KEY: Final[str] = "source_digest"  # harness.context.SOURCE_KEY
 
 BLOCK_VALUES: Final[int] = 1 << 22
 """Values per row block (4 Mi: 16 MB as float32, 32 MB as float64). Large enough that the
@@ -266,16 +270,15 @@ def _blob(data: Array | bytes) -> Any:
 class StreamWriter:
     """Write a format-v2 artifact one row (one Parquet row group) at a time.
 
-    Rows and checksums are those of ``storage.save``; the manifest digest goes into the
-    footer's key/value metadata at :meth:`close`. Use as a context manager; the file
-    appears atomically only when every row was written without error.
+    Rows and checksums are those of ``storage.save``. Every ArrowQuant key (version,
+    model metadata, writer, manifest digest) goes into the footer's key/value metadata at
+    :meth:`close`, so the model metadata may hold what is only known at the end (the
+    source digest). Call ``close`` exactly once, after the last row.
     """
 
     def __init__(self, handle: IO[bytes], metadata: Mapping[str, str]) -> None:
-        self._metadata_json = json.dumps(dict(metadata), sort_keys=True).encode()
-        meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(FORMAT_V2).encode(),
-                                                METADATA_KEY: self._metadata_json, WRITER_KEY: WRITER.encode()}
-        self.schema = pa.schema(schema_fields(FORMAT_V2), metadata=meta)
+        self._metadata = dict(metadata)
+        self.schema = pa.schema(schema_fields(FORMAT_V2))
         self._writer = pq.ParquetWriter(handle, self.schema, compression="zstd", use_dictionary=False,
                                         write_statistics=False)
         self._manifest: list[tuple[str, str, str]] = []
@@ -312,10 +315,15 @@ class StreamWriter:
         self._row(name, kind, tuple(row["shape"]), row["dtype"], row["sha256"], {"data": row["data"]})
         return str(row["sha256"])
 
-    def close(self) -> str:
-        """Add the manifest digest to the footer and finish the file; returns the digest."""
-        digest = manifest_digest(FORMAT_V2, self._metadata_json, self._manifest)
-        self._writer.add_key_value_metadata({MANIFEST_KEY.decode(): digest})  # stubs: str keys
+    def close(self, extra: Mapping[str, str] | None = None) -> str:
+        """Write the keys (model metadata plus ``extra``) and the manifest digest into the
+        footer and finish the file; returns the digest."""
+        metadata_json = json.dumps({**self._metadata, **dict(extra or {})}, sort_keys=True).encode()
+        digest = manifest_digest(FORMAT_V2, metadata_json, self._manifest)
+        # the stubs type the keys as str; pyarrow stores str and bytes alike as bytes
+        self._writer.add_key_value_metadata({VERSION_KEY.decode(): str(FORMAT_V2),
+                                             METADATA_KEY.decode(): metadata_json.decode(),
+                                             WRITER_KEY.decode(): WRITER, MANIFEST_KEY.decode(): digest})
         self._writer.close()
         return digest
 
@@ -344,10 +352,13 @@ def quantize_file(source: SafetensorsSource, config: QuantizationConfig, path: s
                   progress: Progress | None = None) -> list[StreamedTensor]:
     """Quantize every tensor of ``source`` into a format-v2 artifact at ``path``, one at a time.
 
+    The artifact's metadata gets ``source_digest`` (:func:`source_digest` of the tensors
+    as read), the key and construction the harness uses to tell a stale artifact.
     The same plan as ``quantize_model`` (``config.wants``, ``scheme_for``, ``method_for``;
     no Hessians: a calibrated method falls back as it does without one). Tensors are
     written in sorted-name order, the order ``read_safetensors`` gives the in-memory path,
-    so the two artifacts are byte-identical (tests/test_stream.py).
+    so the two artifacts hold the same rows with byte-identical codes (tests/test_stream.py);
+    the files differ only in their Parquet layout (row groups, where the keys are).
     """
     names = sorted(source.names)
     done: list[StreamedTensor] = []
@@ -373,7 +384,7 @@ def quantize_file(source: SafetensorsSource, config: QuantizationConfig, path: s
                                            checksum))
             if progress is not None:
                 progress(i, len(names), name)
-        writer.close()
+        writer.close({SOURCE_DIGEST_KEY: source_digest({t.name: t.digest for t in done})})
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -477,6 +488,10 @@ def measure_tensor(qt: QuantizedTensor, read_rows: Callable[[int, int], Array],
     row_min = 1.0
     lo_ratio, hi_ratio = math.inf, -math.inf
     nonfinite = 0
+    # two float64 buffers for the whole tensor's blocks: fresh pages per block cost more
+    # than the arithmetic (about 5x a copy on this machine, issue 11)
+    ref_buf = np.empty(min(k, rows) * cols, dtype=np.float64)
+    got_buf = np.empty(min(k, rows) * cols, dtype=np.float64)
     for r0 in range(0, rows, k):
         r1 = min(rows, r0 + k)
         # in the tensor's own dtype first (a bf16 model dequantizes to bf16), as ``load().dequantize()``
@@ -485,8 +500,10 @@ def measure_tensor(qt: QuantizedTensor, read_rows: Callable[[int, int], Array],
         ref32 = np.ascontiguousarray(read_rows(r0, r1), dtype=np.float32).reshape(r1 - r0, cols)
         finite = np.isfinite(got32)
         nonfinite += int(got32.size - int(np.count_nonzero(finite)))
-        ref = ref32.astype(np.float64)
-        got = got32.astype(np.float64)
+        ref = ref_buf[:(r1 - r0) * cols].reshape(r1 - r0, cols)
+        got = got_buf[:(r1 - r0) * cols].reshape(r1 - r0, cols)
+        np.copyto(ref, ref32)
+        np.copyto(got, got32)
         rs = np.einsum("ij,ij->i", ref, ref)
         gs = np.einsum("ij,ij->i", got, got)
         rg = np.einsum("ij,ij->i", ref, got)
@@ -506,12 +523,14 @@ def measure_tensor(qt: QuantizedTensor, read_rows: Callable[[int, int], Array],
         if qt.scheme.granularity != "tensor" or r1 - r0 == rows:
             rlo, rhi = block_range(np.ascontiguousarray(ref32), block, n_groups)
             glo, ghi = block_range(np.ascontiguousarray(got32), block, n_groups)
-            ref_range = rhi.astype(np.float64) - rlo
+            # ranges in float32, ratios in float64: as harness.context.group_range_ratios
+            ref_range = (rhi - rlo).astype(np.float64)
             keep = ref_range > 0
             if bool(np.any(keep)):
-                ratio = (ghi.astype(np.float64) - glo)[keep] / ref_range[keep]
+                ratio = (ghi - glo).astype(np.float64)[keep] / ref_range[keep]
                 lo_ratio, hi_ratio = min(lo_ratio, float(ratio.min())), max(hi_ratio, float(ratio.max()))
         del ref, got, ref32, got32
+    del ref_buf, got_buf
     if not math.isfinite(lo_ratio):
         lo_ratio = hi_ratio = 1.0
     na, nb = math.sqrt(ss), math.sqrt(gg)
