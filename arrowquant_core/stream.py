@@ -435,6 +435,32 @@ def _value(column: Any, i: int) -> Any:
     raise FormatError(f"row {i} missing from column")
 
 
+class ArtifactIndex:
+    """Random access to an artifact's tensors by name, one row group each (the
+    layer-streaming forward pass loads one matrix at a time). Each row's checksum is
+    verified as it is decoded; the manifest is :func:`iter_artifact`'s job."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        check_parquet_footprint(self.path, "artifact")
+        self._file = pq.ParquetFile(self.path)
+        self._fields = list(self._file.schema_arrow.names)
+        self.groups: dict[str, int] = {}
+        for g in range(self._file.num_row_groups):
+            names = self._file.read_row_group(g, columns=["name"]).column("name").to_pylist()
+            if len(names) != 1:
+                raise FormatError(f"{self.path}: row group {g} holds {len(names)} rows; a streamed artifact has one")
+            self.groups[str(names[0])] = g
+
+    def get(self, name: str) -> QuantizedTensor | Array:
+        if name not in self.groups:
+            raise FormatError(f"{self.path}: no tensor {short(name)}")
+        table = self._file.read_row_group(self.groups[name], columns=self._fields)
+        row = {f: _value(table.column(f), 0) for f in self._fields}
+        value: QuantizedTensor | Array = decode_row(row, self.path)
+        return value
+
+
 @dataclass(frozen=True)
 class TensorMeasure:
     """Weight-level quality of one tensor as read back, accumulated block by block."""
@@ -457,8 +483,12 @@ class TensorMeasure:
             raise ConfigurationError(f"tensor {self.name!r}: negative counts")
 
 
-def _sub_tensor(qt: QuantizedTensor, r0: int, r1: int) -> QuantizedTensor:
-    """Rows ``[r0, r1)`` of a row-blockable quantized tensor, sharing its arrays."""
+def tensor_rows(qt: QuantizedTensor, r0: int, r1: int) -> QuantizedTensor:
+    """Rows ``[r0, r1)`` of a quantized tensor, sharing its arrays (dequantize a slice of
+    an embedding table or LM head without the whole); the tensor must be row-blockable and
+    ``r0 * cols`` a whole number of bytes of codes."""
+    if not _row_blockable(qt.scheme, qt.shape) or (r0 * layout(qt.shape, qt.scheme)[1] * qt.scheme.bits) % 8:
+        raise ConfigurationError(f"tensor {short(qt.name)}: rows {r0}-{r1} cannot be cut out of {qt.scheme.name} codes")
     rows, cols, _block, n_groups = layout(qt.shape, qt.scheme)
     per = 8 // qt.scheme.bits
     shape = (r1 - r0, *qt.shape[1:])
@@ -495,7 +525,7 @@ def measure_tensor(qt: QuantizedTensor, read_rows: Callable[[int, int], Array],
     for r0 in range(0, rows, k):
         r1 = min(rows, r0 + k)
         # in the tensor's own dtype first (a bf16 model dequantizes to bf16), as ``load().dequantize()``
-        got32 = np.asarray(dequantize(_sub_tensor(qt, r0, r1) if blockable else qt),
+        got32 = np.asarray(dequantize(tensor_rows(qt, r0, r1) if blockable else qt),
                            dtype=np.float32).reshape(r1 - r0, cols)
         ref32 = np.ascontiguousarray(read_rows(r0, r1), dtype=np.float32).reshape(r1 - r0, cols)
         finite = np.isfinite(got32)

@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigurationError("the streaming run (--stream, or a safetensors file over 1 GiB) takes "
                                          "--bits, --criteria, --out and --quiet only; pass --no-stream for the rest")
             code, report_path = run_streaming(StreamingConfig(model=args.model, bits=args.bits, out=args.out,
-                                                              criteria=args.criteria, quiet=args.quiet))
+                                                              criteria=args.criteria, quiet=args.quiet,
+                                                              outputs=args.runner != "none"))
             _say(f"{'PASS' if code == 0 else 'FAIL'}: {report_path}")
             return code
         from harness.api import run_config

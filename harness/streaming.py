@@ -14,17 +14,18 @@ What the streaming run does, per bit width (``arrowquant_core.stream``):
    a time and compare it with the source rows re-read from disk: cosine, SQNR, relative
    error, worst row cosine, group range ratios (float64 per block), the kept tensors
    bit-exact, each row's checksum against the one written, the source digests again;
-3. check every gate of the criteria file (default ``harness/criteria/streaming.toml``)
+3. for a Dream folder, the output-level KL through the layer-streaming denoiser on
+   ``KL_SAMPLES`` calibration samples (``fixtures/dream_mini/streaming.py``), reported;
+4. check every gate of the criteria file (default ``harness/criteria/streaming.toml``)
    that names a metric measured here; a gate on any other metric (output-level KL, a
    load benchmark) is recorded as NOT MEASURED and fails, so a verdict never claims more
    than was measured;
-4. write ``STREAMING_VALIDATION_REPORT.md`` and ``streaming_results.json`` to ``--out``.
+5. write ``STREAMING_VALIDATION_REPORT.md`` and ``streaming_results.json`` to ``--out``.
 
 The FP32 / FP16 baselines are not written (30 GB + 15 GB at 7B): their sizes are
 computed from the safetensors layout (8-byte length + the header ``SafetensorsStreamWriter``
 would write + the data bytes), which is what such a file's size is by construction; the
-results' ``how`` says so. Output-level metrics need a layer-streaming forward pass,
-which this run does not do yet.
+results' ``how`` says so.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class BitsOutcome:
 
 
 def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteria, out: Path,
-                  block_values: int, say: Callable[[str], None], baseline_bytes: dict[str, int]) -> BitsOutcome:
+                  block_values: int, say: Callable[[str], None], baseline_bytes: dict[str, int],
+                  dream: Callable[[stream.SafetensorsSource, Path], dict[str, float]] | None = None) -> BitsOutcome:
     from harness.context import SOURCE_KEY, is_embedding_table
 
     plan = criteria.plan(bits)
@@ -207,6 +209,12 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
     }
     if embedding_rows:
         metrics["embedding_row_cosine_min"] = min(embedding_rows)
+    if dream is not None:
+        say(f"INT{bits}: output-level KL through the layer-streaming denoiser ({KL_SAMPLES} calibration samples)")
+        t1 = time.perf_counter()
+        metrics.update(dream(source, path))
+        metrics["kl_seconds"] = time.perf_counter() - t1
+        metrics["peak_rss_gib"] = peak_rss_bytes() / 2**30
     gates = []
     for criterion in plan.gates:
         value = metrics.get(criterion.metric)
@@ -233,10 +241,38 @@ class StreamingConfig:
     criteria: Path | None = None
     block_values: int = stream.BLOCK_VALUES
     quiet: bool = False
+    outputs: bool = True  # output-level KL when the folder is a Dream model (--runner none: off)
 
     def __post_init__(self) -> None:
         if self.block_values < 1:
             raise ConfigurationError(f"block_values = {self.block_values}: must be >= 1")
+
+
+KL_SAMPLES: Final[int] = 4
+
+
+def dream_kl(folder: Path) -> Callable[[stream.SafetensorsSource, Path], dict[str, float]] | None:
+    """The output-level measurement for a Dream folder (config.json ``model_type`` Dream and
+    calibration.jsonl): KL through the layer-streaming denoiser; None for anything else."""
+    config_path = folder / "config.json"
+    if not (config_path.is_file() and (folder / "calibration.jsonl").is_file()):
+        return None
+    try:
+        kind = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if kind != "Dream":
+        return None
+    from harness.fixtures_import import fixtures_module
+
+    config = fixtures_module("dream_mini.config").DreamConfig.load(folder)
+    samples = fixtures_module("calibration").read_jsonl(folder / "calibration.jsonl", vocab_size=config.vocab_size)
+    streaming = fixtures_module("dream_mini.streaming")
+
+    def measure(source: stream.SafetensorsSource, artifact: Path) -> dict[str, float]:
+        result: dict[str, float] = streaming.streamed_kl(source, artifact, config, samples, count=KL_SAMPLES)
+        return result
+    return measure
 
 
 def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
@@ -266,7 +302,8 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
             f"{largest / 1e6:.0f} MB) with criteria {criteria_path}")
         baseline = {"float32": layout_size(source, np.dtype(np.float32)),
                     "float16": layout_size(source, np.dtype(np.float16))}
-        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, baseline) for b in bits]
+        dream = dream_kl(file.parent) if config.outputs else None
+        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, baseline, dream) for b in bits]
     verdict = "PASS" if all(o.passed for o in outcomes) else "FAIL"
     results = {
         "streaming_results_version": RESULTS_VERSION,
@@ -281,8 +318,9 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
                              "(8-byte length + the header SafetensorsStreamWriter writes + the data bytes), "
                              "not written (30 GB + 15 GB at 7B)"},
         "bit_widths": [dataclasses.asdict(o) | {"decision": "ship" if o.passed else "do not ship"} for o in outcomes],
-        "not_measured": "output-level metrics (no layer-streaming forward pass in this run); load benchmark "
-                        "(readback_seconds is the read-back pass including the measurements)",
+        "not_measured": ("load benchmark (readback_seconds is the read-back pass including the measurements)"
+                         + ("" if dream is not None else "; output-level metrics (layer-streaming forward pass only "
+                                                          "for Dream folders, and not with --runner none)")),
         "verdict": verdict,
     }
     text = json.dumps(results, indent=1, default=_json_default, allow_nan=True)

@@ -211,3 +211,24 @@ def test_the_independent_reader_reads_a_streamed_artifact(source_file: Path, tmp
     for t in tensors:
         want = np.asarray(core[t.name])
         assert np.asarray(t.values).view(np.uint8).tobytes() == want.view(np.uint8).tobytes(), t.name
+
+
+def test_layer_streaming_denoiser_gives_the_in_memory_logits(tmp_path: Path) -> None:
+    """The layer-streaming forward pass (one tensor loaded at a time, the LM head in row
+    blocks, embedding rows read one by one) equals denoiser.forward bit for bit, on the
+    source and on the dequantized artifact."""
+    from fixtures.dream_mini.config import DreamConfig
+    from fixtures.dream_mini.denoiser import forward
+    from fixtures.dream_mini.generator import generate
+    from fixtures.dream_mini import streaming as ds
+
+    folder = generate(tmp_path / "mini", dtype="bfloat16")
+    config = DreamConfig.load(folder)
+    artifact = tmp_path / "mini.parquet"
+    ids = np.array([[1, 2, 3, config.mask_token_id, 5, 6, 7, 8], [9, config.mask_token_id, 9, 10, 11, 12, 3, 1]])
+    with stream.SafetensorsSource(folder / "model.safetensors") as source:
+        stream.quantize_file(source, aq.QuantizationConfig("int4-g64-asym"), artifact)
+        got = ds.streamed_logits(ds.SourceWeights(source, config), config, ids)
+        assert np.array_equal(got, forward(read_safetensors(folder / "model.safetensors"), config, ids))
+    got = ds.streamed_logits(ds.ArtifactWeights(stream.ArtifactIndex(artifact), config), config, ids)
+    assert np.array_equal(got, forward(aq.load(artifact).dequantize(), config, ids))
