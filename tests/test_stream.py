@@ -232,3 +232,29 @@ def test_layer_streaming_denoiser_gives_the_in_memory_logits(tmp_path: Path) -> 
         assert np.array_equal(got, forward(read_safetensors(folder / "model.safetensors"), config, ids))
     got = ds.streamed_logits(ds.ArtifactWeights(stream.ArtifactIndex(artifact), config), config, ids)
     assert np.array_equal(got, forward(aq.load(artifact).dequantize(), config, ids))
+
+
+def test_harness_stream_run_measures_every_gate_and_kl(tmp_path: Path) -> None:
+    """``python -m harness run --model FOLDER --stream``: every gate of streaming.toml is
+    measured (none NOT MEASURED), the verdict is PASS with exit 0, the Dream folder gets
+    output-level KL; the same run with a source whose tensors all became one (a tie the
+    artifact does not record) fails its tie gate with exit 1."""
+    from fixtures.dream_mini.generator import generate
+    from harness.cli import main
+
+    folder = generate(tmp_path / "mini", dtype="bfloat16")
+    assert main(["run", "--model", str(folder), "--bits", "4", "--stream", "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0
+    results = json.loads((tmp_path / "out" / "streaming_results.json").read_text())
+    entry = results["bit_widths"][0]
+    assert all(g["value"] is not None and g["passed"] for g in entry["gates"]), entry["gates"]
+    assert len(entry["gates"]) == 16 and entry["metrics"]["kl_positions"] > 0
+    assert 0 < entry["metrics"]["kl_mean"] < 2
+    # injected fault: q_proj of layer 1 made identical to layer 0's (a tie the streaming run does not store)
+    weights = {k: np.array(v) for k, v in read_safetensors(folder / "model.safetensors").items()}
+    weights["model.layers.1.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"]
+    write_safetensors(folder / "model.safetensors", weights)
+    assert main(["run", "--model", str(folder), "--bits", "4", "--stream", "--out", str(tmp_path / "bad"),
+                 "--quiet", "--runner", "none"]) == 1
+    bad = json.loads((tmp_path / "bad" / "streaming_results.json").read_text())["bit_widths"][0]
+    assert [g["rule"] for g in bad["gates"] if not g["passed"]] == ["tie_mismatches == 0"]
