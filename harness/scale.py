@@ -76,14 +76,20 @@ def run_size(size: str, out: Path, say: Any) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if run.returncode not in (0, 1):
         raise RuntimeError(f"{size}: exit {run.returncode}\n{run.stderr[-4000:]}")
+    return {**_row(size, target), "wall_seconds": wall, "command": " ".join(command[1:])}
+
+
+def _row(size: str, target: Path) -> dict[str, Any]:
+    """One table row from a size's ``streaming_results.json`` (wall time added by the caller)."""
     results = json.loads((target / "streaming_results.json").read_text())
     entry = results["bit_widths"][0]
+    metrics = entry["metrics"]
     return {"size": size, "parameters": results["model"]["parameters"], "file_bytes": results["model"]["file_bytes"],
-            "largest_tensor_bytes": results["model"]["largest_tensor_bytes"], "wall_seconds": wall,
-            "quantize_seconds": entry["metrics"]["quantize_seconds"],
-            "readback_seconds": entry["metrics"]["readback_seconds"],
+            "largest_tensor_bytes": results["model"]["largest_tensor_bytes"],
+            "quantize_seconds": metrics["quantize_seconds"], "readback_seconds": metrics["readback_seconds"],
+            "kl_seconds": metrics.get("kl_seconds"), "kl_mean": metrics.get("kl_mean"),
             "peak_rss_bytes": results["run"]["peak_rss_bytes"], "verdict": results["verdict"],
-            "weight_cosine_min": entry["metrics"]["weight_cosine_min"], "command": " ".join(command[1:])}
+            "weight_cosine_min": metrics["weight_cosine_min"]}
 
 
 def fit(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -104,13 +110,16 @@ def render(rows: list[dict[str, Any]]) -> str:
              "process on this machine (2 cores shared with other jobs); wall time measured around the process, "
              "peak RSS = its VmHWM. `python -m harness.scale` (make scale) wrote this table.", "",
              "| size | parameters | file GB | largest tensor MB | wall s | quantize s | read back + measure s | "
-             "peak RSS GiB | s per 1e9 params | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "KL pass s | KL mean | peak RSS GiB | s per 1e9 params | worst tensor cosine | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        kl_s, kl = r.get("kl_seconds"), r.get("kl_mean")
         lines.append(f"| {r['size']} | {r['parameters'] / 1e6:.1f}M | {r['file_bytes'] / 1e9:.2f} | "
                      f"{r['largest_tensor_bytes'] / 1e6:.0f} | {r['wall_seconds']:.1f} | {r['quantize_seconds']:.1f} | "
-                     f"{r['readback_seconds']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                     f"{r['wall_seconds'] / r['parameters'] * 1e9:.1f} | {r['verdict']} |")
+                     f"{r['readback_seconds']:.1f} | {'-' if kl_s is None else f'{kl_s:.1f}'} | "
+                     f"{'-' if kl is None else f'{kl:.3f}'} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                     f"{r['wall_seconds'] / r['parameters'] * 1e9:.1f} | {r['weight_cosine_min']:.4f} | "
+                     f"{r['verdict']} |")
     lines += ["", "Least-squares fits over these rows:", "",
               f"- wall seconds = {a_t:.1f} + {b_t * 1e9:.1f} x (parameters / 1e9)",
               f"- peak RSS bytes = {a_m / 2**20:.0f} MiB + {b_m:.2f} x largest tensor bytes",
@@ -124,7 +133,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-render scaling.md from scaling.json and each size's streaming_results.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        rows = [{**r, **_row(r["size"], args.out / "scale" / r["size"])}
+                for r in json.loads((args.out / "scaling.json").read_text())]
+        write_bytes_atomic(args.out / "scaling.json", json.dumps(rows, indent=1).encode())
+        write_bytes_atomic(args.out / "scaling.md", render(rows).encode())
+        print(args.out / "scaling.md")
+        return 0
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
