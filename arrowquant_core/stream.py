@@ -56,7 +56,7 @@ from arrowquant_core.kernels import block_range
 from arrowquant_core.limits import check_parquet_footprint, short
 from arrowquant_core.methods import quantize_tensor
 from arrowquant_core.model import RAW_DTYPES, QuantizationConfig
-from arrowquant_core.safetensors_io import SafetensorsHeader, TensorInfo, read_header
+from arrowquant_core.safetensors_io import INDEX_NAME, SafetensorsHeader, TensorInfo, read_header, read_index
 from arrowquant_core.schemes import Scheme
 from arrowquant_core.storage import (
     FORMAT_V2,
@@ -88,23 +88,37 @@ temporaries are a rounding error next to a 7B model."""
 # --------------------------------------------------------------------------- reading the source
 
 class SafetensorsSource:
-    """Tensors of one safetensors file, read a row block at a time with ``os.pread``.
+    """Tensors of a safetensors checkpoint, read a row block at a time with ``os.pread``.
 
-    The header is validated by ``safetensors_io.read_header`` (offsets, coverage, dtypes);
-    ``names`` is in file order, so a pass over them reads the file sequentially.
+    ``path`` is one ``.safetensors`` file, or a folder holding ``model.safetensors`` or a
+    sharded checkpoint (``model.safetensors.index.json`` and its shards, as Hugging Face
+    ships 7B models); every header is validated by ``safetensors_io.read_header``, and a
+    sharded folder's index must match its shards (``read_safetensors_folder``'s rules).
+    ``names`` is in file order (shard by shard), so a pass over them reads sequentially.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.header: SafetensorsHeader = read_header(self.path)
-        self.names: tuple[str, ...] = tuple(
-            info.name for info in sorted(self.header.tensors.values(), key=lambda i: i.begin))
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self.files: list[Path] = shard_files(self.path)
+        self.headers: list[SafetensorsHeader] = [read_header(f) for f in self.files]
+        self._owner: dict[str, int] = {}
+        names: list[str] = []
+        for i, header in enumerate(self.headers):
+            for info in sorted(header.tensors.values(), key=lambda t: t.begin):
+                if info.name in self._owner:
+                    raise FormatError(f"{self.path}: tensor {short(info.name)} is in both "
+                                      f"{self.files[self._owner[info.name]].name} and {self.files[i].name}")
+                self._owner[info.name] = i
+                names.append(info.name)
+        self.names: tuple[str, ...] = tuple(names)
+        self._fds: list[int] = []
+        for f in self.files:
+            self._fds.append(os.open(f, os.O_RDONLY))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def __enter__(self) -> SafetensorsSource:
         return self
@@ -112,16 +126,21 @@ class SafetensorsSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def has(self, name: str) -> bool:
+        return name in self._owner
+
     def info(self, name: str) -> TensorInfo:
-        return self.header.tensors[name]
+        return self.headers[self._owner[name]].tensors[name]
 
     @property
-    def total_bytes(self) -> int:
-        return sum(i.nbytes for i in self.header.tensors.values())
+    def file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
 
     def read_rows(self, name: str, start: int, stop: int) -> Array:
         """Rows ``[start, stop)`` of a tensor (first axis; a 0-d or 1-d tensor is one row)."""
-        info = self.header.tensors[name]
+        shard = self._owner[name]
+        header = self.headers[shard]
+        info = header.tensors[name]
         rows, cols = _rows_cols(info.shape)
         if not 0 <= start <= stop <= rows:
             raise ConfigurationError(f"{self.path}: tensor {short(name)}: rows [{start}, {stop}) outside [0, {rows})")
@@ -129,19 +148,40 @@ class SafetensorsSource:
         count = (stop - start) * cols
         out = np.empty(count, dtype=dtype)
         view = out.view(np.uint8).data
-        offset = self.header.data_start + info.begin + start * cols * dtype.itemsize
+        offset = header.data_start + info.begin + start * cols * dtype.itemsize
         done = 0
         while done < len(view):
-            got = os.preadv(self._fd, [view[done:]], offset + done)
+            got = os.preadv(self._fds[shard], [view[done:]], offset + done)
             if got <= 0:
-                raise FormatError(f"{self.path}: tensor {short(name)}: file ended before its data (truncated?)")
+                raise FormatError(f"{self.files[shard]}: tensor {short(name)}: file ended before its data (truncated?)")
             done += got
         shape = (stop - start, *info.shape[1:]) if len(info.shape) >= 2 else info.shape
         return out.reshape(shape)
 
     def read(self, name: str) -> Array:
-        rows, _cols = _rows_cols(self.header.tensors[name].shape)
+        rows, _cols = _rows_cols(self.info(name).shape)
         return self.read_rows(name, 0, rows)
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors file(s) of ``path``: itself, the folder's ``model.safetensors``, or the
+    shards its ``model.safetensors.index.json`` maps (checked against their headers)."""
+    if path.is_file():
+        return [path]
+    index_path = path / INDEX_NAME
+    if index_path.is_file():
+        shards = read_index(path, index_path)
+        for shard, wanted in shards.items():
+            present = set(read_header(path / shard).tensors)
+            if present != set(wanted):
+                odd = sorted(present ^ set(wanted))[0]
+                raise FormatError(f"{index_path}: shard {short(shard)} and the weight_map disagree about tensor "
+                                  f"{short(odd)}")
+        return [path / shard for shard in sorted(shards)]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FormatError(f"{path}: neither {INDEX_NAME} nor model.safetensors found")
 
 
 class _HashingReader:
@@ -602,7 +642,7 @@ def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_v
     total = len(source.names)
     for name, kind, checksum, value in iter_artifact(artifact):
         checksums[name] = checksum
-        if name not in source.header.tensors:
+        if not source.has(name):
             unexpected.append(name)
             continue
         reader = _HashingReader(source, name)

@@ -60,28 +60,29 @@ RESULTS_VERSION: Final[int] = 1
 
 
 def weights_file(model: str) -> Path | None:
-    """The one safetensors file of a model path (a ``.safetensors`` file, or a folder with
-    ``model.safetensors``), or None when the path is something else (a name, shards, .npy)."""
+    """What the streaming reader opens for a model path: a ``.safetensors`` file, or a folder
+    with ``model.safetensors`` or a sharded checkpoint's ``model.safetensors.index.json``;
+    None when the path is something else (a model name, .npy files, a Parquet file)."""
     path = Path(model)
     if path.is_file() and path.suffix == ".safetensors":
         return path
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / stream.INDEX_NAME).is_file()):
+        return path
     return None
 
 
 def should_stream(model: str, flag: bool | None) -> bool:
-    """``--stream`` / ``--no-stream`` decide; without either, a single safetensors file
-    larger than ``STREAM_THRESHOLD_BYTES`` streams."""
+    """``--stream`` / ``--no-stream`` decide; without either, safetensors weights (one file
+    or the shards of an index) larger than ``STREAM_THRESHOLD_BYTES`` stream."""
     file = weights_file(model)
     if flag is True:
         if file is None:
             raise ConfigurationError(f"--stream: {model!r} is not a .safetensors file or a folder with "
-                                     "model.safetensors (streaming reads one unsharded file)")
+                                     "model.safetensors or model.safetensors.index.json")
         return True
     if flag is False or file is None:
         return False
-    return file.stat().st_size > STREAM_THRESHOLD_BYTES
+    return sum(f.stat().st_size for f in stream.shard_files(file)) > STREAM_THRESHOLD_BYTES
 
 
 def peak_rss_bytes() -> int:
@@ -158,7 +159,8 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
 
     plan = criteria.plan(bits)
     config = aq.QuantizationConfig(plan.scheme, method=plan.method)
-    name = source.path.parent.name if source.path.name == "model.safetensors" else source.path.stem
+    name = source.path.name if source.path.is_dir() else (
+        source.path.parent.name if source.path.name == "model.safetensors" else source.path.stem)
     path = out / "artifacts" / f"{name}-int{bits}.parquet"
     def tick(stage: str) -> Callable[[int, int, str], None]:
         last = [time.perf_counter()]
@@ -298,12 +300,13 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
     with stream.SafetensorsSource(file) as source:
         params = sum(math.prod(source.info(n).shape) for n in source.names)
         largest = max(source.info(n).nbytes for n in source.names)
-        say(f"streaming {file} ({file.stat().st_size / 1e9:.2f} GB, {params / 1e6:.1f}M parameters, largest tensor "
-            f"{largest / 1e6:.0f} MB) with criteria {criteria_path}")
+        say(f"streaming {file} ({source.file_bytes / 1e9:.2f} GB in {len(source.files)} file(s), "
+            f"{params / 1e6:.1f}M parameters, largest tensor {largest / 1e6:.0f} MB) with criteria {criteria_path}")
         baseline = {"float32": layout_size(source, np.dtype(np.float32)),
                     "float16": layout_size(source, np.dtype(np.float16))}
-        dream = dream_kl(file.parent) if config.outputs else None
+        dream = dream_kl(file if file.is_dir() else file.parent) if config.outputs else None
         outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, baseline, dream) for b in bits]
+        file_bytes = source.file_bytes
     verdict = "PASS" if all(o.passed for o in outcomes) else "FAIL"
     results = {
         "streaming_results_version": RESULTS_VERSION,
@@ -312,7 +315,7 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
                 "criteria_file": str(criteria_path), "block_values": config.block_values,
                 "peak_rss_bytes": peak_rss_bytes(), "mode": "streaming (weight level)"},
         "model": {"parameters": params, "tensors": len(outcomes[0].layers) if outcomes else 0,
-                  "file_bytes": file.stat().st_size, "largest_tensor_bytes": largest},
+                  "file_bytes": file_bytes, "largest_tensor_bytes": largest},
         "baselines": {"fp32_bytes": baseline["float32"], "fp16_bytes": baseline["float16"],
                       "how": "sizes of FP32 and FP16 safetensors copies computed from the safetensors layout "
                              "(8-byte length + the header SafetensorsStreamWriter writes + the data bytes), "
@@ -394,7 +397,8 @@ def probe(model: str, scheme: str, out: Path, block_values: int) -> dict[str, An
         largest = max(source.info(n).nbytes for n in source.names)
         largest_values = max(math.prod(source.info(n).shape) for n in source.names)
     t2 = time.perf_counter()
-    return {"file": str(file), "file_bytes": file.stat().st_size, "scheme": scheme,
+    return {"file": str(file), "file_bytes": sum(f.stat().st_size for f in stream.shard_files(file)),
+            "scheme": scheme,
             "parameters": sum(math.prod(t.shape) for t in streamed), "tensors": len(streamed),
             "largest_tensor_bytes": largest, "largest_tensor_values": largest_values,
             "artifact_bytes": out.stat().st_size, "quantize_seconds": t1 - t0, "readback_seconds": t2 - t1,

@@ -258,3 +258,27 @@ def test_harness_stream_run_measures_every_gate_and_kl(tmp_path: Path) -> None:
                  "--quiet", "--runner", "none"]) == 1
     bad = json.loads((tmp_path / "bad" / "streaming_results.json").read_text())["bit_widths"][0]
     assert [g["rule"] for g in bad["gates"] if not g["passed"]] == ["tie_mismatches == 0"]
+
+
+def test_a_sharded_checkpoint_streams_like_one_file(source_file: Path, tmp_path: Path) -> None:
+    """Hugging Face ships 7B models in shards with model.safetensors.index.json: the
+    streaming reader takes the folder and gives the single file's codes."""
+    weights = read_safetensors(source_file)
+    names = sorted(weights)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shards = {"model-00001-of-00002.safetensors": names[:2], "model-00002-of-00002.safetensors": names[2:]}
+    for shard, part in shards.items():
+        write_safetensors(folder / shard, {n: weights[n] for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: shard for shard, part in shards.items() for n in part}}))
+    config = aq.QuantizationConfig("int4-g64-asym")
+    with stream.SafetensorsSource(folder) as sharded, stream.SafetensorsSource(source_file) as single:
+        assert len(sharded.files) == 2 and sorted(sharded.names) == names
+        stream.quantize_file(sharded, config, tmp_path / "a.parquet", block_values=300)
+        stream.quantize_file(single, config, tmp_path / "b.parquet", block_values=300)
+    assert _rows(tmp_path / "a.parquet") == _rows(tmp_path / "b.parquet")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00002.safetensors" for n in names}}))
+    with pytest.raises(FormatError, match="disagree"):
+        stream.SafetensorsSource(folder)
