@@ -79,9 +79,10 @@ def parser() -> argparse.ArgumentParser:
     stream = run.add_mutually_exclusive_group()
     stream.add_argument("--stream", dest="stream", action="store_true", default=None,
                         help="weight-level validation streamed tensor by tensor (bounded memory; "
-                             "harness/criteria/streaming.toml unless --criteria): the default for a single "
-                             "safetensors file over 1 GiB; writes STREAMING_VALIDATION_REPORT.md and "
-                             "streaming_results.json")
+                             "harness/criteria/streaming.toml unless --criteria; KL through a layer-streaming denoiser "
+                             "for Dream folders): the default when PATH's safetensors weights (one file, or the "
+                             "shards of model.safetensors.index.json) exceed 1 GiB; writes "
+                             "STREAMING_VALIDATION_REPORT.md and streaming_results.json")
     stream.add_argument("--no-stream", dest="stream", action="store_false",
                         help="never stream: the in-memory acceptance suite whatever the size")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`)")
