@@ -139,6 +139,7 @@ class BitsOutcome:
     scheme: str
     artifact: str
     artifact_bytes: int
+    artifact_sha256: str  # of the file as written, read back in 16 MB chunks
     metrics: dict[str, float]
     gates: list[dict[str, Any]]
     layers: list[dict[str, Any]]
@@ -232,7 +233,7 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
                "relative_error": m.relative_error, "row_cosine_min": m.row_cosine_min,
                "group_range_ratio_min": m.group_range_ratio_min, "group_range_ratio_max": m.group_range_ratio_max}
               for m in measures]
-    return BitsOutcome(bits, plan.scheme, str(path), size, metrics, gates, layers)
+    return BitsOutcome(bits, plan.scheme, str(path), size, stream.digest_file(path), metrics, gates, layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +313,8 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
         "streaming_results_version": RESULTS_VERSION,
         "run": {"model": config.model, "weights_file": str(file), "command": " ".join(sys.argv),
                 "started_at": started, "wall_seconds": round(time.perf_counter() - t0, 2),
-                "criteria_file": str(criteria_path), "block_values": config.block_values,
+                "criteria_file": str(criteria_path), "criteria_sha256": stream.digest_file(criteria_path),
+                "block_values": config.block_values,
                 "peak_rss_bytes": peak_rss_bytes(), "mode": "streaming (weight level)"},
         "model": {"parameters": params, "tensors": len(outcomes[0].layers) if outcomes else 0,
                   "file_bytes": file_bytes, "largest_tensor_bytes": largest},
@@ -358,14 +360,15 @@ def render(results: dict[str, Any]) -> str:
              f"**Verdict: {results['verdict']}** (weight-level validation, streamed tensor by tensor)", "",
              f"- weights: {md_code(run['weights_file'])}, {model['file_bytes'] / 1e9:.2f} GB, "
              f"{model['parameters'] / 1e6:.1f}M parameters, largest tensor {model['largest_tensor_bytes'] / 1e6:.0f} MB",
-             f"- criteria: {md_code(run['criteria_file'])}",
+             f"- criteria: {md_code(run['criteria_file'])} (sha256 {md_code(run['criteria_sha256'])})",
              f"- wall time {run['wall_seconds']} s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB "
              f"(row blocks of {run['block_values']} values)",
              f"- baselines: {md_text(results['baselines']['how'])}",
              f"- not measured: {md_text(results['not_measured'])}", ""]
     for entry in results["bit_widths"]:
         lines += [f"## INT{entry['bits']} ({md_text(entry['scheme'])}): {entry['decision']}", "",
-                  f"Artifact {md_code(entry['artifact'])}, {entry['artifact_bytes'] / 1e6:.1f} MB.", "",
+                  f"Artifact {md_code(entry['artifact'])}, {entry['artifact_bytes'] / 1e6:.1f} MB, "
+                  f"sha256 {md_code(entry['artifact_sha256'])}.", "",
                   "| gate | value | result | why |", "|---|---|---|---|"]
         for gate in entry["gates"]:
             lines.append(f"| {md_code(gate['rule'])} | {_num(gate['value'])} | "

@@ -250,6 +250,7 @@ def test_harness_stream_run_measures_every_gate_and_kl(tmp_path: Path) -> None:
     assert all(g["value"] is not None and g["passed"] for g in entry["gates"]), entry["gates"]
     assert len(entry["gates"]) == 16 and entry["metrics"]["kl_positions"] > 0
     assert 0 < entry["metrics"]["kl_mean"] < 2
+    assert entry["artifact_sha256"] == stream.digest_file(Path(entry["artifact"]))
     # injected fault: q_proj of layer 1 made identical to layer 0's (a tie the streaming run does not store)
     weights = {k: np.array(v) for k, v in read_safetensors(folder / "model.safetensors").items()}
     weights["model.layers.1.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"]
