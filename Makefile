@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 FUZZ_EXAMPLES ?= 400
 
-.PHONY: setup run test fuzz e2e bench measure clean help
+.PHONY: setup run test fuzz e2e bench measure scale clean help
 
 help:
 	@echo "make run    set up .venv and run: python -m harness run --model $(MODEL) $(ARGS)"
@@ -33,6 +33,7 @@ help:
 	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository"
 	@echo "make bench  kernel, method and quality-per-bit benchmarks (tests/benchmarks)"
 	@echo "make measure  the long measurement tables (time-aware dream-mini, transformers runners, dit-mini)"
+	@echo "make scale  streaming validation from 3.5M to 7.6B parameters (writes 20 GB of fixtures once; ~30 min)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,11 @@ measure: $(STAMP)
 	$(PY) -m fixtures.runners.hf_measure gpt2 llama minilm
 	$(PY) -m fixtures.dit_mini compare
 	$(PY) -m fixtures.dit_mini compare --audio
+
+# Issue 11's scaling table: streaming INT4 validation of generated Dream folders (bf16),
+# 3.5M -> 7.6B parameters, time and peak RSS fitted; reports/scaling.md. Never in the default run.
+scale: $(STAMP)
+	$(PY) -m harness.scale $(if $(SIZES),--sizes $(SIZES),)
 
 clean:
 	rm -rf build *.egg-info arrowquant_core/*.so *__mypyc*.so reports/artifacts

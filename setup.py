@@ -35,6 +35,7 @@ CORE = [
     "arrowquant_core/methods.py",
     "arrowquant_core/plan.py",
     "arrowquant_core/timeaware.py",
+    "arrowquant_core/stream.py",
 ]
 
 # Metadata-only invocations would compile everything a second time for nothing (~7 s).

@@ -143,6 +143,45 @@ def _quantized_row(qt: QuantizedTensor) -> dict[str, Any]:
             "zeros": zeros, "params": params, "sha256": _checksum([codes, scales, zeros, params], header)}
 
 
+def _bytes_view(array: npt.NDArray[Any], dtype: str) -> memoryview:
+    return np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8).data
+
+
+def row_checksum(qt: QuantizedTensor) -> tuple[str, npt.NDArray[np.uint8]]:
+    """The checksum of a quantized row and its stored scale bytes, as ``save`` computes
+    them but without copying the codes (the streaming writer, stream.py)."""
+    qt.check()
+    scales: npt.NDArray[np.uint8] = (
+        np.frombuffer(encode_scales(qt.scales, qt.scheme, qt.name), dtype=np.uint8) if qt.scheme.scale_bits
+        else np.ascontiguousarray(qt.scales, dtype="<f4").reshape(-1).view(np.uint8))
+    header = f"quantized|{qt.name}|{list(qt.shape)}|{qt.dtype}|{qt.scheme.name}|{qt.method}"
+    parts = [_bytes_view(qt.codes, "u1"), scales.data, _bytes_view(qt.zeros, "u1"),
+             _bytes_view(qt.params, "<f4")]
+    return _checksum(parts, header), scales
+
+
+def raw_row(name: str, array: npt.NDArray[Any], kind: str) -> dict[str, Any]:
+    """A float, buffer or aux row as ``save`` writes it (public for the streaming writer)."""
+    return _raw_row(name, array, kind)
+
+
+def manifest_digest(version: int, metadata_json: bytes, rows: list[tuple[str, str, str]]) -> str:
+    """The manifest digest (docs/FORMAT.md section 7.1) of rows given as (name, kind, checksum)."""
+    return _manifest(version, metadata_json, rows)
+
+
+def decode_row(row: dict[str, Any], path: Path) -> Any:
+    """One format-v2 row (a dict of column values, blobs as bytes or memoryviews) decoded:
+    a QuantizedTensor for a quantized row, an array for float/buffer/aux rows. Tied rows
+    are refused: the streaming reader has no canonical tensor to point them at."""
+    kind = row.get("kind")
+    if kind == "quantized":
+        return _guard(path, lambda: _decode_quantized(row, path))
+    if kind in _RAW_KINDS:
+        return _guard(path, lambda: _decode_raw(row, path, str(kind)))
+    raise FormatError(f"{path}: tensor {short(row.get('name'))}: kind {short(kind)} cannot be read row by row")
+
+
 def _manifest(version: int, metadata_json: bytes, rows: list[tuple[str, str, str]]) -> str:
     """sha256 over the version, the metadata bytes and each row's (name, kind, checksum),
     every field length-prefixed (no two manifests share an encoding)."""
@@ -177,6 +216,16 @@ def _check_manifest(table: pa.Table, version: int, rows: list[tuple[str, str, st
 
 
 def _schema(version: int, metadata: Mapping[str, str], rows: list[dict[str, Any]]) -> pa.Schema:
+    metadata_json = json.dumps(dict(metadata), sort_keys=True).encode()
+    meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(), METADATA_KEY: metadata_json,
+                                            WRITER_KEY: WRITER.encode(),
+                                            MANIFEST_KEY: _manifest(version, metadata_json,
+                                                                    _manifest_rows(rows, version)).encode()}
+    return pa.schema(schema_fields(version), metadata=meta)
+
+
+def schema_fields(version: int) -> list[pa.Field[Any]]:
+    """The columns of a format-``version`` file, in order."""
     fields: list[pa.Field[Any]] = [
         pa.field("name", pa.string(), nullable=False),
         pa.field("shape", pa.list_(pa.int64()), nullable=False),
@@ -195,12 +244,7 @@ def _schema(version: int, metadata: Mapping[str, str], rows: list[dict[str, Any]
             pa.field("params", pa.large_binary()),
             pa.field("tied_to", pa.string()),
         ]
-    metadata_json = json.dumps(dict(metadata), sort_keys=True).encode()
-    meta: dict[bytes | str, bytes | str] = {VERSION_KEY: str(version).encode(), METADATA_KEY: metadata_json,
-                                            WRITER_KEY: WRITER.encode(),
-                                            MANIFEST_KEY: _manifest(version, metadata_json,
-                                                                    _manifest_rows(rows, version)).encode()}
-    return pa.schema(fields, metadata=meta)
+    return fields
 
 
 def _write_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
@@ -268,7 +312,15 @@ def _read_table(path: Path) -> tuple[pa.Table, int, dict[str, str]]:
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
+        table = pf.read()
+        # The keys live in the Parquet footer's key/value metadata (docs/FORMAT.md section 3).
+        # A streamed artifact (stream.py) adds the manifest there at close, after the Arrow
+        # schema copy in ``ARROW:schema`` was fixed, so the footer's keys win.
+        footer: Any = pf.metadata.metadata or {}
+        extra = {k: v for k, v in footer.items() if k != b"ARROW:schema"}
+        if extra:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
         raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {cut(str(exc))})") from None
     try:

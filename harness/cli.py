@@ -90,6 +90,15 @@ def parser() -> argparse.ArgumentParser:
                           "out of the verdict. Other formats are refused")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    stream = run.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="weight-level validation streamed tensor by tensor (bounded memory; "
+                             "harness/criteria/streaming.toml unless --criteria; KL through a layer-streaming denoiser "
+                             "for Dream folders): the default when PATH's safetensors weights (one file, or the "
+                             "shards of model.safetensors.index.json) exceed 1 GiB; writes "
+                             "STREAMING_VALIDATION_REPORT.md and streaming_results.json")
+    stream.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="never stream: the in-memory acceptance suite whatever the size")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`); "
                                                           "with --artifact, break a copy of the file (gguf-* faults)")
     _add_sweep(sub)
@@ -248,6 +257,18 @@ def main(argv: list[str] | None = None) -> int:
                 return _refuse(args.results, problems, "it does not hold up")
             _say(f"verified {args.results}: verdict {results['verdict']}, artifacts and criteria match")
             return exitcodes.OK if results["verdict"] == "PASS" else exitcodes.GATE_FAILED
+        from harness.streaming import StreamingConfig, run_streaming, should_stream
+
+        if should_stream(args.model, args.stream):
+            if (args.fault or args.compare or args.baseline or args.profile or args.artifact or args.fail_fast
+                    or args.runner not in (None, "none")):
+                raise ConfigurationError("the streaming run (--stream, or a safetensors file over 1 GiB) takes "
+                                         "--bits, --criteria, --out and --quiet only; pass --no-stream for the rest")
+            code, report_path = run_streaming(StreamingConfig(model=args.model, bits=args.bits, out=args.out,
+                                                              criteria=args.criteria, quiet=args.quiet,
+                                                              outputs=args.runner != "none"))
+            _say(f"{'PASS' if code == 0 else 'FAIL'}: {report_path}")
+            return code
         from harness.api import run_config
         from harness.config import RunConfig
 

@@ -142,6 +142,11 @@ _ROWS: Final[tuple[Metric, ...]] = (
     # end dream-mini time-aware
     Metric("quantize_seconds", "time", "s", False, "wall time of the quantization that produced the artifact (calibration capture and sensitivity pass excluded)"),
     Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),
+    # the streaming run (harness/streaming.py)
+    Metric("readback_seconds", "time", "s", False,
+           "streaming run: wall time to read the artifact back row group by row group and measure every tensor"),
+    Metric("peak_rss_gib", "time", "GiB", False,
+           "streaming run: the process's peak resident memory (VmHWM) after quantizing and measuring this bit width"),
 )
 
 METRICS: Final[dict[str, Metric]] = {m.name: m for m in _ROWS}

@@ -222,7 +222,7 @@ def decode_quantized(row: dict[str, Any]) -> Tensor:
 def read(path: Path) -> tuple[int, dict[str, str], list[Tensor]]:
     """(format version, model metadata, tensors in file order)."""
     table = pq.read_table(path)
-    meta = table.schema.metadata or {}
+    meta = pq.read_metadata(path).metadata or {}  # section 3: the footer's key/value metadata
     if VERSION_KEY not in meta:
         raise SpecError(f"{path}: no {VERSION_KEY!r}")
     version = int(meta[VERSION_KEY].decode("ascii"))
