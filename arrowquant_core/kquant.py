@@ -177,6 +177,10 @@ def _search_chunk(x: F32, w: F32 | None, step: F32 | None, bits: int, symmetric:
     lo = np.minimum(np.min(x, axis=1), np.float32(0.0))
     hi = np.maximum(np.max(x, axis=1), np.float32(0.0))
     absmax = np.max(np.abs(x), axis=1)
+    if len(factors) == 1:
+        # Round-to-nearest on the grid (krtn, gptq-kr's ranges): the only candidate is the
+        # answer (its error is finite, so the search below would pick it), so skip scoring it.
+        return _candidate(x, lo, hi, absmax, factors[0], bits, symmetric, step, cmax)
     norm = error_normalizer(absmax)
     best_err = np.full(x.shape[0], np.inf, dtype=np.float64)
     best_c = np.zeros(x.shape, dtype=np.uint8)

@@ -82,16 +82,24 @@ def fwht(matrix: Floats, block: int) -> Floats:
     [[1.414214, 0.0]]
     """
     rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
-    x = np.array(matrix, copy=True).reshape(rows * (cols // block), block)
+    n = rows * (cols // block)
+    # Butterflies on the transposed layout (block, n): the two halves of every stage are
+    # contiguous slabs, where on (n, block) they were strided runs of h values (h = 1, 2...),
+    # ~10x slower on MiniLM's 1536-wide Hessians. Same pairs, same stage order, same
+    # a + b and a - b: the result is bit-identical to the row-wise butterfly.
+    x = np.ascontiguousarray(np.asarray(matrix).reshape(n, block).T)
+    y = np.empty_like(x)
     h = 1
     while h < block:
-        v = x.reshape(-1, block // (2 * h), 2, h)
-        a = v[:, :, 0, :].copy()
-        v[:, :, 0, :] += v[:, :, 1, :]
-        np.subtract(a, v[:, :, 1, :], out=v[:, :, 1, :])
+        v = x.reshape(block // (2 * h), 2, h * n)
+        u = y.reshape(block // (2 * h), 2, h * n)
+        np.add(v[:, 0], v[:, 1], out=u[:, 0])
+        np.subtract(v[:, 0], v[:, 1], out=u[:, 1])
+        x, y = y, x
         h *= 2
     x *= x.dtype.type(1.0 / np.sqrt(block))
-    return x.reshape(rows, cols)
+    out: Floats = np.ascontiguousarray(x.T).reshape(rows, cols)
+    return out
 
 
 def rotate(matrix: Floats, block: int) -> Floats:
