@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from arrowquant_core import storage
 from arrowquant_core.errors import ConfigurationError, unknown_name
+from arrowquant_core.kquant import groups_per_super
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.plan import MixedPlan, realize
 from arrowquant_core.spatial import SmoothSite, SpatialResult
@@ -177,7 +178,8 @@ def embedding_rows_swapped(model: QuantizedModel) -> QuantizedModel:
 
 
 def group_scales_off(model: QuantizedModel) -> QuantizedModel:
-    """Eight groups of the largest non-embedding weight stored with 4x their scale."""
+    """Eight groups (eight super-blocks for K-schemes) of the largest non-embedding weight stored
+    with 4x their scale."""
     victim = _largest(model)
 
     def off(t: QuantizedTensor) -> QuantizedTensor:
@@ -186,6 +188,16 @@ def group_scales_off(model: QuantizedModel) -> QuantizedModel:
             params[np.linspace(0, len(params) - 1, 8).astype(int), 1:] *= np.float32(4.0)
             return dataclasses.replace(t, params=params.reshape(-1))
         scales = t.scales.copy()
+        if t.scheme.scale_bits:
+            # K-schemes store a scale as a code times its super-block's power-of-two scale
+            # (kquant.py): a single group at 4x does not fit that grid and the writer
+            # refuses it. Eight whole super-blocks at 4x do (the exponent moves by 2), and
+            # every group in them spans 4x its source range all the same.
+            per = groups_per_super(t.scheme)
+            supers = -(-scales.size // per)
+            for k in np.linspace(0, supers - 1, 8).astype(int):
+                scales[k * per:(k + 1) * per] *= np.float32(4.0)
+            return dataclasses.replace(t, scales=scales)
         scales[np.linspace(0, scales.size - 1, 8).astype(int)] *= np.float32(4.0)
         return dataclasses.replace(t, scales=scales)
     return _map(model, off, only=victim)
