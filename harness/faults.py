@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,31 @@ def _permute_rows(t: QuantizedTensor, perm: np.ndarray) -> QuantizedTensor:
     return dataclasses.replace(t, codes=_repack(t, blocks), scales=scales, zeros=zeros)
 
 
+def _row_unit(t: QuantizedTensor) -> int:
+    """Rows that move together in a row fault: 1, or for a K-scheme the rows whose groups
+    share super-blocks (kquant.py: a super-block's scales are codes of one power-of-two
+    exponent, so rows moved apart from it would not encode and the writer refuses them)."""
+    if not t.scheme.scale_bits or t.is_lattice:
+        return 1
+    rows = t.shape[0]
+    per_row = block_codes(t).shape[0] // rows
+    per = groups_per_super(t.scheme)
+    k = per // math.gcd(per, per_row)
+    return k if rows % k == 0 else 1
+
+
+def _expand(unit_perm: np.ndarray, k: int) -> np.ndarray:
+    """A permutation of k-row units as a permutation of rows."""
+    return (unit_perm[:, None] * k + np.arange(k)[None, :]).reshape(-1)
+
+
 def rows_permuted(model: QuantizedModel) -> QuantizedModel:
     victim = _largest(model)
-    return _map(model, lambda t: _permute_rows(t, np.random.default_rng(0).permutation(t.shape[0])), only=victim)
+
+    def permute(t: QuantizedTensor) -> QuantizedTensor:
+        k = _row_unit(t)
+        return _permute_rows(t, _expand(np.random.default_rng(0).permutation(t.shape[0] // k), k))
+    return _map(model, permute, only=victim)
 
 
 def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
@@ -164,16 +187,18 @@ def bias_zeroed(model: QuantizedModel) -> QuantizedModel:
 
 
 def embedding_rows_swapped(model: QuantizedModel) -> QuantizedModel:
-    """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors)."""
+    """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors;
+    K-schemes: 64 units of the rows that share super-blocks, ``_row_unit``)."""
     embeds = [n for n in model.tensors if "embed" in n.lower() or "wte" in n.lower()]
     victim = max(embeds or list(model.tensors), key=lambda n: model.tensors[n].shape[0])
 
     def swap(t: QuantizedTensor) -> QuantizedTensor:
-        rows = t.shape[0]
+        k = _row_unit(t)
+        rows = t.shape[0] // k
         picked = np.random.default_rng(1).choice(rows, size=min(64, rows - rows % 2), replace=False)
         perm = np.arange(rows)
         perm[picked[0::2]], perm[picked[1::2]] = picked[1::2], picked[0::2]
-        return _permute_rows(t, perm)
+        return _permute_rows(t, _expand(perm, k))
     return _map(model, swap, only=victim)
 
 
