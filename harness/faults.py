@@ -232,12 +232,15 @@ def stale_artifact(model: QuantizedModel) -> QuantizedModel:
     """An artifact made from an earlier version of the model, reused as if current: the
     largest non-embedding tensor was quantized from weights that have since changed, and
     the recorded source digest is that earlier version's."""
-    from arrowquant_core.tensor import dequantize, quantize
+    from arrowquant_core.methods import quantize_tensor
+    from arrowquant_core.tensor import dequantize
 
     victim = _largest(model)
     old = dequantize(model.tensors[victim]) * np.float32(1.01)  # the earlier weights
     tensors = dict(model.tensors)
-    tensors[victim] = quantize(old, model.tensors[victim].scheme, victim)
+    scheme = model.tensors[victim].scheme
+    # round-to-nearest, on the scale grid for a K-scheme (plain rtn's scales would not encode)
+    tensors[victim] = quantize_tensor(old, scheme, victim, "krtn" if scheme.scale_bits else "rtn")
     meta = dict(model.metadata)
     meta["source_digest"] = "0" * 64  # the digest of the earlier model, not this one
     return dataclasses.replace(model, tensors=tensors, metadata=meta)
