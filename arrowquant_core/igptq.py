@@ -63,7 +63,7 @@ def quantize_igptq(array: object, scheme: Scheme | str, name: str, hessian: obje
     blocks, _layout = blocks_of(values, sch)
     per = groups_per_super(sch) if sch.scale_bits else 1
     _codes, scales, zeros = search_params(blocks, sch.bits, sch.symmetric, sch.scale_bits, per, weights, grid)
-    u, perm = factor_hessian(h, cols, damp, True, name)
+    u, perm = factor_hessian(h, cols, damp, True, name, float32=True)
     rows, _cols, block, n_groups = layout(shape, sch)
     codes, _s, _z = gptq_matrix(values, u, sch.bits, sch.symmetric, group, block_size, perm,
                                 params=(scales.reshape(rows, n_groups), zeros.reshape(rows, n_groups)))

@@ -93,7 +93,8 @@ def quantize_with(blocks: F32, scales: F32, zeros: U8, bits: int) -> U8:
     """Codes for ``blocks`` under given per-block scales and zero points."""
     qmax = float((1 << bits) - 1)
     inv = safe_reciprocal(scales)
-    t = blocks.astype(inv.dtype) * inv[:, None]
+    # one pass: the product in inv's dtype (float32 values convert to float64 exactly)
+    t = np.multiply(blocks, inv[:, None], dtype=inv.dtype)
     np.rint(t, out=t)
     t += zeros[:, None].astype(inv.dtype)
     np.clip(t, 0.0, qmax, out=t)

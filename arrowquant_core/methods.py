@@ -22,11 +22,17 @@ per tensor (``QuantizationConfig.method`` / ``method_overrides``).
     gptq-kh128    gptq-k, Hadamard block 128
     krtn          round-to-nearest on the scheme's scale grid (no search: INT8's fast path)
     gptq-kr       GPTQ, act order, min/max ranges on the scale grid (fallback krtn)
+    gptq-khr      gptq-kr on the Hadamard-rotated weight (block 64), fallback krtn
 
 Measured on MiniLM (tests/benchmarks/test_bench_quality_per_bit.py): weighting the
 range search by diag(H) *before* GPTQ does not help -- GPTQ already steers the rounding
 by the full Hessian -- (INT4 g64: gptq-i 0.9881 / 0.957 vs gptq-k 0.9887 / 0.966); the
-K-scheme grid and the rotation do. ``gptq-kh`` is the proposed default.
+K-scheme grid and the rotation do. The range search itself is what costs time (20 clip
+factors per group, 4-5x a GPTQ pass on MiniLM): with the rotation it adds little --
+INT4 g32-k8 gptq-kh 0.9927 / 0.979 vs gptq-khr 0.9921 / 0.976; without it none (gptq-k
+with 4 factors 0.9912 / 0.970 vs gptq-kr 0.9913 / 0.973) -- so ``gptq-khr`` (rotation,
+min/max ranges) is MiniLM's INT4 and INT2 default, within the 5 s GPTQ budget that
+``gptq-kh`` misses (tests/benchmarks/test_bench_methods.py, issue 13).
 
 Only the ``iclip`` / ``gptq-i*`` family supports the K-quant schemes (``-k6`` / ``-k8``:
 scales stored as codes, ``kquant.py``): their searches choose scales on the stored grid.
@@ -110,6 +116,9 @@ _ROWS: Final[tuple[Method, ...]] = (
            needs_hessian=True, act_order=True, fallback="krtn", k_schemes=True, importance=False, search=False),
     Method("gptq-kh128", "gptq-k on the randomized-Hadamard-rotated weight (block 128)",
            needs_hessian=True, act_order=True, fallback="iclip", k_schemes=True, rotation=128, importance=False),
+    Method("gptq-khr", "gptq-kr on the randomized-Hadamard-rotated weight (block 64): no range search",
+           needs_hessian=True, act_order=True, fallback="krtn", k_schemes=True, rotation=64, importance=False,
+           search=False),
 )
 
 METHODS: Final[dict[str, Method]] = {m.name: m for m in _ROWS}
@@ -192,6 +201,7 @@ _DISPATCH: Final[dict[str, Kernel]] = {
     "rtn": _rtn, "clip": _clip, "hqq": _hqq, "gptq": _gptq, "gptq-act": _gptq, "gptq-mse": _gptq,
     "gptq-act-mse": _gptq, "residual2": _residual2, "iclip": _iclip, "iclip-h": _iclip, "gptq-i": _igptq,
     "gptq-ih": _igptq, "gptq-k": _igptq, "krtn": _iclip, "gptq-kr": _igptq, "gptq-kh": _igptq, "gptq-kh128": _igptq,
+    "gptq-khr": _igptq,
 }
 
 

@@ -432,7 +432,7 @@ class RunContext:
                     continue  # counted as unexpected by the accounting below
                 ref = np.asarray(source[name], dtype=np.float32)
                 got = np.asarray(weights[name], dtype=np.float32)
-                lo, hi = group_range_ratios(ref, got, qt.scheme)
+                lo, hi = group_range_ratios(*stored_basis(ref, got, qt.method), qt.scheme)
                 layers.append(LayerRow(name, qt.scheme.name, qt.method, qt.shape, qt.numel, aq.cosine(ref, got),
                                        aq.sqnr_db(ref, got), aq.relative_error(ref, got),
                                        row_cosine_min(ref, got), lo, hi))
@@ -692,6 +692,24 @@ def group_range_ratios(reference: npt.NDArray[np.float32], test: npt.NDArray[np.
         return 1.0, 1.0
     ratio = got_range[keep] / ref_range[keep]
     return float(ratio.min()), float(ratio.max())
+
+
+def stored_basis(reference: npt.NDArray[np.float32], test: npt.NDArray[np.float32],
+                 method: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Source and dequantized weights in the basis the codes' groups live in.
+
+    A Hadamard-rotated method (``rotation.ROTATED_METHODS``) groups the *rotated* weight
+    ``W R``; unrotating spreads each group's rounding error over its block, so a group of
+    ``Q(W R) R^T`` may span several times its source range although every stored scale is
+    right (MiniLM INT4 gptq-kh measured 3.2, INT2 18). The ratio is taken where the scales
+    act: ``W R`` against ``Q(W R) R^T R``, so a wrong scale still stands out."""
+    from arrowquant_core.rotation import ROTATED_METHODS, rotate
+
+    block = ROTATED_METHODS.get(method)
+    if block is None or reference.ndim != 2 or int(reference.shape[1]) % block:
+        return reference, test
+    return (rotate(reference, block).astype(np.float32, copy=False),
+            rotate(np.asarray(test, dtype=np.float32), block).astype(np.float32, copy=False))
 
 
 def finite_mean(values: list[float]) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from arrowquant_core import storage
 from arrowquant_core.errors import ConfigurationError, unknown_name
+from arrowquant_core.kquant import groups_per_super
 from arrowquant_core.model import QuantizedModel
 from arrowquant_core.plan import MixedPlan, realize
 from arrowquant_core.spatial import SmoothSite, SpatialResult
@@ -90,9 +92,31 @@ def _permute_rows(t: QuantizedTensor, perm: np.ndarray) -> QuantizedTensor:
     return dataclasses.replace(t, codes=_repack(t, blocks), scales=scales, zeros=zeros)
 
 
+def _row_unit(t: QuantizedTensor) -> int:
+    """Rows that move together in a row fault: 1, or for a K-scheme the rows whose groups
+    share super-blocks (kquant.py: a super-block's scales are codes of one power-of-two
+    exponent, so rows moved apart from it would not encode and the writer refuses them)."""
+    if not t.scheme.scale_bits or t.is_lattice:
+        return 1
+    rows = t.shape[0]
+    per_row = block_codes(t).shape[0] // rows
+    per = groups_per_super(t.scheme)
+    k = per // math.gcd(per, per_row)
+    return k if rows % k == 0 else 1
+
+
+def _expand(unit_perm: np.ndarray, k: int) -> np.ndarray:
+    """A permutation of k-row units as a permutation of rows."""
+    return (unit_perm[:, None] * k + np.arange(k)[None, :]).reshape(-1)
+
+
 def rows_permuted(model: QuantizedModel) -> QuantizedModel:
     victim = _largest(model)
-    return _map(model, lambda t: _permute_rows(t, np.random.default_rng(0).permutation(t.shape[0])), only=victim)
+
+    def permute(t: QuantizedTensor) -> QuantizedTensor:
+        k = _row_unit(t)
+        return _permute_rows(t, _expand(np.random.default_rng(0).permutation(t.shape[0] // k), k))
+    return _map(model, permute, only=victim)
 
 
 def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
@@ -163,21 +187,24 @@ def bias_zeroed(model: QuantizedModel) -> QuantizedModel:
 
 
 def embedding_rows_swapped(model: QuantizedModel) -> QuantizedModel:
-    """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors)."""
+    """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors;
+    K-schemes: 64 units of the rows that share super-blocks, ``_row_unit``)."""
     embeds = [n for n in model.tensors if "embed" in n.lower() or "wte" in n.lower()]
     victim = max(embeds or list(model.tensors), key=lambda n: model.tensors[n].shape[0])
 
     def swap(t: QuantizedTensor) -> QuantizedTensor:
-        rows = t.shape[0]
+        k = _row_unit(t)
+        rows = t.shape[0] // k
         picked = np.random.default_rng(1).choice(rows, size=min(64, rows - rows % 2), replace=False)
         perm = np.arange(rows)
         perm[picked[0::2]], perm[picked[1::2]] = picked[1::2], picked[0::2]
-        return _permute_rows(t, perm)
+        return _permute_rows(t, _expand(perm, k))
     return _map(model, swap, only=victim)
 
 
 def group_scales_off(model: QuantizedModel) -> QuantizedModel:
-    """Eight groups of the largest non-embedding weight stored with 4x their scale."""
+    """Eight groups (eight super-blocks for K-schemes) of the largest non-embedding weight stored
+    with 4x their scale."""
     victim = _largest(model)
 
     def off(t: QuantizedTensor) -> QuantizedTensor:
@@ -186,6 +213,16 @@ def group_scales_off(model: QuantizedModel) -> QuantizedModel:
             params[np.linspace(0, len(params) - 1, 8).astype(int), 1:] *= np.float32(4.0)
             return dataclasses.replace(t, params=params.reshape(-1))
         scales = t.scales.copy()
+        if t.scheme.scale_bits:
+            # K-schemes store a scale as a code times its super-block's power-of-two scale
+            # (kquant.py): a single group at 4x does not fit that grid and the writer
+            # refuses it. Eight whole super-blocks at 4x do (the exponent moves by 2), and
+            # every group in them spans 4x its source range all the same.
+            per = groups_per_super(t.scheme)
+            supers = -(-scales.size // per)
+            for k in np.linspace(0, supers - 1, 8).astype(int):
+                scales[k * per:(k + 1) * per] *= np.float32(4.0)
+            return dataclasses.replace(t, scales=scales)
         scales[np.linspace(0, scales.size - 1, 8).astype(int)] *= np.float32(4.0)
         return dataclasses.replace(t, scales=scales)
     return _map(model, off, only=victim)
@@ -195,12 +232,15 @@ def stale_artifact(model: QuantizedModel) -> QuantizedModel:
     """An artifact made from an earlier version of the model, reused as if current: the
     largest non-embedding tensor was quantized from weights that have since changed, and
     the recorded source digest is that earlier version's."""
-    from arrowquant_core.tensor import dequantize, quantize
+    from arrowquant_core.methods import quantize_tensor
+    from arrowquant_core.tensor import dequantize
 
     victim = _largest(model)
     old = dequantize(model.tensors[victim]) * np.float32(1.01)  # the earlier weights
     tensors = dict(model.tensors)
-    tensors[victim] = quantize(old, model.tensors[victim].scheme, victim)
+    scheme = model.tensors[victim].scheme
+    # round-to-nearest, on the scale grid for a K-scheme (plain rtn's scales would not encode)
+    tensors[victim] = quantize_tensor(old, scheme, victim, "krtn" if scheme.scale_bits else "rtn")
     meta = dict(model.metadata)
     meta["source_digest"] = "0" * 64  # the digest of the earlier model, not this one
     return dataclasses.replace(model, tensors=tensors, metadata=meta)

@@ -137,7 +137,7 @@ def test_importance_weighting_never_loses_on_the_weighted_error() -> None:
 
 
 def test_k_schemes_take_only_the_methods_that_store_scale_codes() -> None:
-    assert K_METHODS == ["gptq-i", "gptq-ih", "gptq-k", "gptq-kh", "gptq-kh128", "gptq-kr", "iclip", "iclip-h",
+    assert K_METHODS == ["gptq-i", "gptq-ih", "gptq-k", "gptq-kh", "gptq-kh128", "gptq-khr", "gptq-kr", "iclip", "iclip-h",
                          "krtn"]
     with pytest.raises(ConfigurationError, match="cannot store scales as codes"):
         check_method("gptq-act-mse", get_scheme("int4-g32-asym-k8"))

@@ -154,6 +154,8 @@ def test_gptq_i_beats_its_own_ranges_rounded_plainly_on_the_layer_output(scheme:
     assert out_err("gptq-ih") < 0.8 * out_err("iclip-h")
     assert out_err("gptq-k") < 0.8 * out_err("iclip")
     assert out_err("gptq-kh") < 0.8 * out_err("iclip-h")
+    # MiniLM's INT4/INT2 default: rotation and GPTQ, min/max ranges, against plain RTN on the grid
+    assert out_err("gptq-khr") < 0.8 * out_err("krtn")
 
 
 def test_hessian_methods_fall_back_to_their_named_method_without_a_hessian() -> None:
@@ -164,6 +166,7 @@ def test_hessian_methods_fall_back_to_their_named_method_without_a_hessian() -> 
     assert quantize_tensor(w, sch, "emb", "gptq-kh128").method == "iclip"
     assert quantize_tensor(w, sch, "emb", "gptq-k").method == "iclip"
     assert quantize_tensor(w, sch, "emb", "gptq-kh").method == "iclip-h"
+    assert quantize_tensor(w, sch, "emb", "gptq-khr").method == "krtn"
 
 
 def test_gptq_k_is_gptq_act_mse_on_plain_schemes() -> None:

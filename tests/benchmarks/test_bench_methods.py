@@ -81,3 +81,60 @@ def test_bench_gptq_int4_g64(benchmark: BenchmarkFixture, minilm: tuple[dict[str
         "linear_weights": len(hessians)})
     assert gptq_s <= GPTQ_BUDGET_S, (
         f"GPTQ {SCHEME} on MiniLM took {gptq_s:.2f} s (best of 2), budget {GPTQ_BUDGET_S} s")
+
+
+# --- issue 13's time rules for the methods MiniLM ships -----------------------------------
+# The shipped (scheme, method) per bit width is read from harness/criteria/minilm.toml, so
+# moving a default re-checks its time. Rules (issue 13, item 4):
+#   INT8: the shipped method within 10x of round-to-nearest;
+#   INT4 / INT2: within the current GPTQ budget, <= 5 s on MiniLM on a quiet machine.
+# Seconds on this shared 2-core machine move 2-3x with the other sessions' load, so the
+# rules are checked as ratios measured in this one run: INT8 against RTN (best of 5, it
+# takes ~0.07 s), INT4 / INT2 against the GPTQ run the 5 s budget was set for
+# (``gptq`` at int4-g64-asym, ``test_bench_gptq_int4_g64``: 3-4 s quiet). Absolute
+# seconds and both ratios go to ``benchmark.extra_info`` for the record.
+RTN_SCHEME = "int8-g128-asym"  # the project's round-to-nearest baseline (the INT8 default before issue 13)
+INT8_OVER_RTN_MAX = 10.0
+BUDGET_REFERENCE = ("int4-g64-asym", "gptq")
+LOW_BIT_OVER_REFERENCE_MAX = 1.0
+
+
+def shipped(bits: int) -> tuple[str, str]:
+    from harness.criteria import default_criteria_path, load_criteria
+
+    plan = load_criteria(default_criteria_path("minilm"), "minilm").plan(bits)
+    return plan.scheme, plan.method
+
+
+def seconds(weights: Mapping[str, F32], hessians: Mapping[str, F32], scheme: str, method: str) -> float:
+    start = time.perf_counter()
+    quantize_model(weights, QuantizationConfig(scheme, method=method), hessians=hessians)
+    return time.perf_counter() - start
+
+
+def test_bench_time_rules_of_the_shipped_methods(benchmark: BenchmarkFixture,
+                                                 minilm: tuple[dict[str, F32], dict[str, F32]]) -> None:
+    weights, hessians = minilm
+    scheme8, method8 = shipped(8)
+    int8_s = float(benchmark.pedantic(seconds, args=(weights, hessians, scheme8, method8), rounds=1, iterations=1))
+    rtn_s = best_of(lambda: quantize_model(weights, QuantizationConfig(RTN_SCHEME)), 5)
+    int8_s = min(int8_s, seconds(weights, hessians, scheme8, method8))  # best of 2, like RTN's best of 5
+    reference_s = seconds(weights, hessians, *BUDGET_REFERENCE)
+    low = {bits: (*shipped(bits), seconds(weights, hessians, *shipped(bits))) for bits in (4, 2)}
+    benchmark.extra_info.update({
+        "rtn": RTN_SCHEME, "rtn_s": round(rtn_s, 3),
+        "int8": f"{scheme8}/{method8}", "int8_s": round(int8_s, 3), "int8_over_rtn": round(int8_s / rtn_s, 1),
+        "reference": "/".join(BUDGET_REFERENCE), "reference_s": round(reference_s, 3), "budget_s": GPTQ_BUDGET_S,
+        **{f"int{b}": f"{s}/{m}" for b, (s, m, _t) in low.items()},
+        **{f"int{b}_s": round(t, 3) for b, (_s, _m, t) in low.items()},
+        **{f"int{b}_over_rtn": round(t / rtn_s, 1) for b, (_s, _m, t) in low.items()},
+        **{f"int{b}_over_reference": round(t / reference_s, 2) for b, (_s, _m, t) in low.items()},
+    })
+    assert int8_s / rtn_s <= INT8_OVER_RTN_MAX, (
+        f"INT8 {scheme8}/{method8} took {int8_s:.3f} s = {int8_s / rtn_s:.1f}x round-to-nearest "
+        f"({RTN_SCHEME}, {rtn_s:.3f} s); rule: <= {INT8_OVER_RTN_MAX:g}x")
+    for bits, (scheme, method, t) in low.items():
+        assert t / reference_s <= LOW_BIT_OVER_REFERENCE_MAX, (
+            f"INT{bits} {scheme}/{method} took {t:.2f} s = {t / reference_s:.2f}x the GPTQ run the {GPTQ_BUDGET_S:g} s "
+            f"budget was set for ({'/'.join(BUDGET_REFERENCE)}, {reference_s:.2f} s in this run); rule: <= "
+            f"{LOW_BIT_OVER_REFERENCE_MAX:g}x")
