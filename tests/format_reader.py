@@ -149,7 +149,7 @@ def decode_raw(row: dict[str, Any], kind: str) -> Tensor:
 
 
 # Section 6.8: the methods whose codes are of W R, and their Hadamard block
-ROTATIONS = {"iclip-h": 64, "gptq-ih": 64, "gptq-kh": 64, "gptq-kh128": 128}
+ROTATIONS = {"iclip-h": 64, "gptq-ih": 64, "gptq-kh": 64, "gptq-khr": 64, "gptq-kh128": 128}
 SIGN_SEED = 0x41515254
 
 
