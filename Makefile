@@ -30,7 +30,7 @@ help:
 	@echo "make test   set up .venv and run the project's tests"
 	@echo "make setup  only set up .venv (torch CPU, then the project with its mypyc-compiled core)"
 	@echo "make fuzz   the long hostile-input campaign (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) per target) and bombs"
-	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository"
+	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository; GGUF faults end to end"
 	@echo "make bench  kernel, method and quality-per-bit benchmarks (tests/benchmarks)"
 	@echo "make measure  the long measurement tables (time-aware dream-mini, transformers runners, dit-mini)"
 	@echo "make scale  streaming validation from 3.5M to 7.6B parameters (writes 20 GB of fixtures once; ~30 min)"
