@@ -685,8 +685,14 @@ def group_range_ratios(reference: npt.NDArray[np.float32], test: npt.NDArray[np.
     is zero are left out."""
     ref_blocks, _ = blocks_of(np.ascontiguousarray(reference, dtype=np.float32), scheme)
     got_blocks, _ = blocks_of(np.ascontiguousarray(test, dtype=np.float32), scheme)
-    ref_range = np.ptp(ref_blocks, axis=1).astype(np.float64)
-    got_range = np.ptp(got_blocks, axis=1).astype(np.float64)
+    return block_range_ratios(ref_blocks, got_blocks)
+
+
+def block_range_ratios(reference: npt.NDArray[np.float32], test: npt.NDArray[np.float32]) -> tuple[float, float]:
+    """(min, max) over the rows of two ``(blocks, block)`` arrays of dequantized range /
+    source range, leaving out blocks whose source range is zero (1, 1 when all are)."""
+    ref_range = np.ptp(reference, axis=1).astype(np.float64)
+    got_range = np.ptp(test, axis=1).astype(np.float64)
     keep = ref_range > 0
     if not bool(np.any(keep)):
         return 1.0, 1.0

@@ -163,15 +163,9 @@ def block_range_ratios(reference: FloatArray, test: FloatArray, block: int) -> t
     """(min, max) over the tensor's ggml blocks (``block`` consecutive values of a row) of
     dequantized range / source range; blocks whose source range is zero are left out.
     A block with a wrong scale stands out here although the tensor's cosine barely moves."""
-    ref = np.asarray(reference, np.float32).reshape(-1, block)
-    got = np.asarray(test, np.float32).reshape(-1, block)
-    ref_range = np.ptp(ref, axis=1).astype(np.float64)
-    got_range = np.ptp(got, axis=1).astype(np.float64)
-    keep = ref_range > 0
-    if not bool(np.any(keep)):
-        return 1.0, 1.0
-    ratio = got_range[keep] / ref_range[keep]
-    return float(ratio.min()), float(ratio.max())
+    from harness.context import block_range_ratios as ratios
+
+    return ratios(np.asarray(reference, np.float32).reshape(-1, block), np.asarray(test, np.float32).reshape(-1, block))
 
 
 def layer_rows(art: GGUFArtifact, source: Mapping[str, FloatArray]) -> list[LayerRow]:
