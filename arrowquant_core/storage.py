@@ -165,6 +165,23 @@ def raw_row(name: str, array: npt.NDArray[Any], kind: str) -> dict[str, Any]:
     return _raw_row(name, array, kind)
 
 
+def tied_row(alias: str, canonical: str, shape: tuple[int, ...], dtype: str) -> dict[str, Any]:
+    """A tied row as ``save`` writes it (public for the streaming writer)."""
+    return _tied_row(alias, canonical, {"shape": [int(d) for d in shape], "dtype": dtype})
+
+
+def tied_target(row: dict[str, Any], path: Path) -> tuple[str, list[int], str]:
+    """A tied row's (canonical name, shape, dtype), its checksum verified; the caller checks
+    that the canonical tensor is a stored model tensor of the same shape and dtype."""
+    canonical = row.get("tied_to")
+    if not isinstance(canonical, str) or canonical == row["name"]:
+        raise FormatError(f"{path}: tensor {short(row['name'])}: tied to {str(canonical)[:80]!r}, which is not a stored "
+                          "model tensor")
+    shape, dtype = list(_shape(row, path)), str(row["dtype"])
+    _verify(row, [], f"tied|{row['name']}|{canonical}|{shape}|{dtype}", path)
+    return canonical, shape, dtype
+
+
 def manifest_digest(version: int, metadata_json: bytes, rows: list[tuple[str, str, str]]) -> str:
     """The manifest digest (docs/FORMAT.md section 7.1) of rows given as (name, kind, checksum)."""
     return _manifest(version, metadata_json, rows)
@@ -490,12 +507,10 @@ def _build_model(table: pa.Table, source: Path, metadata: dict[str, str]) -> Qua
         else:
             raise FormatError(f"{source}: tensor {short(name)}: unknown kind {str(kind)[:40]!r}")
     for alias, row in tied_rows.items():
-        canonical = row.get("tied_to")
-        if not isinstance(canonical, str) or canonical in tied_rows or canonical not in seen or canonical in aux:
-            raise FormatError(f"{source}: tensor {short(alias)}: tied to {str(canonical)[:80]!r}, which is not a stored "
+        canonical, shape, dtype = tied_target(row, source)
+        if canonical in tied_rows or canonical not in seen or canonical in aux:
+            raise FormatError(f"{source}: tensor {short(alias)}: tied to {canonical[:80]!r}, which is not a stored "
                               "model tensor")
-        shape, dtype = list(_shape(row, source)), row["dtype"]
-        _verify(row, [], f"tied|{alias}|{canonical}|{shape}|{dtype}", source)
         target = tensors.get(canonical)
         if target is not None:
             target_shape, target_dtype = list(target.shape), target.dtype

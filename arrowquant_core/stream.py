@@ -29,8 +29,12 @@ peak memory is a constant plus a small multiple of the largest *block*, never th
   accumulated in float64 block by block (never a whole-tensor float64 copy), with the
   worst row cosine and the group range ratios that the in-memory harness reports.
 
-Ties (one array under two names) are not detected here: finding them needs every
-tensor's digest first. Dream and Qwen2.5-7B have an untied LM head.
+Ties (one array under two names, e.g. an LM head saved as a copy of the embedding
+matrix) are found as ``fixtures.checkpoint.find_ties`` finds them for the in-memory path:
+a float tensor of two or more dimensions whose digest equals an earlier one's (sorted
+names) is stored as a ``tied`` row pointing at the earlier tensor. The digest is complete
+only once the tensor has been read, so an alias is quantized and then discarded: a tied
+checkpoint costs one extra quantization per alias, never a second pass over the file.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ from arrowquant_core.storage import (
     raw_row,
     row_checksum,
     schema_fields,
+    tied_row,
+    tied_target,
 )
 from arrowquant_core.tensor import QuantizedTensor, dequantize, layout
 
@@ -355,6 +361,14 @@ class StreamWriter:
         self._row(name, kind, tuple(row["shape"]), row["dtype"], row["sha256"], {"data": row["data"]})
         return str(row["sha256"])
 
+    def write_tied(self, alias: str, canonical: str, shape: tuple[int, ...], dtype: str) -> str:
+        """Write ``alias`` as a tie to the earlier row ``canonical``; returns its checksum."""
+        if canonical not in self._names:
+            raise FormatError(f"tensor {short(alias)}: tied to {short(canonical)}, which has not been written")
+        row = tied_row(alias, canonical, shape, dtype)
+        self._row(alias, "tied", shape, dtype, row["sha256"], {"tied_to": canonical})
+        return str(row["sha256"])
+
     def close(self, extra: Mapping[str, str] | None = None) -> str:
         """Write the keys (model metadata plus ``extra``) and the manifest digest into the
         footer and finish the file; returns the digest."""
@@ -373,7 +387,7 @@ class StreamedTensor:
     """What the streaming pass did with one tensor."""
 
     name: str
-    kind: str  # "quantized", "float" or "buffer"
+    kind: str  # "quantized", "float", "buffer" or "tied"
     shape: tuple[int, ...]
     dtype: str
     scheme: str
@@ -381,10 +395,29 @@ class StreamedTensor:
     source_bytes: int
     digest: str  # blake2b of the source tensor as read (see _HashingReader)
     checksum: str  # the row's sha256 as written (compared with the row read back)
+    tied_to: str = ""  # "tied": the earlier tensor it is stored as
 
     def __post_init__(self) -> None:
-        if self.kind not in ("quantized", "float", "buffer"):
-            raise ConfigurationError(f"tensor {self.name!r}: kind {self.kind!r} is not quantized/float/buffer")
+        if self.kind not in ("quantized", "float", "buffer", "tied"):
+            raise ConfigurationError(f"tensor {self.name!r}: kind {self.kind!r} is not quantized/float/buffer/tied")
+        if (self.kind == "tied") != bool(self.tied_to):
+            raise ConfigurationError(f"tensor {self.name!r}: a tied tensor, and only one, names its canonical tensor")
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A tied row read back: ``alias`` is stored as ``canonical`` (same shape and dtype)."""
+
+    alias: str
+    canonical: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def may_tie(info: TensorInfo) -> bool:
+    """Whether a tensor can be stored as a tie: float, two or more dimensions
+    (``fixtures.checkpoint.find_ties``' rule)."""
+    return info.numpy_dtype.name not in RAW_DTYPES and len(info.shape) >= 2
 
 
 def quantize_file(source: SafetensorsSource, config: QuantizationConfig, path: str | os.PathLike[str],
@@ -402,6 +435,18 @@ def quantize_file(source: SafetensorsSource, config: QuantizationConfig, path: s
     """
     names = sorted(source.names)
     done: list[StreamedTensor] = []
+    first: dict[str, str] = {}  # digest -> the first tensor with it (the digest covers dtype and shape)
+
+    def tie(name: str, info: TensorInfo, digest: str, writer: StreamWriter) -> bool:
+        if not may_tie(info):
+            return False
+        canonical = first.setdefault(digest, name)
+        if canonical == name:
+            return False
+        checksum = writer.write_tied(name, canonical, info.shape, info.numpy_dtype.name)
+        done.append(StreamedTensor(name, "tied", info.shape, info.numpy_dtype.name, "", "", info.nbytes, digest,
+                                   checksum, canonical))
+        return True
 
     def body(handle: IO[bytes]) -> None:
         writer = StreamWriter(handle, metadata or {})
@@ -413,15 +458,19 @@ def quantize_file(source: SafetensorsSource, config: QuantizationConfig, path: s
                     and config.wants(name, np.empty((0,) * len(info.shape))):
                 scheme = config.scheme_for(name)
                 qt = quantize_rows(reader, info.shape, dtype, scheme, name, config.method_for(name), block_values)
-                checksum = writer.write_quantized(qt)
-                done.append(StreamedTensor(name, "quantized", info.shape, dtype, scheme.name, qt.method, info.nbytes,
-                                           reader.digest(), checksum))
+                if not tie(name, info, reader.digest(), writer):
+                    checksum = writer.write_quantized(qt)
+                    done.append(StreamedTensor(name, "quantized", info.shape, dtype, scheme.name, qt.method,
+                                               info.nbytes, reader.digest(), checksum))
                 del qt
             else:
                 kind = "buffer" if dtype in RAW_DTYPES else "float"
-                checksum = writer.write_raw(name, reader(0, reader.rows), kind)
-                done.append(StreamedTensor(name, kind, info.shape, dtype, "", "", info.nbytes, reader.digest(),
-                                           checksum))
+                values = reader(0, reader.rows)
+                if not tie(name, info, reader.digest(), writer):
+                    checksum = writer.write_raw(name, values, kind)
+                    done.append(StreamedTensor(name, kind, info.shape, dtype, "", "", info.nbytes, reader.digest(),
+                                               checksum))
+                del values
             if progress is not None:
                 progress(i, len(names), name)
         writer.close({SOURCE_DIGEST_KEY: source_digest({t.name: t.digest for t in done})})
@@ -434,10 +483,11 @@ def quantize_file(source: SafetensorsSource, config: QuantizationConfig, path: s
 
 # --------------------------------------------------------------------------- reading back
 
-def iter_artifact(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, str, QuantizedTensor | Array]]:
-    """Yield ``(name, kind, checksum, QuantizedTensor or array)`` one Parquet row group at a time,
-    checking each row's checksum, then the manifest digest after the last row (a reader
-    that stops early has not verified the file)."""
+def iter_artifact(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, str, QuantizedTensor | Array | Tie]]:
+    """Yield ``(name, kind, checksum, QuantizedTensor, array or Tie)`` one Parquet row group at
+    a time, checking each row's checksum (a tied row: that it points at an earlier stored
+    model tensor of its shape and dtype), then the manifest digest after the last row (a
+    reader that stops early has not verified the file)."""
     source = Path(path)
     check_parquet_footprint(source, "artifact")
     try:
@@ -449,13 +499,24 @@ def iter_artifact(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, str,
         raise FormatError(f"{source}: not a format-v2 ArrowQuant artifact")
     fields = [f for f in pf.schema_arrow.names]
     rows: list[tuple[str, str, str]] = []
+    stored: dict[str, tuple[list[int], str]] = {}  # model tensors a tie may point at: shape, dtype
     for g in range(pf.num_row_groups):
         table = pf.read_row_group(g, columns=fields)
         for i in range(table.num_rows):
             row = {f: _value(table.column(f), i) for f in fields}
             name, kind = str(row["name"]), str(row["kind"])
             rows.append((name, kind, str(row["sha256"])))
-            yield name, kind, str(row["sha256"]), decode_row(row, source)
+            if kind == "tied":
+                canonical, shape, dtype = tied_target(row, source)
+                if stored.get(canonical) != (shape, dtype):
+                    raise FormatError(f"{source}: tensor {short(name)}: tied to {canonical[:80]!r}, which is not an "
+                                      f"earlier stored model tensor of {dtype}{shape[:8]}")
+                yield name, kind, str(row["sha256"]), Tie(name, canonical, tuple(shape), dtype)
+                continue
+            value = decode_row(row, source)
+            if kind != "aux":
+                stored[name] = ([int(d) for d in row["shape"]], str(row["dtype"]))
+            yield name, kind, str(row["sha256"]), value
         del table
     recorded = kv.get(MANIFEST_KEY)
     expected = manifest_digest(FORMAT_V2, bytes(kv.get(METADATA_KEY, b"{}")), rows)
@@ -621,6 +682,7 @@ class Readback:
     missing: list[str]  # in the source, not in the artifact
     unexpected: list[str]  # in the artifact, not in the source
     dtype_mismatches: list[str]  # dequantizes (or is kept) in another dtype than the source's
+    ties: dict[str, str]  # alias -> canonical, as the artifact records them
     checksums: dict[str, str]  # each row's sha256 as read back
     digests: dict[str, str]  # each source tensor's digest, re-read during this pass
     metadata: dict[str, str]  # the artifact's model metadata
@@ -638,6 +700,7 @@ def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_v
     dtypes: list[str] = []
     checksums: dict[str, str] = {}
     digests: dict[str, str] = {}
+    ties: dict[str, str] = {}
     unexpected: list[str] = []
     total = len(source.names)
     for name, kind, checksum, value in iter_artifact(artifact):
@@ -649,6 +712,13 @@ def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_v
         want_dtype = source.info(name).numpy_dtype.name
         if isinstance(value, QuantizedTensor):
             measures.append(measure_tensor(value, reader, block_values))
+            if value.dtype != want_dtype:
+                dtypes.append(name)
+        elif isinstance(value, Tie):
+            ties[name] = value.canonical
+            step = max(1, block_values // max(1, _rows_cols(value.shape)[1]))
+            for start in range(0, reader.rows, step):  # digest only, a row block at a time
+                reader(start, min(reader.rows, start + step))
             if value.dtype != want_dtype:
                 dtypes.append(name)
         else:
@@ -663,7 +733,7 @@ def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_v
         if progress is not None:
             progress(len(checksums), total, name)
     missing = sorted(set(source.names) - set(checksums))
-    return Readback(measures, exact, changed, missing, unexpected, dtypes, checksums, digests,
+    return Readback(measures, exact, changed, missing, unexpected, dtypes, ties, checksums, digests,
                     artifact_metadata(artifact), time.perf_counter() - t0)
 
 

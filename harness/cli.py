@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   python -m harness run --model minilm --artifact minilm-Q4_0.gguf   # judge a GGUF made elsewhere
   python -m harness report reports/results.json        # re-render the report from results
   python -m harness verify reports/results.json        # re-check results against artifacts and criteria
+  python -m harness verify reports/streaming_results.json   # the same for a streaming run
   python -m harness list                               # models, schemes, metrics, faults
   python -m harness sweep --model dream-mini --bits 8,4 --methods rtn,hqq   # a grid of runs on Ray
 """
@@ -103,10 +104,12 @@ def parser() -> argparse.ArgumentParser:
                                                           "with --artifact, break a copy of the file (gguf-* faults)")
     _add_sweep(sub)
     sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
-    rep = sub.add_parser("report", help="re-render the Markdown report from a results.json")
+    rep = sub.add_parser("report", help="re-render the Markdown report from a results.json "
+                                        "(or a streaming run's streaming_results.json)")
     rep.add_argument("results", type=Path)
     rep.add_argument("--out", type=Path, help="report path (default: next to results.json)")
-    ver = sub.add_parser("verify", help="re-check a results.json against its artifacts (sha256) and criteria "
+    ver = sub.add_parser("verify", help="re-check a results.json (or streaming_results.json) against its "
+                                        "artifacts (sha256) and criteria "
                                         "(sha256, every gate re-evaluated); exit 0/1 = the verified verdict, "
                                         "2 = the results do not hold up")
     ver.add_argument("results", type=Path)
@@ -235,11 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
+            from harness import streaming
             from harness.integrity import consistency_problems
             from harness.report import render_report
-            from harness.results import read_results
+            from harness.results import read_results, write_text_atomic
 
             results = read_results(args.results)
+            if streaming.is_streaming_results(results):
+                problems = streaming.verify_streaming(results, args.results)
+                if problems:
+                    return _refuse(args.results, problems, "the report was not written")
+                out = args.out or args.results.parent / streaming.REPORT_NAME
+                write_text_atomic(out, streaming.render(results))
+                _say(str(out))
+                return exitcodes.OK
             problems = consistency_problems(results)
             if problems:
                 return _refuse(args.results, problems, "the report was not written")
@@ -248,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
             _say(str(out))
             return exitcodes.OK
         if args.command == "verify":
+            from harness import streaming
             from harness.integrity import verify
             from harness.results import read_results
 
             results = read_results(args.results)
-            problems = verify(results, args.results)
+            problems = (streaming.verify_streaming(results, args.results) if streaming.is_streaming_results(results)
+                        else verify(results, args.results))
             if problems:
                 return _refuse(args.results, problems, "it does not hold up")
             _say(f"verified {args.results}: verdict {results['verdict']}, artifacts and criteria match")

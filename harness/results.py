@@ -187,6 +187,8 @@ def read_results(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"results file {path}: invalid JSON at line {exc.lineno}") from None
     except (ValueError, RecursionError) as exc:
         raise ConfigurationError(f"results file {path}: invalid JSON ({type(exc).__name__})") from None
+    if isinstance(data, dict) and "streaming_results_version" in data:
+        return data  # a streaming run's results (harness.streaming), checked by its own verify
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         raise ConfigurationError(
             f"results file {path}: schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"

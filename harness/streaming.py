@@ -47,10 +47,12 @@ import arrowquant_core as aq
 from arrowquant_core import stream
 from arrowquant_core.atomic import write_bytes_atomic
 from arrowquant_core.errors import ConfigurationError
+from arrowquant_core.limits import short
 from arrowquant_core.safetensors_io import _dtype_for, _header_bytes  # the writer's exact layout
 
 if TYPE_CHECKING:  # imported where used: the probe subprocess must start fast (tests/test_stream.py)
     from harness.criteria import Criteria
+    from harness.integrity import Problem
 
 STREAM_THRESHOLD_BYTES: Final[int] = 1 << 30
 DEFAULT_CRITERIA: Final[Path] = Path(__file__).resolve().parent / "criteria" / "streaming.toml"
@@ -105,12 +107,15 @@ def rss_bytes() -> int:
     return 0
 
 
-def layout_size(source: stream.SafetensorsSource, dtype: np.dtype[Any]) -> int:
+def layout_size(source: stream.SafetensorsSource, dtype: np.dtype[Any], skip: frozenset[str] = frozenset()) -> int:
     """Bytes of a safetensors copy of ``source`` with every float tensor in ``dtype``
-    (integer buffers as they are), computed from the format's layout, not written."""
+    (integer buffers as they are; the tied aliases in ``skip`` left out, as the in-memory
+    baselines count a tie once), computed from the format's layout, not written."""
     entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
     offset = 0
     for name in sorted(source.names):
+        if name in skip:
+            continue
         info = source.info(name)
         row = _dtype_for(info.numpy_dtype if info.numpy_dtype.kind in "iub" else dtype)
         if row is None:
@@ -121,16 +126,24 @@ def layout_size(source: stream.SafetensorsSource, dtype: np.dtype[Any]) -> int:
     return 8 + len(_header_bytes(entries, None)) + offset
 
 
-def _ties(streamed: list[stream.StreamedTensor]) -> int:
-    """Tensors whose dtype, shape and bytes equal an earlier tensor's (a tie the artifact
-    stores twice, since streaming records none): each is a tie mismatch."""
-    seen: set[tuple[str, tuple[int, ...], str]] = set()
-    count = 0
-    for t in streamed:
-        key = (t.dtype, t.shape, t.digest)
-        count += key in seen
-        seen.add(key)
-    return count
+def source_ties(source: stream.SafetensorsSource, digests: dict[str, str]) -> dict[str, str]:
+    """``{alias: canonical}`` found in the source from the digests the read-back pass took
+    (independently of what the writer recorded): ``fixtures.checkpoint.find_ties``' rule,
+    a float tensor of 2+ dimensions identical to an earlier one in sorted-name order."""
+    first: dict[str, str] = {}
+    ties: dict[str, str] = {}
+    for name in sorted(digests):
+        if source.has(name) and stream.may_tie(source.info(name)):
+            canonical = first.setdefault(digests[name], name)
+            if canonical != name:
+                ties[name] = canonical
+    return ties
+
+
+def tie_mismatches(found: dict[str, str], recorded: dict[str, str]) -> list[str]:
+    """Tensors whose tie in the artifact differs from the one found in the source (as
+    ``RunContext.reloaded`` counts them)."""
+    return sorted(n for n in set(found) | set(recorded) if found.get(n) != recorded.get(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +153,8 @@ class BitsOutcome:
     artifact: str
     artifact_bytes: int
     artifact_sha256: str  # of the file as written, read back in 16 MB chunks
+    baseline_bytes: dict[str, int]  # FP32 / FP16 safetensors sizes, each tie once
+    ties: dict[str, str]  # alias -> canonical as found in the source
     metrics: dict[str, float]
     gates: list[dict[str, Any]]
     layers: list[dict[str, Any]]
@@ -154,7 +169,7 @@ class BitsOutcome:
 
 
 def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteria, out: Path,
-                  block_values: int, say: Callable[[str], None], baseline_bytes: dict[str, int],
+                  block_values: int, say: Callable[[str], None],
                   dream: Callable[[stream.SafetensorsSource, Path], dict[str, float]] | None = None) -> BitsOutcome:
     from harness.context import SOURCE_KEY, is_embedding_table
 
@@ -182,6 +197,9 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
     say(f"INT{bits}: wrote {size / 1e6:.1f} MB in {quantize_seconds:.1f} s; reading back and measuring")
     back = stream.measure(source, path, block_values=block_values, progress=tick("measuring"))
     written = {t.name: t for t in streamed}
+    found = source_ties(source, back.digests)
+    baseline_bytes = {"float32": layout_size(source, np.dtype(np.float32), frozenset(found)),
+                      "float16": layout_size(source, np.dtype(np.float16), frozenset(found))}
     measures = back.measures
     quantized = [m for m in measures]
     embedding_rows = [m.row_cosine_min for m in measures if is_embedding_table(m.name)]
@@ -189,14 +207,14 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
         "size_mb": size / 1e6,
         "compression_vs_fp32": baseline_bytes["float32"] / size,
         "compression_vs_fp16": baseline_bytes["float16"] / size,
-        "bits_per_weight": size * 8 / sum(math.prod(t.shape) for t in streamed if t.kind != "buffer"),
+        "bits_per_weight": size * 8 / sum(math.prod(t.shape) for t in streamed if t.kind not in ("buffer", "tied")),
         "unquantized_weights": float(sum(1 for t in streamed if t.kind == "float" and len(t.shape) >= 2)),
         "missing_tensors": float(len(back.missing)),
         "unexpected_tensors": float(len(back.unexpected)),
         "kept_tensors_changed": float(len(back.changed)),
         "dtype_mismatches": float(len(back.dtype_mismatches)),
         "nonfinite_tensors": float(sum(1 for m in measures if m.nonfinite)),
-        "tie_mismatches": float(_ties(streamed)),
+        "tie_mismatches": float(len(tie_mismatches(found, back.ties))),
         "weight_cosine_mean": float(np.mean([m.cosine for m in quantized])) if quantized else math.nan,
         "weight_cosine_min": min((m.cosine for m in quantized), default=math.nan),
         "weight_sqnr_db_mean": float(np.mean([m.sqnr_db for m in quantized])) if quantized else math.nan,
@@ -233,7 +251,8 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
                "relative_error": m.relative_error, "row_cosine_min": m.row_cosine_min,
                "group_range_ratio_min": m.group_range_ratio_min, "group_range_ratio_max": m.group_range_ratio_max}
               for m in measures]
-    return BitsOutcome(bits, plan.scheme, str(path), size, stream.digest_file(path), metrics, gates, layers)
+    return BitsOutcome(bits, plan.scheme, str(path), size, stream.digest_file(path), baseline_bytes, found, metrics,
+                       gates, layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,10 +322,11 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
         largest = max(source.info(n).nbytes for n in source.names)
         say(f"streaming {file} ({source.file_bytes / 1e9:.2f} GB in {len(source.files)} file(s), "
             f"{params / 1e6:.1f}M parameters, largest tensor {largest / 1e6:.0f} MB) with criteria {criteria_path}")
-        baseline = {"float32": layout_size(source, np.dtype(np.float32)),
-                    "float16": layout_size(source, np.dtype(np.float16))}
         dream = dream_kl(file if file.is_dir() else file.parent) if config.outputs else None
-        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, baseline, dream) for b in bits]
+        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream) for b in bits]
+        # ties are found in the read-back pass; before any, the sizes count every tensor
+        baseline = outcomes[0].baseline_bytes if outcomes else {
+            "float32": layout_size(source, np.dtype(np.float32)), "float16": layout_size(source, np.dtype(np.float16))}
         file_bytes = source.file_bytes
     verdict = "PASS" if all(o.passed for o in outcomes) else "FAIL"
     results = {
@@ -320,7 +340,8 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
                   "file_bytes": file_bytes, "largest_tensor_bytes": largest},
         "baselines": {"fp32_bytes": baseline["float32"], "fp16_bytes": baseline["float16"],
                       "how": "sizes of FP32 and FP16 safetensors copies computed from the safetensors layout "
-                             "(8-byte length + the header SafetensorsStreamWriter writes + the data bytes), "
+                             "(8-byte length + the header SafetensorsStreamWriter writes + the data bytes; "
+                             "tied tensors once), "
                              "not written (30 GB + 15 GB at 7B)"},
         "bit_widths": [dataclasses.asdict(o) | {"decision": "ship" if o.passed else "do not ship"} for o in outcomes],
         "not_measured": ("load benchmark (readback_seconds is the read-back pass including the measurements)"
@@ -369,6 +390,9 @@ def render(results: dict[str, Any]) -> str:
         lines += [f"## INT{entry['bits']} ({md_text(entry['scheme'])}): {entry['decision']}", "",
                   f"Artifact {md_code(entry['artifact'])}, {entry['artifact_bytes'] / 1e6:.1f} MB, "
                   f"sha256 {md_code(entry['artifact_sha256'])}.", "",
+                  (f"Stored as ties (identical to an earlier tensor in the source): "
+                   + ", ".join(f"{md_code(a)} -> {md_code(c)}" for a, c in sorted(entry["ties"].items())) + "."
+                   if entry.get("ties") else "No tensor of the source is identical to another (no ties)."), "",
                   "| gate | value | result | why |", "|---|---|---|---|"]
         for gate in entry["gates"]:
             lines.append(f"| {md_code(gate['rule'])} | {_num(gate['value'])} | "
@@ -383,6 +407,103 @@ def render(results: dict[str, Any]) -> str:
                   f"{r['row_cosine_min']:.4f} | {r['group_range_ratio_max']:.4f} |" for r in worst]
         lines.append("")
     return "\n".join(lines)
+
+
+def is_streaming_results(results: dict[str, Any]) -> bool:
+    """Whether a results document is a streaming run's (``harness report`` / ``verify`` tell
+    the two kinds apart by this key)."""
+    return "streaming_results_version" in results
+
+
+def verify_streaming(results: dict[str, Any], results_path: Path) -> list[Problem]:
+    """``harness verify`` for a streaming run: each gate re-evaluated from its rule and
+    recorded value (a gate without a value must be a failed NOT MEASURED one), each value
+    equal to the bit width's measured metric, each decision and the verdict what the gates
+    give, every artifact's sha256, the criteria file's sha256 and its gates (none missing,
+    none added) for every bit width run."""
+    from harness.criteria import load_criteria, parse_rule
+    from harness.integrity import Problem
+
+    problems: list[Problem] = []
+    if results.get("streaming_results_version") != RESULTS_VERSION:
+        return [Problem("streaming_results_version", f"{short(results.get('streaming_results_version'))} is not "
+                                                     f"{RESULTS_VERSION}")]
+    entries = results.get("bit_widths")
+    if not isinstance(entries, list) or not entries:
+        return [Problem("bit_widths", "missing, empty or not a list")]
+    all_pass = True
+    for entry in entries:
+        bits = entry.get("bits") if isinstance(entry, dict) else None
+        if not isinstance(bits, int) or not isinstance(entry.get("gates"), list) \
+                or not isinstance(entry.get("metrics"), dict):
+            problems.append(Problem("bit_widths", f"entry {short(entry, 60)} is malformed"))
+            all_pass = False
+            continue
+        failed = False
+        for gate in entry["gates"]:
+            where = f"INT{bits} {short(gate.get('rule') if isinstance(gate, dict) else gate, 80)}"
+            try:
+                criterion = parse_rule(str(gate["rule"]), bits)
+            except (ConfigurationError, KeyError, TypeError):
+                problems.append(Problem(where, "rule is malformed"))
+                failed = True
+                continue
+            value = gate.get("value")
+            if value is None:
+                expected = False
+                if not str(gate.get("why", "")).startswith("NOT MEASURED"):
+                    problems.append(Problem(where, "no value, but not recorded as NOT MEASURED"))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                expected = criterion.check(float(value)) is None
+                measured = entry["metrics"].get(criterion.metric)
+                if not (measured == value or (isinstance(measured, float) and math.isnan(measured)
+                                              and math.isnan(float(value)))):
+                    problems.append(Problem(where, f"value {short(value, 40)} differs from the measured metric "
+                                                   f"{short(measured, 40)}"))
+            else:
+                problems.append(Problem(where, f"value {short(value, 40)} is not a number"))
+                expected = False
+            if gate.get("passed") is not expected:
+                problems.append(Problem(where, f"recorded passed={short(gate.get('passed'), 20)} but the rule "
+                                               f"gives {expected}"))
+            failed = failed or not expected
+        decision = "do not ship" if failed else "ship"
+        if entry.get("decision") != decision:
+            problems.append(Problem(f"INT{bits} decision", f"recorded {short(entry.get('decision'), 20)} but its "
+                                                           f"gates give {decision!r}"))
+        all_pass = all_pass and not failed
+        artifact = Path(str(entry.get("artifact")))
+        if not artifact.is_absolute() and not artifact.is_file():
+            artifact = results_path.parent / artifact
+        if not artifact.is_file():
+            problems.append(Problem(f"INT{bits} artifact", f"{short(str(artifact))} does not exist"))
+        elif stream.digest_file(artifact) != entry.get("artifact_sha256"):
+            problems.append(Problem(f"INT{bits} artifact", f"{short(str(artifact))}: sha256 differs from the one "
+                                                           "recorded"))
+    verdict = "PASS" if all_pass else "FAIL"
+    if results.get("verdict") != verdict:
+        problems.append(Problem("verdict", f"recorded {short(results.get('verdict'), 20)} but the gates give {verdict}"))
+    recorded_run = results.get("run")
+    run: dict[str, Any] = recorded_run if isinstance(recorded_run, dict) else {}
+    criteria_path = Path(str(run.get("criteria_file")))
+    if not criteria_path.is_file():
+        problems.append(Problem("criteria", f"{short(str(criteria_path))} does not exist"))
+        return problems
+    if stream.digest_file(criteria_path) != run.get("criteria_sha256"):
+        problems.append(Problem("criteria", f"{short(str(criteria_path))}: sha256 differs from the one recorded "
+                                            "(the criteria file changed since the run)"))
+        return problems
+    criteria = load_criteria(criteria_path)
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("bits") not in criteria.plans:
+            continue
+        want = sorted(c.rule for c in criteria.plan(entry["bits"]).gates)
+        got = sorted(str(g.get("rule")) for g in entry["gates"] if isinstance(g, dict))
+        if want != got:
+            problems.append(Problem(f"INT{entry['bits']} gates", f"differ from {short(str(criteria_path))}'s: "
+                                                                 f"missing {sorted(set(want) - set(got))[:3]}, "
+                                                                 f"added {sorted(set(got) - set(want))[:3]}"))
+    return problems
 
 
 def probe(model: str, scheme: str, out: Path, block_values: int) -> dict[str, Any]:

@@ -122,6 +122,41 @@ def test_metrics_match_the_in_memory_measures(source_file: Path, tmp_path: Path)
         assert m.nonfinite == 0
 
 
+def test_ties_are_stored_like_the_in_memory_path_and_a_wrong_tie_is_caught(source_file: Path, tmp_path: Path) -> None:
+    """A tensor identical to an earlier one (an LM head saved as a copy of the embedding)
+    is stored as a tied row, the same rows as ``save`` of ``quantize_model`` with
+    ``find_ties``; the read-back finds the source's ties itself, so an artifact whose tie
+    the source no longer has (injected fault: the alias edited after quantization) counts
+    a tie mismatch, while its source digest no longer matches either."""
+    from fixtures.checkpoint import find_ties
+    from harness.streaming import source_ties, tie_mismatches
+
+    weights = _weights()
+    weights["lm_head.weight"] = weights["embed.weight"].copy()  # sorts after embed.weight: the alias
+    weights["layer.0.bias_copy"] = weights["layer.0.fc.bias"].copy()  # 1-D: never a tie
+    path = tmp_path / "tied.safetensors"
+    write_safetensors(path, weights)
+    config = aq.QuantizationConfig("int4-g64-asym")
+    streamed, in_memory = tmp_path / "s.parquet", tmp_path / "m.parquet"
+    with stream.SafetensorsSource(path) as source:
+        done = stream.quantize_file(source, config, streamed, block_values=300)
+        back = stream.measure(source, streamed, block_values=300)
+        found = source_ties(source, back.digests)
+    loaded = read_safetensors(path)
+    assert find_ties(loaded) == found == back.ties == {"lm_head.weight": "embed.weight"}
+    assert [t.kind for t in done if t.name == "lm_head.weight"] == ["tied"]
+    aq.save(aq.quantize_model(loaded, config, ties=find_ties(loaded)), in_memory)
+    assert _rows(streamed) == _rows(in_memory)
+    assert aq.load(streamed).ties == {"lm_head.weight": "embed.weight"}
+    assert tie_mismatches(found, back.ties) == [] and back.missing == back.unexpected == []
+    weights["lm_head.weight"][0, 0] += 1.0  # the fault: the source's alias no longer equals its canonical
+    write_safetensors(path, weights)
+    with stream.SafetensorsSource(path) as source:
+        back = stream.measure(source, streamed, block_values=300)
+        assert tie_mismatches(source_ties(source, back.digests), back.ties) == ["lm_head.weight"]
+        assert back.metadata["source_digest"] != stream.source_digest(back.digests)
+
+
 def test_manifest_catches_reordered_rows(source_file: Path, tmp_path: Path) -> None:
     """Injected fault: the rows of a streamed artifact reordered, each row intact."""
     artifact = tmp_path / "ok.parquet"
@@ -237,8 +272,8 @@ def test_layer_streaming_denoiser_gives_the_in_memory_logits(tmp_path: Path) -> 
 def test_harness_stream_run_measures_every_gate_and_kl(tmp_path: Path) -> None:
     """``python -m harness run --model FOLDER --stream``: every gate of streaming.toml is
     measured (none NOT MEASURED), the verdict is PASS with exit 0, the Dream folder gets
-    output-level KL; the same run with a source whose tensors all became one (a tie the
-    artifact does not record) fails its tie gate with exit 1."""
+    output-level KL; the same run with a source where one tensor became a copy of another
+    stores it as a tie (one row fewer bytes, tie gate passes)."""
     from fixtures.dream_mini.generator import generate
     from harness.cli import main
 
@@ -251,14 +286,31 @@ def test_harness_stream_run_measures_every_gate_and_kl(tmp_path: Path) -> None:
     assert len(entry["gates"]) == 16 and entry["metrics"]["kl_positions"] > 0
     assert 0 < entry["metrics"]["kl_mean"] < 2
     assert entry["artifact_sha256"] == stream.digest_file(Path(entry["artifact"]))
-    # injected fault: q_proj of layer 1 made identical to layer 0's (a tie the streaming run does not store)
+    # harness verify / report take the streaming results; tampering is refused (exit 2)
+    results_file = tmp_path / "out" / "streaming_results.json"
+    assert main(["verify", str(results_file)]) == 0
+    assert main(["report", str(results_file), "--out", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == (tmp_path / "out" / "STREAMING_VALIDATION_REPORT.md").read_text()
+    forged = json.loads(results_file.read_text())
+    gate = next(g for g in forged["bit_widths"][0]["gates"] if g["metric"] == "weight_cosine_min")
+    gate["value"] = 0.5  # a failing value still marked passed, and no longer the measured metric
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    assert main(["verify", str(tmp_path / "forged.json")]) == 2
+    assert main(["report", str(tmp_path / "forged.json")]) == 2
+    artifact = Path(entry["artifact"])
+    artifact.write_bytes(artifact.read_bytes()[:-1] + b"\0")
+    assert main(["verify", str(results_file)]) == 2
+    # q_proj of layer 1 made identical to layer 0's: stored once, as a tie, and the baselines count it once
     weights = {k: np.array(v) for k, v in read_safetensors(folder / "model.safetensors").items()}
     weights["model.layers.1.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"]
     write_safetensors(folder / "model.safetensors", weights)
-    assert main(["run", "--model", str(folder), "--bits", "4", "--stream", "--out", str(tmp_path / "bad"),
-                 "--quiet", "--runner", "none"]) == 1
-    bad = json.loads((tmp_path / "bad" / "streaming_results.json").read_text())["bit_widths"][0]
-    assert [g["rule"] for g in bad["gates"] if not g["passed"]] == ["tie_mismatches == 0"]
+    assert main(["run", "--model", str(folder), "--bits", "4", "--stream", "--out", str(tmp_path / "tied"),
+                 "--quiet", "--runner", "none"]) == 0
+    tied = json.loads((tmp_path / "tied" / "streaming_results.json").read_text())
+    again = tied["bit_widths"][0]
+    assert again["ties"] == {"model.layers.1.self_attn.q_proj.weight": "model.layers.0.self_attn.q_proj.weight"}
+    assert again["metrics"]["tie_mismatches"] == 0 and again["artifact_bytes"] < entry["artifact_bytes"]
+    assert tied["baselines"]["fp32_bytes"] < results["baselines"]["fp32_bytes"]
 
 
 def test_a_sharded_checkpoint_streams_like_one_file(source_file: Path, tmp_path: Path) -> None:
