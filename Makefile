@@ -14,6 +14,7 @@ STAMP := $(VENV)/.arrowquant-installed
 MODEL ?= minilm
 ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 CORE_SOURCES := $(wildcard arrowquant_core/*.py)
 
@@ -51,8 +52,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) -m harness run --model $(MODEL) $(ARGS)
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (each test is single-threaded); the
+# benchmarks run after it in one serial session, since pytest-benchmark measures nothing
+# under xdist and their ratios want a quiet machine.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --ignore=tests/benchmarks $(PYTEST_ARGS)
+	$(PY) -m pytest tests/benchmarks $(PYTEST_ARGS)
 
 # The default test run fuzzes briefly (tests/test_fuzz.py, 15 cases per target); this is
 # the long campaign: random seed, every target, the bombs at 256 MiB, crashes saved to

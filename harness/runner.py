@@ -8,7 +8,9 @@ measured, renders the report, and returns the exit code.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import shlex
@@ -42,6 +44,20 @@ class RunResult:
     report_path: Path
     results: dict[str, Any]
 
+
+
+@contextlib.contextmanager
+def _not_an_xdist_worker() -> Iterator[None]:
+    """pytest-benchmark disables itself in any session that sees ``PYTEST_XDIST_WORKER``;
+    a run called in-process from a parallel test session (the project's suite runs on
+    pytest-xdist workers) would then time none of its benchmark gates. The acceptance
+    suite is one serial session, so the variable is hidden while it runs."""
+    worker = os.environ.pop("PYTEST_XDIST_WORKER", None)
+    try:
+        yield
+    finally:
+        if worker is not None:
+            os.environ["PYTEST_XDIST_WORKER"] = worker
 
 def run(config: RunConfig) -> RunResult:
     """Run the whole validation; raises ConfigurationError on usage problems."""
@@ -142,7 +158,8 @@ def run(config: RunConfig) -> RunResult:
                 "--benchmark-json", str(bench_tmp), "--benchmark-quiet"]
         progress(f"running the acceptance suite for INT{', INT'.join(map(str, ctx.bits))} "
                  f"(pytest output: {out / SUITE_LOG})")
-        with integrity.atomic_text(out / SUITE_LOG) as log, contextlib.redirect_stdout(log):
+        with integrity.atomic_text(out / SUITE_LOG) as log, contextlib.redirect_stdout(log), \
+                _not_an_xdist_worker():
             code = pytest.main(args, plugins=[json_report, plugin])
     integrity.commit_file(bench_tmp, out / BENCHMARKS_NAME)
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):

@@ -38,6 +38,9 @@ from harness.sweep import (
 )
 from tests.conftest import SEED, make_weights
 
+# one local Ray instance at a time: these tests share one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[Any]:
