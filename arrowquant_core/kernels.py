@@ -362,20 +362,18 @@ def unpack_into(packed: U8, bits: int, out: U8) -> None:
             out[whole + lane] = (last >> _SHIFTS[bits][lane]) & ((1 << bits) - 1)
 
 
-_REPEAT_MAX: Final[int] = 4096
-
-
 def per_value(params: npt.NDArray[Any], block: int) -> npt.NDArray[Any]:
-    """Per-block values ``(m, n_groups)`` spread over their blocks, ``(m, n_groups, block)``.
+    """Per-block values ``(m, n_groups)`` as a broadcast operand ``(m, n_groups, 1)`` for
+    ``(m, n_groups, block)`` data.
 
-    A broadcast ``(m, n, 1)`` operand makes NumPy call its inner loop once per block
-    (64 values), which measured 5-8x slower than ``np.repeat`` followed by a plain
-    elementwise operation; a block longer than ``_REPEAT_MAX`` keeps the broadcast.
+    An earlier version expanded them with ``np.repeat`` into an input-sized temporary
+    because a hot-cache micro-benchmark favoured it; measured in place on the MiniLM
+    weights (issue 11 benchmark), the broadcast took the chunked INT4 quantizer from
+    5.2-5.9x to 2.4-3.2x a copy: every chunk-sized temporary is a fresh allocation whose
+    pages fault in again (a 1 MB block sits at glibc's mmap threshold), which costs more
+    than NumPy's per-block inner-loop calls.
     """
-    m, n = int(params.shape[0]), int(params.shape[1])
-    if block > _REPEAT_MAX:
-        return params[:, :, None]
-    return np.repeat(params.reshape(-1), block).reshape(m, n, block)
+    return params[:, :, None]
 
 
 def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F32,
@@ -418,17 +416,18 @@ def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F
         s3 = src.reshape(m, n_groups, block)
         t3 = work[:m * width].reshape(m, n_groups, block)
         np.multiply(s3, per_value(inv[r0:r1], block), out=t3)
-        np.rint(t3, out=t3)
         c = codes[:m * width]
         if narrow:
             c8 = c.view(np.int8)
-            np.copyto(c8.reshape(m, n_groups, block), t3, casting="unsafe")
+            c3 = c8.reshape(m, n_groups, block)
+            np.rint(t3, out=c3, casting="unsafe")  # rounded in NumPy's small buffers, stored as int8
             if one_zero:
                 c8 += np.int8(int(zero0))
             else:
-                c8 += np.repeat(z8[r0:r1].reshape(-1), block)
+                c3 += z8[r0:r1, :, None]
             np.clip(c8, np.int8(0), np.int8(int(qmax)), out=c8)
         else:
+            np.rint(t3, out=t3)
             if one_zero:  # one zero point for all blocks: a scalar add, no per-block broadcast
                 t3 += zero0
             else:
@@ -489,26 +488,24 @@ def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: in
         c = codes[:m * cols]
         unpack_into(packed[start:start + -(-m * cols // per)], bits, c)
         o = out[r0:r1].reshape(-1)
+        o3 = o.reshape(m, n_groups, block)
         if narrow:
             d = diff[:m * cols]
             if one_zero:
                 np.subtract(c.view(np.int8), zero8, out=d)
             else:
-                np.subtract(c.view(np.int8), np.repeat(z2[r0:r1].reshape(-1), block).view(np.int8), out=d)
-            np.copyto(o, d)
+                np.subtract(c.view(np.int8).reshape(m, n_groups, block), z2[r0:r1, :, None].view(np.int8),
+                            out=d.reshape(m, n_groups, block))
+            with np.errstate(over="ignore"):  # int8 differences converted in NumPy's buffers, exactly
+                np.multiply(d.reshape(m, n_groups, block), s2[r0:r1, :, None], out=o3)
         else:
             np.copyto(o, c)
             if one_zero:
                 o -= zero32
             else:
-                o -= np.repeat(z2[r0:r1].reshape(-1).astype(np.float32), block)
-        if n_groups == 1 and block > _REPEAT_MAX:
-            o2 = o.reshape(m, cols)
+                o3 -= z2[r0:r1, :, None].astype(np.float32)
             with np.errstate(over="ignore"):
-                o2 *= s2[r0:r1]
-        else:
-            with np.errstate(over="ignore"):
-                o *= np.repeat(s2[r0:r1].reshape(-1), block)
+                o3 *= s2[r0:r1, :, None]
         if saturate:
             np.clip(o, -_F32_MAX, _F32_MAX, out=o)  # as dequantize_blocks does
     return out
