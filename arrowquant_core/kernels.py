@@ -393,17 +393,21 @@ def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F
     zero0 = float(zeros[0]) if zeros.size else 0.0
     width = block * n_groups
     ragged = width != cols
-    # Codes of up to 4 bits: rint(x / scale) lies in [-16, 16] (|x| <= hi - lo = qmax * scale,
-    # up to float rounding), so adding the zero point and clipping are exact in int8, one
-    # byte per value instead of four; the float64 reciprocals of tiny scales keep the
-    # float path.
-    narrow = bits <= 4 and inv.dtype == np.float32 and not ragged
+    # rint(x / scale) lies in [-qmax - 1, qmax + 1] (|x| <= hi - lo = qmax * scale, up to
+    # float rounding), so adding the zero point and clipping are exact in int8 for codes of
+    # up to 4 bits and in int16 for 8-bit codes: one or two bytes per value instead of
+    # four. The float64 reciprocals of tiny scales and ragged groups keep the float path.
+    integer = inv.dtype == np.float32 and not ragged
+    narrow = integer and bits <= 4
+    wide = integer and bits == 8
     zf = zeros.astype(inv.dtype).reshape(rows, n_groups)
     z8 = zeros.reshape(rows, n_groups).view(np.int8)
+    z16 = zeros.astype(np.int16).reshape(rows, n_groups)
     out = np.empty(-(-rows * cols // per), dtype=np.uint8)
     k = _chunk_rows(rows, cols, per, chunk_values)
     work = np.empty(k * width, dtype=inv.dtype)
     codes = np.empty(k * width, dtype=np.uint8)
+    codes16 = np.empty(k * width if wide else 0, dtype=np.int16)
     padded = np.empty((k, width), dtype=np.float32) if ragged else np.empty((0, 0), np.float32)
     for r0 in range(0, rows, k):
         r1 = min(rows, r0 + k)
@@ -426,6 +430,18 @@ def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F
             else:
                 c3 += z8[r0:r1, :, None]
             np.clip(c8, np.int8(0), np.int8(int(qmax)), out=c8)
+        elif wide:
+            c16 = codes16[:m * width]
+            w3 = c16.reshape(m, n_groups, block)
+            np.rint(t3, out=w3, casting="unsafe")
+            if one_zero:
+                c16 += np.int16(int(zero0))
+            else:
+                w3 += z16[r0:r1, :, None]
+            np.clip(c16, np.int16(0), np.int16(int(qmax)), out=c16)
+            start = r0 * cols
+            np.copyto(out[start:start + m * cols], c16, casting="unsafe")  # 8-bit codes are their own packing
+            continue
         else:
             np.rint(t3, out=t3)
             if one_zero:  # one zero point for all blocks: a scalar add, no per-block broadcast
