@@ -23,19 +23,25 @@ under load (load average 2-10 on 2 cores while these were measured), with the re
 target is not met. Figures: three runs each, compiled core, before = main at e526cc0,
 after = this code (copy of the 42.5 MB took 5.4-18 ms across runs, hence the spread):
 
-    kernel                               before          after           target  asserted
-    INT4 g64 RTN + pack                  6.3 / 6.3 / 8.2  see the table in  4x      bound 11x
-    INT8 g128 RTN                        4.8 / 5.3 / 9.4  the branch's       5x      bound 9x
-    INT8 per-channel RTN                 4.1 / 4.2 / 4.5  report             5x      bound 8x
-    INT4 unpack + dequantize, into out=  (no out=)                           3x      TARGET 3x
-    INT4 unpack + dequantize, fresh      4.9 / 5.4 / 7.0                     3x      bound 7.5x
-    load + dequantize INT4 artifact      2.8 / 2.9 / 3.3                     1x      bound 5x
+    kernel                               before (main)    after (this code)  target  asserted
+    INT4 g64 RTN + pack                  8.2 / 6.3 / 6.3  5.8 / 4.1 / 8.1    4x      bound 10x
+    INT8 g128 RTN                        9.4 / 5.3 / 4.8  4.8 / 4.9 / 5.0    5x      bound 8x
+    INT8 per-channel RTN                 4.2 / 4.1 / 4.5  4.3 / 3.2 / 4.2    5x      bound 8x
+    INT4 unpack + dequantize, into out=  (no out=)        2.2 / 2.6 / 2.4    3x      TARGET 3x
+    INT4 unpack + dequantize, fresh      4.9 / 5.4 / 7.0  5.3 / 4.9 / 3.6    3x      bound 7.5x
+    load + dequantize INT4 artifact      2.9 / 2.8 / 3.3  2.6 / 2.3 / 2.3    1x      bound 5x
+
+INT8 per-channel (and INT8 g128 in two of three runs) met its 5x target, but single runs
+of this branch's kernels (one commit earlier) measured 6.0x per-channel and 6.1x g128
+while the load average was ~9, so their assertions stay bounds: a target asserted here
+must hold in the default suite on a busy machine, not only on a quiet one.
 
 Why the unmet targets stay unmet with NumPy here:
-- every NumPy call costs about 1.5 us on this machine and a group-wise range needs a
-  per-group reduction: ``np.minimum.reduceat`` spends about 30 ns per 64-value group
-  (about 2x a copy for min and max together); a transposed layout (16-byte items, then
-  contiguous halving) measured no better once the transposes are paid;
+- INT4 g64: the block ranges alone take about 2x a copy (``np.minimum.reduceat`` and
+  ``np.maximum.reduceat`` spend about 30 ns per 64-value group; a transposed layout of
+  16-byte items with contiguous halving measured no better once the transposes are
+  paid; every NumPy call costs about 1.5 us here), the scales 0.4x, and scaling,
+  rounding, offsetting, clipping and packing 3.1x;
 - dequantization into fresh arrays pays the kernel's page faults for 42.5 MB of output
   (allocating and filling that much fresh memory alone measured 1-2.8x a copy); into
   preallocated arrays, the same footing as the copy, it meets the 3x target;
@@ -72,8 +78,8 @@ ROUNDS = 9
 
 TARGETS: dict[str, tuple[str, float, float]] = {
     # kernel id: (scheme, issue 11 target, bound asserted here), ratios to np.copyto
-    "int4-rtn-pack": ("int4-g64-asym", 4.0, 11.0),
-    "int8-rtn": ("int8-g128-asym", 5.0, 9.0),
+    "int4-rtn-pack": ("int4-g64-asym", 4.0, 10.0),
+    "int8-rtn": ("int8-g128-asym", 5.0, 8.0),
     "int8-rtn-channel": ("int8-channel-sym", 5.0, 8.0),
     "int4-unpack-dequantize": ("int4-g64-asym", 3.0, 3.0),  # into out= arrays: the target is met
     "int4-unpack-dequantize-fresh": ("int4-g64-asym", 3.0, 7.5),
