@@ -226,8 +226,15 @@ def unpack(packed: U8, bits: int, count: int) -> U8:
 # Every arithmetic step is the one of ``quantize_blocks`` / ``dequantize_blocks`` in the
 # same order and dtype, so the codes are bit-exact (tests/test_golden_codes.py).
 
-CHUNK_VALUES: Final[int] = 1 << 16
-"""Values per chunk of rows: 256 KB of float32, small enough to stay in L2."""
+CHUNK_VALUES: Final[int] = 1 << 18
+"""Values per chunk of rows: 1 MB of float32. Measured on the MiniLM Linear weights
+(issue 11 benchmark, ratios to a copy): 32k values 6.8x (INT4 round-to-nearest + pack) /
+5.8x (INT4 dequantize), 64k 5.8x / 5.0x, 256k 5.3x / 4.2x, 1M 8.8x / 4.4x -- each NumPy
+call costs about a microsecond and a half here, so chunks that fit L2 (512 KB) pay more
+in calls than they save in cache misses; the chunk stays well inside L3. Re-measured
+once the per-block values became broadcasts (the chunked INT4 quantizer alone / INT4
+dequantization into ``out``): 32k 4.5x / 3.7x, 64k 3.6x / 3.1x, 128k 3.2x / 3.0x,
+256k 3.4x / 2.2x."""
 _LITTLE_ENDIAN: Final[bool] = bool(np.little_endian)
 
 
@@ -273,10 +280,10 @@ def params_from_range(lo: F32, hi: F32, bits: int, symmetric: bool) -> tuple[F32
     return scales, zeros.astype(np.uint8)
 
 
-def _chunk_rows(rows: int, cols: int, per: int) -> int:
-    """Rows per chunk: about CHUNK_VALUES values, a multiple of ``per`` so every chunk
+def _chunk_rows(rows: int, cols: int, per: int, chunk_values: int = CHUNK_VALUES) -> int:
+    """Rows per chunk: about ``chunk_values`` values, a multiple of ``per`` so every chunk
     but the last starts on a byte boundary of the packed codes."""
-    k = max(1, CHUNK_VALUES // max(cols, 1))
+    k = max(1, chunk_values // max(cols, 1))
     k = max(per, k - k % per)
     return min(k, rows)
 
@@ -358,43 +365,52 @@ def unpack_into(packed: U8, bits: int, out: U8) -> None:
             out[whole + lane] = (last >> _SHIFTS[bits][lane]) & ((1 << bits) - 1)
 
 
-_REPEAT_MAX: Final[int] = 4096
-
-
 def per_value(params: npt.NDArray[Any], block: int) -> npt.NDArray[Any]:
-    """Per-block values ``(m, n_groups)`` spread over their blocks, ``(m, n_groups, block)``.
+    """Per-block values ``(m, n_groups)`` as a broadcast operand ``(m, n_groups, 1)`` for
+    ``(m, n_groups, block)`` data.
 
-    A broadcast ``(m, n, 1)`` operand makes NumPy call its inner loop once per block
-    (64 values), which measured 5-8x slower than ``np.repeat`` followed by a plain
-    elementwise operation; a block longer than ``_REPEAT_MAX`` keeps the broadcast.
+    An earlier version expanded them with ``np.repeat`` into an input-sized temporary
+    because a hot-cache micro-benchmark favoured it; measured in place on the MiniLM
+    weights (issue 11 benchmark), the broadcast took the chunked INT4 quantizer from
+    5.2-5.9x to 2.4-3.2x a copy: every chunk-sized temporary is a fresh allocation whose
+    pages fault in again (a 1 MB block sits at glibc's mmap threshold), which costs more
+    than NumPy's per-block inner-loop calls.
     """
-    m, n = int(params.shape[0]), int(params.shape[1])
-    if block > _REPEAT_MAX:
-        return params[:, :, None]
-    return np.repeat(params.reshape(-1), block).reshape(m, n, block)
+    return params[:, :, None]
 
 
 def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F32,
-                    zeros: U8) -> U8:
+                    zeros: U8, chunk_values: int = CHUNK_VALUES) -> U8:
     """Packed codes of a C-contiguous ``(rows, cols)`` float32 matrix under given block
     parameters (from ``params_from_range``), chunk by chunk; ``matrix`` is only read.
 
     Equal, byte for byte, to ``pack(quantize_with(blocks_of(matrix), scales, zeros, bits))``
-    restricted to the real values.
+    restricted to the real values. ``chunk_values`` (values per chunk of rows) only moves
+    the chunk boundaries; tests set it small to cross them.
     """
     rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
     per = 8 // bits
     qmax = float((1 << bits) - 1)
     inv = safe_reciprocal(scales).reshape(rows, n_groups)
-    zf = zeros.astype(inv.dtype).reshape(rows, n_groups)
     one_zero = bool(zeros.size) and bool(np.all(zeros == zeros[0]))  # symmetric schemes
     zero0 = float(zeros[0]) if zeros.size else 0.0
     width = block * n_groups
     ragged = width != cols
+    # rint(x / scale) lies in [-qmax - 1, qmax + 1] (|x| <= hi - lo = qmax * scale, up to
+    # float rounding), so adding the zero point and clipping are exact in int8 for codes of
+    # up to 4 bits and in int16 for 8-bit codes: one or two bytes per value instead of
+    # four. The float64 reciprocals of tiny scales and ragged groups keep the float path.
+    integer = inv.dtype == np.float32 and not ragged
+    narrow = integer and bits <= 4
+    wide = integer and bits == 8
+    zf = zeros.astype(inv.dtype).reshape(rows, n_groups)
+    z8 = zeros.reshape(rows, n_groups).view(np.int8)
+    z16 = zeros.astype(np.int16).reshape(rows, n_groups)
     out = np.empty(-(-rows * cols // per), dtype=np.uint8)
-    k = _chunk_rows(rows, cols, per)
+    k = _chunk_rows(rows, cols, per, chunk_values)
     work = np.empty(k * width, dtype=inv.dtype)
     codes = np.empty(k * width, dtype=np.uint8)
+    codes16 = np.empty(k * width if wide else 0, dtype=np.int16)
     padded = np.empty((k, width), dtype=np.float32) if ragged else np.empty((0, 0), np.float32)
     for r0 in range(0, rows, k):
         r1 = min(rows, r0 + k)
@@ -407,14 +423,36 @@ def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F
         s3 = src.reshape(m, n_groups, block)
         t3 = work[:m * width].reshape(m, n_groups, block)
         np.multiply(s3, per_value(inv[r0:r1], block), out=t3)
-        np.rint(t3, out=t3)
-        if one_zero:  # one zero point for all blocks: a scalar add, no per-block broadcast
-            t3 += zero0
-        else:
-            t3 += per_value(zf[r0:r1], block)
-        np.clip(t3, 0.0, qmax, out=t3)
         c = codes[:m * width]
-        np.copyto(c.reshape(m, n_groups, block), t3, casting="unsafe")
+        if narrow:
+            c8 = c.view(np.int8)
+            c3 = c8.reshape(m, n_groups, block)
+            np.rint(t3, out=c3, casting="unsafe")  # rounded in NumPy's small buffers, stored as int8
+            if one_zero:
+                c8 += np.int8(int(zero0))
+            else:
+                c3 += z8[r0:r1, :, None]
+            np.clip(c8, np.int8(0), np.int8(int(qmax)), out=c8)
+        elif wide:
+            c16 = codes16[:m * width]
+            w3 = c16.reshape(m, n_groups, block)
+            np.rint(t3, out=w3, casting="unsafe")
+            if one_zero:
+                c16 += np.int16(int(zero0))
+            else:
+                w3 += z16[r0:r1, :, None]
+            np.clip(c16, np.int16(0), np.int16(int(qmax)), out=c16)
+            start = r0 * cols
+            np.copyto(out[start:start + m * cols], c16, casting="unsafe")  # 8-bit codes are their own packing
+            continue
+        else:
+            np.rint(t3, out=t3)
+            if one_zero:  # one zero point for all blocks: a scalar add, no per-block broadcast
+                t3 += zero0
+            else:
+                t3 += per_value(zf[r0:r1], block)
+            np.clip(t3, 0.0, qmax, out=t3)
+            np.copyto(c.reshape(m, n_groups, block), t3, casting="unsafe")
         if ragged:
             c = np.ascontiguousarray(c.reshape(m, width)[:, :cols]).reshape(-1)
         start = r0 * cols // per
@@ -423,42 +461,100 @@ def quantize_matrix(matrix: F32, block: int, n_groups: int, bits: int, scales: F
 
 
 def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: int, bits: int,
-                      scales: F32, zeros: U8) -> F32:
+                      scales: F32, zeros: U8, out: F32 | None = None,
+                      chunk_values: int = CHUNK_VALUES) -> F32:
     """``(code - zero) * scale`` as a ``(rows, cols)`` float32 matrix, unpacking a chunk of
-    rows at a time into one small buffer (the arithmetic of ``dequantize_blocks``)."""
+    rows at a time into one reused buffer (the arithmetic of ``dequantize_blocks``).
+
+    ``out``, when given, is a C-contiguous ``(rows, cols)`` float32 array written in place
+    and returned: a caller that dequantizes many tensors reuses its pages (a fresh page
+    costs several times a copy of it on this machine; issue 11).
+
+    Three measured shortcuts, each bit-identical to the plain arithmetic:
+    - ``code - zero`` of codes up to 4 bits lies in [-15, 15]: it is taken in int8 (one
+      byte per value) and converted once, exactly, to float32;
+    - the saturation to float32's largest finite value is skipped when no product can
+      reach it (``qmax * max(scale)`` below half of float32's max), which is every tensor
+      but a pathological one;
+    - scales and zero points are broadcast per block, never expanded into chunk-sized
+      temporaries (see ``per_value``).
+    """
     per = 8 // bits
-    out = np.empty((rows, cols), dtype=np.float32)
-    s2 = scales.reshape(rows, n_groups)
-    z2 = zeros.astype(np.float32).reshape(rows, n_groups)
-    one_zero = bool(zeros.size) and bool(np.all(zeros == zeros[0]))  # symmetric schemes
-    zero0 = np.float32(zeros[0]) if zeros.size else np.float32(0.0)
+    qmax = (1 << bits) - 1
+    if out is None:
+        out = np.empty((rows, cols), dtype=np.float32)
+    elif out.shape != (rows, cols) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ConfigurationError(f"dequantize_matrix: out must be a C-contiguous ({rows}, {cols}) float32 "
+                                 f"array, got {out.dtype} {list(out.shape)}")
+    if rows == 0 or cols == 0:
+        return out
     width = block * n_groups
-    ragged = width != cols
-    k = _chunk_rows(rows, cols, per)
-    codes = np.empty(k * width, dtype=np.uint8)
-    work = np.empty((k, width), dtype=np.float32) if ragged else np.empty((0, 0), np.float32)
+    if width != cols:
+        return _dequantize_ragged(packed, rows, cols, block, n_groups, bits, scales, zeros, out, chunk_values)
+    s2 = scales.reshape(rows, n_groups)
+    z2 = zeros.reshape(rows, n_groups)
+    one_zero = bool(np.all(zeros == zeros[0]))  # symmetric schemes
+    narrow = bits <= 4  # code - zero fits int8
+    saturate = float(np.max(scales)) * qmax >= _F32_MAX / 2
+    k = _chunk_rows(rows, cols, per, chunk_values)
+    codes = np.empty(k * cols, dtype=np.uint8)
+    diff = np.empty(k * cols if narrow else 0, dtype=np.int8)
+    zero8 = np.int8(int(zeros[0])) if narrow else np.int8(0)
+    zero32 = np.float32(zeros[0])
     for r0 in range(0, rows, k):
         r1 = min(rows, r0 + k)
         m = r1 - r0
         start = r0 * cols // per
         c = codes[:m * cols]
         unpack_into(packed[start:start + -(-m * cols // per)], bits, c)
-        if ragged:
-            c3 = np.zeros((m, width), dtype=np.uint8)
-            c3[:, :cols] = c.reshape(m, cols)
-            t3 = work[:m].reshape(m, n_groups, block)
-            np.subtract(c3.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=t3)
-            with np.errstate(over="ignore"):
-                t3 *= per_value(s2[r0:r1], block)
-            np.clip(t3, -_F32_MAX, _F32_MAX, out=t3)  # saturate as dequantize_blocks does
-            np.copyto(out[r0:r1], work[:m, :cols])
-        else:
-            o3 = out[r0:r1].reshape(m, n_groups, block)
+        o = out[r0:r1].reshape(-1)
+        o3 = o.reshape(m, n_groups, block)
+        if narrow:
+            d = diff[:m * cols]
             if one_zero:
-                np.subtract(c.reshape(m, n_groups, block), zero0, out=o3)
+                np.subtract(c.view(np.int8), zero8, out=d)
             else:
-                np.subtract(c.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=o3)
+                np.subtract(c.view(np.int8).reshape(m, n_groups, block), z2[r0:r1, :, None].view(np.int8),
+                            out=d.reshape(m, n_groups, block))
+            with np.errstate(over="ignore"):  # int8 differences converted in NumPy's buffers, exactly
+                np.multiply(d.reshape(m, n_groups, block), s2[r0:r1, :, None], out=o3)
+        else:
+            np.copyto(o, c)
+            if one_zero:
+                o -= zero32
+            else:
+                o3 -= z2[r0:r1, :, None].astype(np.float32)
             with np.errstate(over="ignore"):
-                o3 *= per_value(s2[r0:r1], block)
-            np.clip(o3, -_F32_MAX, _F32_MAX, out=o3)  # saturate as dequantize_blocks does
+                o3 *= s2[r0:r1, :, None]
+        if saturate:
+            np.clip(o, -_F32_MAX, _F32_MAX, out=o)  # as dequantize_blocks does
+    return out
+
+
+def _dequantize_ragged(packed: U8, rows: int, cols: int, block: int, n_groups: int, bits: int,
+                       scales: F32, zeros: U8, out: F32, chunk_values: int) -> F32:
+    """``dequantize_matrix`` when the last group of a row is short: each chunk is
+    zero-padded to whole groups in a work buffer, then the real columns are copied out."""
+    per = 8 // bits
+    s2 = scales.reshape(rows, n_groups)
+    z2 = zeros.astype(np.float32).reshape(rows, n_groups)
+    width = block * n_groups
+    k = _chunk_rows(rows, cols, per, chunk_values)
+    codes = np.empty(k * cols, dtype=np.uint8)
+    work = np.empty((k, width), dtype=np.float32)
+    padded = np.zeros((k, width), dtype=np.uint8)
+    for r0 in range(0, rows, k):
+        r1 = min(rows, r0 + k)
+        m = r1 - r0
+        start = r0 * cols // per
+        c = codes[:m * cols]
+        unpack_into(packed[start:start + -(-m * cols // per)], bits, c)
+        c3 = padded[:m]
+        c3[:, :cols] = c.reshape(m, cols)
+        t3 = work[:m].reshape(m, n_groups, block)
+        np.subtract(c3.reshape(m, n_groups, block), per_value(z2[r0:r1], block), out=t3)
+        with np.errstate(over="ignore"):
+            t3 *= per_value(s2[r0:r1], block)
+        np.clip(t3, -_F32_MAX, _F32_MAX, out=t3)  # saturate as dequantize_blocks does
+        np.copyto(out[r0:r1], work[:m, :cols])
     return out

@@ -276,19 +276,34 @@ def block_codes(qt: QuantizedTensor) -> U8:
     return codes.reshape(rows * n_groups, block)
 
 
-def dequantize_float32(qt: QuantizedTensor) -> F32:
-    """Dequantize to float32 in the original shape."""
+def dequantize_float32(qt: QuantizedTensor, out: F32 | None = None) -> F32:
+    """Dequantize to float32 in the original shape.
+
+    ``out``, a C-contiguous float32 array of ``qt.shape``, receives the values in place
+    (and is returned): a caller that dequantizes tensor after tensor reuses its pages
+    instead of faulting in fresh ones, which cost more than the dequantization here.
+    """
     rows, cols, block, n_groups = layout(qt.shape, qt.scheme)
+    hadamard = ROTATED_METHODS.get(qt.method, 0)
+    if out is not None and (tuple(out.shape) != qt.shape or out.dtype != np.float32
+                            or not out.flags.c_contiguous):
+        raise QuantizationError(f"tensor {qt.name!r}: out must be a C-contiguous float32 array of shape "
+                                f"{list(qt.shape)}, got {out.dtype} {list(out.shape)}")
+    direct = None if out is None or hadamard or qt.is_lattice else out.reshape(rows, cols)
     if not qt.is_lattice:
         zeros = qt.zeros if qt.zeros.size else np.full(qt.scales.size, 1 << (qt.scheme.bits - 1), np.uint8)
-        matrix = dequantize_matrix(qt.codes, rows, cols, block, n_groups, qt.scheme.bits, qt.scales, zeros)
+        matrix = dequantize_matrix(qt.codes, rows, cols, block, n_groups, qt.scheme.bits, qt.scales, zeros,
+                                   direct)
     else:
         values = residual2_dequantize_blocks(block_codes(qt), qt.params.reshape(-1, 3))
         matrix = np.ascontiguousarray(values.reshape(rows, n_groups * block)[:, :cols])
-    hadamard = ROTATED_METHODS.get(qt.method, 0)
     if hadamard:  # codes are of the rotated weight W R (rotation.py); undo: W = (W R) R^T
         matrix = unrotate(matrix, hadamard)
-    return matrix.reshape(qt.shape)
+    if out is None:
+        return matrix.reshape(qt.shape)
+    if direct is None:  # the lattice and rotated paths build their own array
+        np.copyto(out, matrix.reshape(qt.shape))
+    return out
 
 
 def dequantize(qt: object) -> npt.NDArray[np.floating]:

@@ -16,7 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arrowquant_core.errors import ConfigurationError
-from arrowquant_core.kernels import dequantize_blocks, pack, quantize_blocks, unpack
+from arrowquant_core.kernels import (
+    CHUNK_VALUES,
+    block_range,
+    dequantize_blocks,
+    dequantize_matrix,
+    pack,
+    params_from_range,
+    quantize_blocks,
+    quantize_matrix,
+    unpack,
+)
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -344,3 +354,64 @@ def test_asymmetric_range_wider_than_float32_max(bits: int) -> None:
     # scale (hi - lo) / qmax is itself well inside float32 range.
     blocks = np.array([[3.0e38, -3.0e38, 0.0, 1.0]], np.float32)
     assert_within_half_step(blocks, bits, False)
+
+
+# ------------------------------------------------- chunked matrix kernels (issue 11) vs blocks
+# quantize_matrix / dequantize_matrix work a chunk of rows at a time (int8 arithmetic for
+# codes up to 4 bits, saturation skipped when no product can overflow, an ``out`` array);
+# they must equal the block kernels above bit for bit at every chunk boundary, for odd
+# sizes, a group that does not divide the columns, and 1-row tensors.
+
+def matrix_reference(matrix: F32, block: int, n_groups: int, bits: int,
+                     symmetric: bool) -> tuple[U8, F32, U8, F32]:
+    """(packed codes, scales, zeros, dequantized matrix) through the block kernels."""
+    rows, cols = matrix.shape
+    pad = block * n_groups - cols
+    padded = np.pad(matrix, ((0, 0), (0, pad)), mode="edge") if pad else matrix
+    blocks = np.ascontiguousarray(padded.reshape(rows * n_groups, block))
+    codes, scales, zeros = quantize_blocks(blocks, bits, symmetric)
+    real = codes.reshape(rows, n_groups * block)[:, :cols]
+    deq = dequantize_blocks(codes, scales, zeros).reshape(rows, n_groups * block)[:, :cols]
+    return pack(real, bits), scales, zeros, np.ascontiguousarray(deq)
+
+
+@given(data=st.data(), kind=st.sampled_from(KINDS))
+@settings(derandomize=True, max_examples=100, deadline=None)
+def test_chunked_matrix_kernels_equal_the_block_kernels(data: st.DataObject, kind: tuple[int, bool]) -> None:
+    bits, symmetric = kind
+    rows = data.draw(st.integers(1, 7), label="rows")
+    cols = data.draw(st.integers(1, 40), label="cols")
+    block = data.draw(st.one_of(st.just(cols), st.integers(1, 24)), label="block")  # per channel or group
+    n_groups = -(-cols // block)
+    chunk_values = data.draw(st.sampled_from([1, 5, 48, 100, CHUNK_VALUES]), label="chunk_values")
+    values = data.draw(st.one_of(
+        st.lists(normal_floats(data.draw(st.sampled_from([1.0, 1e6, float(np.float32(3.0e38))]), label="limit")),
+                 min_size=rows * cols, max_size=rows * cols),
+        st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False),  # subnormals too
+                 min_size=rows * cols, max_size=rows * cols)), label="values")
+    matrix = np.array(values, dtype=np.float32).reshape(rows, cols)
+    want_packed, want_scales, want_zeros, want_values = matrix_reference(matrix, block, n_groups, bits, symmetric)
+
+    lo, hi = block_range(matrix, block, n_groups)
+    scales, zeros = params_from_range(lo, hi, bits, symmetric)
+    assert scales.tobytes() == want_scales.tobytes()
+    assert np.array_equal(zeros, want_zeros)
+    packed = quantize_matrix(matrix, block, n_groups, bits, scales, zeros, chunk_values=chunk_values)
+    assert np.array_equal(packed, want_packed), (
+        f"codes differ at byte(s) {np.flatnonzero(packed != want_packed)[:8].tolist()}")
+
+    got = dequantize_matrix(packed, rows, cols, block, n_groups, bits, scales, zeros, chunk_values=chunk_values)
+    assert got.tobytes() == want_values.tobytes(), worst_block(got, want_values, matrix)
+    out = np.full((rows, cols), np.nan, np.float32)  # garbage in the caller's array is overwritten
+    again = dequantize_matrix(packed, rows, cols, block, n_groups, bits, scales, zeros, out=out,
+                              chunk_values=chunk_values)
+    assert again is out and out.tobytes() == want_values.tobytes()
+
+
+def test_dequantize_matrix_rejects_a_wrong_out_array() -> None:
+    packed = pack(np.zeros(8, np.uint8), 4)
+    args = (packed, 2, 4, 4, 1, 4, np.ones(2, np.float32), np.zeros(2, np.uint8))
+    with pytest.raises(ConfigurationError, match=r"C-contiguous \(2, 4\) float32"):
+        dequantize_matrix(*args, out=np.empty((4, 2), np.float32))
+    with pytest.raises(ConfigurationError, match="float32"):
+        dequantize_matrix(*args, out=np.empty((2, 4), np.float64))

@@ -17,13 +17,38 @@ hook before every round, so copy and kernel alternate and see the same machine s
 ~30% between runs under load).
 
 Each kernel's median ratio, the issue's target and whether it was met go to
-``benchmark.extra_info``. The assertion is the BOUND this code holds on this machine
-under load (load average ~12), below main's figures measured by this same benchmark in
-the same conditions (compiled, two runs: INT4 15.8-17.5x, INT8 g128 10.7-12.5x, INT8
-per-channel 8.8-9.3x, dequantize 12.6-15.8x, load 10.7-11.2x). The issue's targets are
-not met by these NumPy kernels here (the two ``reduceat`` passes for the block ranges
-alone take about 2x a copy), and a red default suite would hide real regressions behind
-a known gap.
+``benchmark.extra_info``. Where this code meets the issue's target in every run on this
+machine, the target is the assertion; elsewhere the assertion is a BOUND this code holds
+under load (load average 2-10 on 2 cores while these were measured), with the reason the
+target is not met. Figures: three runs each, compiled core, before = main at e526cc0,
+after = this code (copy of the 42.5 MB took 5.4-18 ms across runs, hence the spread):
+
+    kernel                               before (main)    after (this code)  target  asserted
+    INT4 g64 RTN + pack                  8.2 / 6.3 / 6.3  5.8 / 4.1 / 8.1    4x      bound 10x
+    INT8 g128 RTN                        9.4 / 5.3 / 4.8  4.8 / 4.9 / 5.0    5x      bound 8x
+    INT8 per-channel RTN                 4.2 / 4.1 / 4.5  4.3 / 3.2 / 4.2    5x      bound 8x
+    INT4 unpack + dequantize, into out=  (no out=)        2.2 / 2.6 / 2.4    3x      TARGET 3x
+    INT4 unpack + dequantize, fresh      4.9 / 5.4 / 7.0  5.3 / 4.9 / 3.6    3x      bound 7.5x
+    load + dequantize INT4 artifact      2.9 / 2.8 / 3.3  2.6 / 2.3 / 2.3    1x      bound 5x
+
+INT8 per-channel (and INT8 g128 in two of three runs) met its 5x target, but single runs
+of this branch's kernels (one commit earlier) measured 6.0x per-channel and 6.1x g128
+while the load average was ~9, so their assertions stay bounds: a target asserted here
+must hold in the default suite on a busy machine, not only on a quiet one.
+
+Why the unmet targets stay unmet with NumPy here:
+- INT4 g64: the block ranges alone take about 2x a copy (``np.minimum.reduceat`` and
+  ``np.maximum.reduceat`` spend about 30 ns per 64-value group; a transposed layout of
+  16-byte items with contiguous halving measured no better once the transposes are
+  paid; every NumPy call costs about 1.5 us here), the scales 0.4x, and scaling,
+  rounding, offsetting, clipping and packing 3.1x;
+- dequantization into fresh arrays pays the kernel's page faults for 42.5 MB of output
+  (allocating and filling that much fresh memory alone measured 1-2.8x a copy); into
+  preallocated arrays, the same footing as the copy, it meets the 3x target;
+- load + dequantize: the FP32 side copies 90 MB out of a memory map; the INT4 side reads
+  the Parquet file (zstd pages, 0.6x the FP32 read), checks a sha256 per tensor (0.17x;
+  kept: the format spec and the independent reader define the digest) and writes the
+  same 90 MB of fresh float32 (1.46x) -- the output alone costs as much as the FP32 read.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python -m pytest tests/benchmarks/test_bench_kernels.py -q``
 (after ``python setup.py build_ext --inplace`` to measure the compiled core; the test
@@ -53,10 +78,11 @@ ROUNDS = 9
 
 TARGETS: dict[str, tuple[str, float, float]] = {
     # kernel id: (scheme, issue 11 target, bound asserted here), ratios to np.copyto
-    "int4-rtn-pack": ("int4-g64-asym", 4.0, 11.0),
-    "int8-rtn": ("int8-g128-asym", 5.0, 9.0),
+    "int4-rtn-pack": ("int4-g64-asym", 4.0, 10.0),
+    "int8-rtn": ("int8-g128-asym", 5.0, 8.0),
     "int8-rtn-channel": ("int8-channel-sym", 5.0, 8.0),
-    "int4-unpack-dequantize": ("int4-g64-asym", 3.0, 7.5),
+    "int4-unpack-dequantize": ("int4-g64-asym", 3.0, 3.0),  # into out= arrays: the target is met
+    "int4-unpack-dequantize-fresh": ("int4-g64-asym", 3.0, 7.5),
 }
 
 
@@ -122,31 +148,34 @@ def test_bench_quantize_vs_copy(benchmark: BenchmarkFixture, linear: list[F32], 
     check(benchmark, kernel_id, ratio)
 
 
-def test_bench_dequantize_vs_copy(benchmark: BenchmarkFixture, linear: list[F32]) -> None:
+@pytest.mark.parametrize("into", ["preallocated", "fresh"])
+def test_bench_dequantize_vs_copy(benchmark: BenchmarkFixture, linear: list[F32], into: str) -> None:
+    """Dequantize into preallocated arrays (``out=``, as the copy writes into preallocated
+    arrays: the gate) and into fresh ones (what a caller without ``out`` pays: recorded)."""
     scheme = TARGETS["int4-unpack-dequantize"][0]
     tensors = [quantize(w, scheme, "w") for w in linear]
     result: list[F32] = []
+    outs = [np.empty_like(w) for w in linear]
 
     def run() -> None:
-        result[:] = [dequantize_float32(qt) for qt in tensors]
+        if into == "preallocated":
+            result[:] = [dequantize_float32(qt, out=o) for qt, o in zip(tensors, outs)]
+        else:
+            result[:] = [dequantize_float32(qt) for qt in tensors]
 
     ratio = ratio_to_copy(benchmark, linear, run)
     got = np.concatenate([d.reshape(-1) for d in result])
     want = np.concatenate([w.reshape(-1) for w in linear])
     cosine = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
     assert cosine > 0.98  # the round trip is a quantization, not garbage
-    check(benchmark, "int4-unpack-dequantize", ratio)
+    check(benchmark, "int4-unpack-dequantize" if into == "preallocated" else "int4-unpack-dequantize-fresh", ratio)
 
 
 # Load + dequantize of the INT4 artifact against reading the FP32 safetensors file. The
-# issue's target is 1x; measured here 2.8-4.7x across runs once the FP32 side copies the
-# memory-mapped tensors into memory (main before the kernel work: 9.9-11.2x). zstd
-# decoding of the Parquet pages and the sha256 of every tensor alone take about half the
-# safetensors read, and both sides pay the same fresh pages for 90 MB of float32 output.
-# The gate is a bound this code holds with room for the machine's noise (4.72x was seen
-# once on a clean-clone run) and that the old code fails.
+# issue's target is 1x; measured 2.3-3.3x (see the module docstring for where the time
+# goes). The bound holds with room for this machine's noise, below main's older 7x bound.
 LOAD_TARGET = 1.0
-LOAD_BOUND = 7.0
+LOAD_BOUND = 5.0
 
 
 @pytest.fixture(scope="module")
