@@ -89,11 +89,12 @@ def read_record(folder: Path | None = None) -> BuildRecord:
     path = (folder or cache_dir()) / "build.json"
     try:
         raw = json.loads(path.read_text())
-        return BuildRecord(str(raw["version"]), str(raw["sdist_sha256"]), str(raw["compiler"]),
-                           float(raw["seconds"]), float(raw["compile_seconds"]))
+        fields = (str(raw["version"]), str(raw["sdist_sha256"]), str(raw["compiler"]), float(raw["seconds"]),
+                  float(raw["compile_seconds"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(f"{path}: no readable build record ({type(exc).__name__}); build ggml's "
                                  f"quantizer with `{BUILD_COMMAND}` (make setup runs it)") from None
+    return BuildRecord(*fields)  # a record of another version: ConfigurationError naming --force
 
 
 def _sha256(path: Path) -> str:
