@@ -174,18 +174,18 @@ def _ggml_pure(qtype: gguf.GGMLQuantizationType, file_type: gguf.LlamaFileType, 
 
 def _ggml_rows() -> tuple[PeerFormat, ...]:
     """The K-quant and IQ peers: each --pure, with and without imatrix where allowed.
-    Layouts from ggml-common.h (block_q*_K, block_iq*); bits per weight of the block."""
+    Layouts from ggml-common.h (block_q*_K, block_iq*) and ggml-quants.c's grids."""
     F = gguf.LlamaFileType
     kinds = (
-        (T.Q6_K, F.MOSTLY_Q6_K, "6-bit codes, 8-bit scale per 16, FP16 super-scale per 256 (6.56 bpw)"),
-        (T.Q5_K, F.MOSTLY_Q5_K_S, "5-bit codes, 6-bit scale and min per 32, FP16 super-scales per 256 (5.5 bpw)"),
-        (T.Q4_K, F.MOSTLY_Q4_K_S, "4-bit codes, 6-bit scale and min per 32, FP16 super-scales per 256 (4.5 bpw)"),
-        (T.Q3_K, F.MOSTLY_Q3_K_S, "3-bit codes, 6-bit scale per 16, FP16 super-scale per 256 (3.44 bpw)"),
-        (T.Q2_K, F.MOSTLY_Q2_K, "2-bit codes, 4-bit scale and min per 16, FP16 super-scales per 256 (2.63 bpw)"),
-        (T.IQ4_NL, F.MOSTLY_IQ4_NL, "4-bit non-uniform grid, FP16 scale per 32 (4.5 bpw)"),
-        (T.IQ4_XS, F.MOSTLY_IQ4_XS, "4-bit non-uniform grid, 6-bit scale per 32, FP16 super-scale (4.25 bpw)"),
-        (T.IQ3_XXS, F.MOSTLY_IQ3_XXS, "3-bit E8-lattice codebook, scale per 32 (3.06 bpw)"),
-        (T.IQ2_XS, F.MOSTLY_IQ2_XS, "2-bit E8-lattice codebook with 9-bit indices, scale per 16 (2.31 bpw)"),
+        (T.Q6_K, F.MOSTLY_Q6_K, "6-bit codes, 8-bit scale per 16, FP16 super-scale per 256"),
+        (T.Q5_K, F.MOSTLY_Q5_K_S, "5-bit codes, 6-bit scale and min per 32, FP16 super-scales per 256"),
+        (T.Q4_K, F.MOSTLY_Q4_K_S, "4-bit codes, 6-bit scale and min per 32, FP16 super-scales per 256"),
+        (T.Q3_K, F.MOSTLY_Q3_K_S, "3-bit codes, 6-bit scale per 16, FP16 super-scale per 256"),
+        (T.Q2_K, F.MOSTLY_Q2_K, "2-bit codes, 4-bit scale and min per 16, FP16 super-scales per 256"),
+        (T.IQ4_NL, F.MOSTLY_IQ4_NL, "4-bit codes on a non-uniform 16-value grid, FP16 scale per 32"),
+        (T.IQ4_XS, F.MOSTLY_IQ4_XS, "IQ4_NL's grid, 6-bit scale per 32, FP16 super-scale per 256"),
+        (T.IQ3_XXS, F.MOSTLY_IQ3_XXS, "groups of 4 from a 256-entry grid plus signs, 4-bit scale per 32"),
+        (T.IQ2_XS, F.MOSTLY_IQ2_XS, "groups of 8 from a 512-entry E8-lattice grid plus signs, 4-bit scale per 16"),
     )
     return tuple(_ggml_pure(q, f, what, imatrix) for q, f, what in kinds for imatrix in (False, True)
                  if imatrix or q not in NEEDS_IMATRIX)

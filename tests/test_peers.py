@@ -160,7 +160,8 @@ def test_criteria_peers_list(tmp_path: Path) -> None:
         load_criteria(bad)
     shipped = load_criteria(Path(__file__).resolve().parents[1] / "harness/criteria/minilm.toml")
     assert shipped.plan(8).peers == ("Q8_0",)
-    assert set(shipped.plan(4).peers) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+    assert set(shipped.plan(4).peers) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K-pure+imatrix", "IQ4_XS-pure+imatrix"}
+    assert shipped.plan(2).peers == ("Q2_K-pure+imatrix",)
 
 
 def test_integer_buffers_are_stored_exactly_and_are_not_parameters(tmp_path: Path) -> None:
