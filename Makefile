@@ -33,7 +33,7 @@ help:
 	@echo "make fuzz   the long hostile-input campaign (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) per target) and bombs"
 	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository; GGUF faults end to end"
 	@echo "make bench  kernel, method and quality-per-bit benchmarks (tests/benchmarks)"
-	@echo "make measure  the long measurement tables (time-aware dream-mini, transformers runners, dit-mini)"
+	@echo "make measure  the long measurement tables (llama.cpp peers on MiniLM, time-aware dream-mini, transformers runners, dit-mini)"
 	@echo "make scale  streaming validation from 3.5M to 7.6B parameters (writes 20 GB of fixtures once; ~30 min)"
 
 $(PY):
@@ -75,7 +75,8 @@ bench: $(STAMP) ggml
 	$(PY) -m pytest tests/benchmarks -q
 
 # The tables quoted in the issue notes; minutes each, never in the default run.
-measure: $(STAMP)
+measure: $(STAMP) ggml
+	$(PY) -m harness.peers --model minilm
 	$(PY) -m fixtures.dream_mini.timeaware_report --schedule --gptq
 	$(PY) -m fixtures.runners.hf_measure gpt2 llama minilm
 	$(PY) -m fixtures.dit_mini compare

@@ -17,14 +17,17 @@ Every type dequantizes with gguf-py (checked equal to ggml's own ``to_float`` in
 tests/test_ggml_quant.py). The core never imports gguf: this is harness code, and
 ``arrowquant_core`` stays free of it.
 
-The K-quant and IQ peers are ``--pure`` files (``llama-quantize --pure``: one type for
-every quantizable tensor, no per-tensor mix such as Q4_K_M's Q6_K on some ffn_down), named
-``<type>-pure``: the mixes' per-tensor rules (``llama_tensor_get_type_impl``) are not
-reproduced here. ``--pure`` still applies ``tensor_type_fallback``: a 256-value super-block
-type on a row whose length is not a multiple of 256 falls back to a 32-block type. MiniLM's
-hidden size is 384, so every tensor but ``ffn_down`` (1536 columns) falls back (Q4_K ->
-Q5_0, Q3_K/Q2_K -> Q4_0, IQ* -> IQ4_NL): llama.cpp cannot store MiniLM below ~4.3 bits per
-weight, whatever the type asked for, and the rows say so (``ggml_types``, ``notes``).
+The K-quant and IQ peers come two ways: ``<type>-pure`` (``llama-quantize --pure``: one
+type for every quantizable tensor) and, for the K-quant and IQ4 file types of ``MIXES``,
+llama-quantize's own mix (``Q4_K_M``, ``Q3_K_S``, ``Q2_K`` ...: ``mix_rule``, a port of
+``llama_tensor_get_type_impl`` for dense models, e.g. Q4_K_M's Q6_K on the attn_v and
+ffn_down of the layers ``use_more_bits`` picks). The IQ3_XXS and IQ2_XS mixes add rules
+for attn_q/attn_k/token embeddings that are not ported: those two are --pure only. Both
+apply ``tensor_type_fallback``: a 256-value super-block type on a row whose length is not a
+multiple of 256 falls back to a 32-block type. MiniLM's hidden size is 384, so every tensor
+but ``ffn_down`` (1536 columns) falls back (Q4_K -> Q5_0, Q3_K/Q2_K -> Q4_0, IQ* ->
+IQ4_NL): llama.cpp cannot store MiniLM below ~4.4 bits per weight, whatever the type asked
+for, and the rows say so (``ggml_types``, ``ggml_type_parameters``, ``notes``).
 
 What makes a peer honest:
 
@@ -85,6 +88,15 @@ LABEL_PREFIX: Final = "llama.cpp "
 SCHEME: Final = "gguf"  # the "scheme" of a peer row in the comparison table
 
 
+# llama_ftype -> its default ggml type (llama_ftype_get_default_type), for the mixes modelled
+_F = gguf.LlamaFileType
+MIXES: Final[dict[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
+    _F.MOSTLY_Q2_K: T.Q2_K, _F.MOSTLY_Q3_K_S: T.Q3_K, _F.MOSTLY_Q3_K_M: T.Q3_K, _F.MOSTLY_Q3_K_L: T.Q3_K,
+    _F.MOSTLY_Q4_K_S: T.Q4_K, _F.MOSTLY_Q4_K_M: T.Q4_K, _F.MOSTLY_Q5_K_S: T.Q5_K, _F.MOSTLY_Q5_K_M: T.Q5_K,
+    _F.MOSTLY_Q6_K: T.Q6_K, _F.MOSTLY_IQ4_NL: T.IQ4_NL, _F.MOSTLY_IQ4_XS: T.IQ4_XS,
+}
+
+
 GGUF_PY: Final = "gguf-py"  # quantizers of a peer: gguf.quants.quantize (NumPy) ...
 GGML: Final = "ggml"  # ... or ggml_quantize_chunk (harness.ggml_quant)
 IMATRIX_SUFFIX: Final = "+imatrix"
@@ -112,7 +124,12 @@ class PeerFormat:
     imatrix: bool = False
 
     def __post_init__(self) -> None:
-        expected = self.ggml_type.name + ("-pure" if self.pure else "") + (IMATRIX_SUFFIX if self.imatrix else "")
+        stem = self.file_type.name.removeprefix("MOSTLY_") if self.is_mix else self.ggml_type.name
+        expected = stem + ("-pure" if self.pure else "") + (IMATRIX_SUFFIX if self.imatrix else "")
+        if self.is_mix and MIXES.get(self.file_type) != self.ggml_type:
+            raise ConfigurationError(f"peer {self.name!r}: llama-quantize's {self.file_type.name} mix is not modelled "
+                                     f"with default type {self.ggml_type.name} (modelled: "
+                                     f"{sorted(f.name for f in MIXES)})")
         if self.name != expected:
             raise ConfigurationError(f"peer {self.name!r}: ggml type {self.ggml_type.name}, pure={self.pure}, "
                                      f"imatrix={self.imatrix}: the name must be {expected!r}")
@@ -128,6 +145,12 @@ class PeerFormat:
                                          f"{self.name + IMATRIX_SUFFIX!r}")
         else:
             raise ConfigurationError(f"peer {self.name!r}: quantizer {self.quantizer!r}, not {GGUF_PY!r} or {GGML!r}")
+
+    @property
+    def is_mix(self) -> bool:
+        """llama-quantize's own per-tensor mix for the file type (``mix_rule``): a ggml peer
+        that is not --pure (the gguf-py peers model the legacy types' rules in choose_type)."""
+        return self.quantizer == GGML and not self.pure
 
     @property
     def label(self) -> str:
@@ -172,6 +195,14 @@ def _ggml_pure(qtype: gguf.GGMLQuantizationType, file_type: gguf.LlamaFileType, 
                       imatrix=imatrix)
 
 
+def _ggml_mix(file_type: gguf.LlamaFileType, imatrix: bool) -> PeerFormat:
+    stem = file_type.name.removeprefix("MOSTLY_")
+    how = "with the importance matrix of the calibration sentences" if imatrix else "no importance matrix"
+    return PeerFormat(stem + (IMATRIX_SUFFIX if imatrix else ""), MIXES[file_type], file_type,
+                      f"llama-quantize's {stem} mix: {MIXES[file_type].name} with its per-tensor rules (ggml; {how})",
+                      quantizer=GGML, imatrix=imatrix)
+
+
 def _ggml_rows() -> tuple[PeerFormat, ...]:
     """The K-quant and IQ peers: each --pure, with and without imatrix where allowed.
     Layouts from ggml-common.h (block_q*_K, block_iq*) and ggml-quants.c's grids."""
@@ -187,8 +218,9 @@ def _ggml_rows() -> tuple[PeerFormat, ...]:
         (T.IQ3_XXS, F.MOSTLY_IQ3_XXS, "groups of 4 from a 256-entry grid plus signs, 4-bit scale per 32"),
         (T.IQ2_XS, F.MOSTLY_IQ2_XS, "groups of 8 from a 512-entry E8-lattice grid plus signs, 4-bit scale per 16"),
     )
-    return tuple(_ggml_pure(q, f, what, imatrix) for q, f, what in kinds for imatrix in (False, True)
+    pure = tuple(_ggml_pure(q, f, what, imatrix) for q, f, what in kinds for imatrix in (False, True)
                  if imatrix or q not in NEEDS_IMATRIX)
+    return pure + tuple(_ggml_mix(f, imatrix) for f in MIXES for imatrix in (False, True))
 
 # The one table of peer formats. CLI choices, criteria validation and report labels
 # derive from it. Layouts are ggml's (ggml-common.h block_q*); gguf-py's quantizers
@@ -317,10 +349,15 @@ def _block(qtype: gguf.GGMLQuantizationType) -> int:
     return int(gguf.GGML_QUANT_SIZES[qtype][0])
 
 
+MixRule = Callable[[str], "tuple[gguf.GGMLQuantizationType, str] | None"]
+
+
 def choose_type(gguf_name: str, shape: tuple[int, ...], base: gguf.GGMLQuantizationType,
-                tied_embeddings: bool, pure: bool = False) -> tuple[gguf.GGMLQuantizationType, str]:
+                tied_embeddings: bool, pure: bool = False,
+                mix: MixRule | None = None) -> tuple[gguf.GGMLQuantizationType, str]:
     """The type llama.cpp gives one tensor when a model is converted to F32/F16 and then
     ``llama-quantize``d to ``base`` (no imatrix; ``pure``: --pure), with the reason.
+    ``mix``: a K-quant mix's per-tensor rule (``mix_rule``) for the other tensors.
 
     >>> choose_type("token_embd.weight", (30522, 384), T.Q4_0, True)[0].name
     'Q8_0'
@@ -346,6 +383,10 @@ def choose_type(gguf_name: str, shape: tuple[int, ...], base: gguf.GGMLQuantizat
             qtype, reason = T.Q6_K, "output / tied token embeddings (no output.weight): Q6_K"
         else:
             reason = "output / tied token embeddings: Q8_0"
+    elif not pure and mix is not None:
+        ruled = mix(gguf_name)
+        if ruled is not None:
+            qtype, reason = ruled
     # tensor_type_fallback: the block must divide the row (applies under --pure too)
     if ncols % _block(qtype) != 0:
         demoted = _FALLBACK.get(qtype, qtype)
@@ -371,10 +412,88 @@ def parameter_count(weights: Mapping[str, npt.NDArray[Any]]) -> int:
     return sum(int(a.size) for a in weights.values() if np.asarray(a).dtype.kind == "f")
 
 
+# --- llama-quantize's K-quant mixes ------------------------------------------------------
+
+def _category(gguf_name: str) -> str:
+    """tensor_get_category (llama-quant.cpp): substring tests, in its order."""
+    if gguf_name == OUTPUT:
+        return "output"
+    if gguf_name == TOKEN_EMBD:
+        return "token_embd"
+    for key in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight", "attn_k.weight", "attn_q.weight",
+                "attn_output.weight", "ffn_up", "ffn_gate", "ffn_down"):
+        if key in gguf_name:
+            return key.removesuffix(".weight")
+    return "other"
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama-quant.cpp's use_more_bits: the first and last eighth, and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_rule(file_type: gguf.LlamaFileType, names: Iterable[str], has_imatrix: bool) -> MixRule:
+    """llama_tensor_get_type_impl for the K-quant and IQ4 mixes of ``MIXES``, as it runs on
+    a dense model (no experts, n_gqa < 4, not Falcon, not a 70B: each of those adds rules
+    not modelled here; BERT, MiniLM's architecture, is none of them). Called once per
+    tensor in file order (the rules count attn_v and ffn_down tensors as llama.cpp does).
+    Returns None where the mix keeps the file type."""
+    names = list(names)
+    n_attn_v = sum(1 for n in names if _category(n) in ("attn_v", "attn_qkv", "attn_kv_b"))
+    n_layer = 1 + max((int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdecimal()),
+                      default=-1)
+    counters = {"attn_v": 0, "ffn_down": 0}
+    ft = file_type
+
+    def rule(gguf_name: str) -> tuple[gguf.GGMLQuantizationType, str] | None:
+        cat = _category(gguf_name)
+        out: gguf.GGMLQuantizationType | None = None
+        if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+            i = counters["attn_v"]
+            counters["attn_v"] += 1
+            if ft == _F.MOSTLY_Q2_K:
+                out = T.Q3_K
+            elif ft == _F.MOSTLY_Q3_K_M:
+                out = T.Q5_K if i < 2 else T.Q4_K
+            elif ft == _F.MOSTLY_Q3_K_L:
+                out = T.Q5_K
+            elif ft in (_F.MOSTLY_Q4_K_M, _F.MOSTLY_Q5_K_M) and _use_more_bits(i, n_attn_v):
+                out = T.Q6_K
+            elif ft == _F.MOSTLY_Q4_K_S and i < 4:
+                out = T.Q5_K
+            where = f"attn_v #{i} of {n_attn_v}"
+        elif cat == "ffn_down":
+            i = counters["ffn_down"]
+            counters["ffn_down"] += 1
+            if ft == _F.MOSTLY_Q2_K:
+                out = T.Q3_K
+            elif ft == _F.MOSTLY_Q3_K_M:
+                out = T.Q5_K if i < n_layer // 16 else T.Q4_K
+            elif ft == _F.MOSTLY_Q3_K_L:
+                out = T.Q5_K
+            elif ft == _F.MOSTLY_Q4_K_M:
+                out = T.Q6_K if _use_more_bits(i, n_layer) else None
+            elif ft in (_F.MOSTLY_IQ4_NL, _F.MOSTLY_IQ4_XS) and i < n_layer // 8 and not has_imatrix:
+                out = T.Q5_K
+            elif ft == _F.MOSTLY_Q5_K_M and _use_more_bits(i, n_layer):
+                out = T.Q6_K
+            elif ft == _F.MOSTLY_Q4_K_S and i < n_layer // 8:
+                out = T.Q5_K
+            where = f"ffn_down of layer {i} of {n_layer}"
+        elif cat == "attn_output":
+            out = {_F.MOSTLY_Q2_K: T.Q3_K, _F.MOSTLY_Q3_K_M: T.Q4_K, _F.MOSTLY_Q3_K_L: T.Q5_K}.get(ft)
+            where = "attn_output"
+        if out is None:
+            return None
+        return out, f"{out.name} ({ft.name.removeprefix('MOSTLY_')} mix: {where})"
+    return rule
+
+
 def plan(weights: Mapping[str, FloatArray], peer: PeerFormat) -> tuple[NameMap, list[TensorChoice]]:
     """Every tensor's GGUF name and llama.cpp type for ``peer``."""
     names = gguf_names(weights)
     tied = OUTPUT not in names.names.values()
+    mix = mix_rule(peer.file_type, names.names.values(), peer.imatrix) if peer.is_mix else None
     choices = []
     for source, array in weights.items():
         shape = tuple(int(d) for d in array.shape)
@@ -385,7 +504,7 @@ def plan(weights: Mapping[str, FloatArray], peer: PeerFormat) -> tuple[NameMap, 
             choices.append(TensorChoice(source, names.names[source], shape, _INTEGER_TYPES[dtype],
                                         f"integer buffer ({dtype}): stored exactly"))
             continue
-        qtype, reason = choose_type(names.names[source], shape, peer.ggml_type, tied, peer.pure)
+        qtype, reason = choose_type(names.names[source], shape, peer.ggml_type, tied, peer.pure, mix)
         choices.append(TensorChoice(source, names.names[source], shape, qtype, reason))
     return names, choices
 

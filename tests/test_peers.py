@@ -241,3 +241,33 @@ def test_super_block_types_fall_back_on_rows_of_384(tmp_path: Path) -> None:
     with pytest.raises(QuantizationError, match=r"output.dense.weight.*blk.0.ffn_down.weight.*IQ2_XS"):
         peers.quantize(weights, peers.get_peer("IQ2_XS-pure+imatrix"), tmp_path / "n.gguf",
                        importance={"0.model.pooler.dense.weight": np.ones(384, np.float32)})
+
+
+def test_k_quant_mixes_follow_llama_quantize_per_tensor_rules(tmp_path: Path) -> None:
+    """llama_tensor_get_type_impl on a 6-layer BERT (MiniLM's shape): use_more_bits picks
+    attn_v and ffn_down of layers 2 and 5 for Q6_K in Q4_K_M; Q2_K lifts attn_v,
+    attn_output and ffn_down to Q3_K; then the 384-column fallback applies to each."""
+    weights = bert_like(hidden=384, vocab=32, layers=6)
+
+    def types(name: str) -> dict[str, str]:
+        return {c.gguf_name: c.ggml_type.name for c in peers.plan(weights, peers.get_peer(name))[1]
+                if c.ggml_type != T.F32}
+    q4km = types("Q4_K_M")
+    assert [q4km[f"blk.{i}.ffn_down.weight"] for i in range(6)] == ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K"]
+    assert [q4km[f"blk.{i}.attn_v.weight"] for i in range(6)] == ["Q5_0", "Q5_0", "Q8_0", "Q5_0", "Q5_0", "Q8_0"]
+    assert q4km["blk.0.attn_q.weight"] == "Q5_0" and q4km["token_embd.weight"] == "Q8_0"
+    q2k = types("Q2_K")
+    assert q2k["blk.3.ffn_down.weight"] == "Q3_K" and q2k["blk.3.attn_output.weight"] == "Q4_0"  # Q3_K -> Q4_0
+    assert q2k["blk.3.attn_q.weight"] == "Q4_0"
+    q3km = types("Q3_K_M")
+    assert [q3km[f"blk.{i}.attn_v.weight"] for i in range(3)] == ["Q5_1", "Q5_1", "Q5_0"]  # Q5_K / Q4_K, fallen back
+    assert types("Q4_K_S")["blk.3.attn_v.weight"] == "Q5_1" and types("Q4_K_S")["blk.4.attn_v.weight"] == "Q5_0"
+    assert types("Q4_K-pure")["blk.2.ffn_down.weight"] == "Q4_K"  # --pure: no mix
+    peer = peers.get_peer("Q4_K_M")
+    assert peer.is_mix and peer.ggml_type == T.Q4_K and peer.file_type == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    result = peers.quantize(weights, peer, tmp_path / "m.gguf")
+    from harness import gguf_artifact
+    art = gguf_artifact.load(result.path, weights)
+    assert art.file_type == "MOSTLY_Q4_K_M" and art.main_type == "Q4_K" and gguf_artifact.plan_mismatches(art) == []
+    with pytest.raises(ConfigurationError, match="mix is not modelled"):
+        peers.PeerFormat("Q2_K_S", T.Q2_K, gguf.LlamaFileType.MOSTLY_Q2_K_S, "x", quantizer=peers.GGML)
