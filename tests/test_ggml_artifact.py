@@ -56,6 +56,7 @@ def test_ggml_q4_k_file_judged_through_the_run_matches_the_comparison_row(
     assert record["file_type"] == "MOSTLY_Q4_K_S" and record["main_type"] == "Q4_K"
     assert "ggml (ggml_quantize_chunk, llama-cpp-python 0.3.36 sdist)" in record["produced_by"]
     assert "imatrix of 37 tensors" in record["produced_by"] and "--pure" in record["produced_by"]
+    assert record["llama_cpp_rule_mismatches"] == []  # Q4_K-pure's plan (or the Q4_K_S mix's) for every tensor
     passed = {c["metric"] for c in run_result.results["criteria"] if c["passed"] is True}
     failed = {c["metric"] for c in run_result.results["criteria"] if c["passed"] is False}
     # the weight gates pass (the control for the fault below); a 5.6-bit file is not 7.3x smaller

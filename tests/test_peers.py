@@ -160,7 +160,7 @@ def test_criteria_peers_list(tmp_path: Path) -> None:
         load_criteria(bad)
     shipped = load_criteria(Path(__file__).resolve().parents[1] / "harness/criteria/minilm.toml")
     assert shipped.plan(8).peers == ("Q8_0",)
-    assert set(shipped.plan(4).peers) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K-pure+imatrix", "IQ4_XS-pure+imatrix"}
+    assert set(shipped.plan(4).peers) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M+imatrix", "IQ4_XS+imatrix"}
     assert shipped.plan(2).peers == ("Q2_K-pure+imatrix",)
 
 
