@@ -211,8 +211,10 @@ def accounting(art: GGUFArtifact, source: Mapping[str, FloatArray], ties: Mappin
 
 # --- faults: a GGUF broken the way a buggy converter or exporter would break it ------------
 
-# types whose blocks start with their FP16 scale d (ggml-common.h: block_q4_0 ... block_q5_K)
-_SCALE_FIRST: Final = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K})
+# types whose blocks start with their FP16 scale d (ggml-common.h: block_q4_0 ... block_q5_K,
+# block_iq4_nl, block_iq4_xs, block_iq3_xxs, block_iq3_s, block_iq2_*; Q2_K, Q3_K and Q6_K put it last)
+_SCALE_FIRST: Final = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS,
+                                 T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S})
 
 
 def _victim(reader: gguf.GGUFReader, path: Path) -> Any:
