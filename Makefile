@@ -24,16 +24,17 @@ export TRANSFORMERS_OFFLINE := 1
 
 FUZZ_EXAMPLES ?= 400
 
-.PHONY: setup run test fuzz e2e bench measure scale clean help
+.PHONY: setup ggml run test fuzz e2e bench measure scale clean help
 
 help:
 	@echo "make run    set up .venv and run: python -m harness run --model $(MODEL) $(ARGS)"
 	@echo "make test   set up .venv and run the project's tests"
-	@echo "make setup  only set up .venv (torch CPU, then the project with its mypyc-compiled core)"
+	@echo "make setup  only set up .venv (torch CPU, then the project with its mypyc-compiled core) and build ggml's quantizer"
+	@echo "make ggml   build ggml's K-quant/IQ quantizer from the llama-cpp-python sdist (python -m harness.ggml_build)"
 	@echo "make fuzz   the long hostile-input campaign (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) per target) and bombs"
 	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository; GGUF faults end to end"
 	@echo "make bench  kernel, method and quality-per-bit benchmarks (tests/benchmarks)"
-	@echo "make measure  the long measurement tables (time-aware dream-mini, transformers runners, dit-mini)"
+	@echo "make measure  the long measurement tables (llama.cpp peers on MiniLM, time-aware dream-mini, transformers runners, dit-mini)"
 	@echo "make scale  streaming validation from 3.5M to 7.6B parameters (writes 20 GB of fixtures once; ~30 min)"
 
 $(PY):
@@ -47,15 +48,20 @@ $(STAMP): $(PY) pyproject.toml setup.py $(CORE_SOURCES)
 	$(PY) -c "import arrowquant_core as a; assert a.is_compiled(), 'core did not compile with mypyc'"
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) ggml
 
-run: $(STAMP)
+# ggml's K-quant/IQ quantizer (libggml-base) for the llama.cpp peers, from the pinned
+# llama-cpp-python sdist (PyPI) into ~/.cache/arrowquant/ggml-<version>/; ~45 s once, then a no-op
+ggml: $(STAMP)
+	$(PY) -m harness.ggml_build
+
+run: $(STAMP) ggml
 	$(PY) -m harness run --model $(MODEL) $(ARGS)
 
 # The suite runs on TEST_WORKERS pytest-xdist workers (each test is single-threaded); the
 # benchmarks run after it in one serial session, since pytest-benchmark measures nothing
 # under xdist and their ratios want a quiet machine.
-test: $(STAMP)
+test: $(STAMP) ggml
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --ignore=tests/benchmarks $(PYTEST_ARGS)
 	$(PY) -m pytest tests/benchmarks $(PYTEST_ARGS)
 
@@ -67,14 +73,15 @@ fuzz: $(STAMP)
 	ARROWQUANT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q
 
 # Outside the default run: each gates dream-mini end to end from a scratch repository.
-e2e: $(STAMP)
+e2e: $(STAMP) ggml
 	$(PY) -m pytest e2e -q
 
-bench: $(STAMP)
+bench: $(STAMP) ggml
 	$(PY) -m pytest tests/benchmarks -q
 
 # The tables quoted in the issue notes; minutes each, never in the default run.
-measure: $(STAMP)
+measure: $(STAMP) ggml
+	$(PY) -m harness.peers --model minilm
 	$(PY) -m fixtures.dream_mini.timeaware_report --schedule --gptq
 	$(PY) -m fixtures.runners.hf_measure gpt2 llama minilm
 	$(PY) -m fixtures.dit_mini compare

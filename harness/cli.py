@@ -75,7 +75,11 @@ def parser() -> argparse.ArgumentParser:
                           "model, criteria file or scheme")
     run.add_argument("--compare", action="store_true",
                      help="also compare every quantization method the criteria list (rtn, clip, hqq, gptq, "
-                          "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute")
+                          "residual2) on the same inputs, with a quality-versus-size chart; adds about a minute. "
+                          "The criteria's `peers` add llama.cpp's formats as real GGUF files: the legacy types "
+                          "quantized by gguf-py, the K-quant and IQ types (--pure, '+imatrix' = with llama.cpp's "
+                          "importance matrix from the calibration sentences) by ggml's own quantizer, built by "
+                          "`make setup` (python -m harness.ggml_build); bits per weight from the file's bytes")
     run.add_argument("--fail-fast", action="store_true",
                      help="stop the run when the time-aware activation pass fails (default: fall back to base "
                           "quantization, counted in results.json `fallbacks` and caught by the activation-table gates)")
@@ -86,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
                           "time, per-layer weight metrics, accounting, outputs through the runner). The bit width "
                           "whose criteria apply is --bits N, or, without it, the largest in the criteria not above "
                           "the nominal bits per weight of the file's main tensor type (Q8_0 -> 8, Q4_0 -> 4, "
-                          "Q5_1 -> 4). Tests that apply only to artifacts ArrowQuant writes (v2 round trip, v1 "
+                          "Q5_1 -> 4, Q4_K -> 4). Tests that apply only to artifacts ArrowQuant writes (v2 round trip, v1 "
                           "paths, quantize time, source digest, plan match) are reported as not measured and left "
                           "out of the verdict. Other formats are refused")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
@@ -180,9 +184,10 @@ def _list() -> int:
         print(f"  {metric.name:22s} {metric.description}")
     from harness.peers import PEERS
 
-    print("peer formats (llama.cpp, quantized by gguf-py; criteria `peers = [...]`):")
+    print("peer formats (llama.cpp, quantized by gguf-py or ggml; criteria `peers = [...]`):")
     for peer in PEERS.values():
-        print(f"  {peer.name:8s} {peer.nominal_bits_per_weight:5.2f} bpw  {peer.ggml_type.name:6s} {peer.description}")
+        print(f"  {peer.name:19s} {peer.nominal_bits_per_weight:5.2f} bpw  {peer.ggml_type.name:7s} "
+              f"{peer.quantizer:7s} {peer.description}")
     print("faults (for --inject-fault):")
     for fault in FAULTS.values():
         print(f"  {fault.name:24s} {fault.description}")

@@ -531,7 +531,7 @@ class RunContext:
 
             runner = self.checkpoint.runner
             rows += compare_rows(self.checkpoint.weights, plan.peers, folder, self.checkpoint.name,
-                                 runner.compare if runner is not None else None, self.progress)
+                                 runner.compare if runner is not None else None, self.progress, self.hessians)
         self.tables_by_bits.setdefault(bits, {})["methods"] = rows
         return rows
 

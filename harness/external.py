@@ -211,19 +211,26 @@ def accounting(art: GGUFArtifact, source: Mapping[str, FloatArray], ties: Mappin
 
 # --- faults: a GGUF broken the way a buggy converter or exporter would break it ------------
 
-# types whose blocks start with their FP16 scale d (ggml-common.h: block_q4_0 ... block_q5_K)
-_SCALE_FIRST: Final = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K})
+# types whose blocks start with their FP16 scale d (ggml-common.h: block_q4_0 ... block_q5_K,
+# block_iq4_nl, block_iq4_xs, block_iq3_xxs, block_iq3_s, block_iq2_*; Q2_K, Q3_K and Q6_K put it last)
+_SCALE_FIRST: Final = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS,
+                                 T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S})
 
 
 def _victim(reader: gguf.GGUFReader, path: Path) -> Any:
     """The largest quantized tensor with its scale first in each block that is not an
-    embedding table: a layer every input passes through."""
+    embedding table: a layer every input passes through. Of the file's main type when it
+    has one (a Q4_K file of MiniLM holds Q4_K only in ffn_down, its other tensors fell back
+    to Q5_0: the fault must break the format the file is named for)."""
     candidates = [t for t in reader.tensors if t.tensor_type in _SCALE_FIRST
                   and "embd" not in t.name and "embeddings" not in t.name]
     if not candidates:
         raise ConfigurationError(f"{path}: no quantized tensor of types {sorted(t.name for t in _SCALE_FIRST)} "
                                  "outside the embeddings to break")
-    return max(candidates, key=lambda t: int(t.n_elements))
+    main = gguf_artifact.main_type(gguf_artifact.file_type_name(gguf_artifact._metadata(reader).get(
+        "general.file_type")), [t.tensor_type.name for t in reader.tensors])
+    of_main = [t for t in candidates if t.tensor_type.name == main]
+    return max(of_main or candidates, key=lambda t: int(t.n_elements))
 
 
 def _patch(src: Path, dst: Path, edit: Callable[[Any, npt.NDArray[np.uint8]], None]) -> None:

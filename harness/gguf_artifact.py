@@ -354,22 +354,25 @@ def unquantized_matrices(art: GGUFArtifact) -> list[str]:
 
 def plan_mismatches(art: GGUFArtifact) -> list[str] | None:
     """Tensors stored in another type than llama.cpp's rules give them for the file's
-    ``general.file_type`` (``harness.peers.choose_type``, the default mix or --pure): a
-    hand-made mix or a different tool. None when the file type is not one whose rules are modelled (the legacy types
-    of ``harness.peers.PEERS``; K-quant mixes such as Q4_K_M are not)."""
-    from harness.peers import OUTPUT, PEERS, choose_type
+    ``general.file_type``: a hand-made mix or a different tool. A tensor matches when one
+    of the peers of ``harness.peers.PEERS`` with that file type plans its type (the default
+    mix, --pure; the legacy types' rules, the K-quant and IQ4 mixes of
+    ``harness.peers.MIXES``). None when no peer has the file type (not modelled)."""
+    from harness.peers import PEERS, plan
 
-    stem = art.file_type.removeprefix("MOSTLY_")
-    peer = PEERS.get(stem)
-    if peer is None:
+    candidates = [p for p in PEERS.values() if p.file_type.name == art.file_type]
+    if not candidates:
         return None
-    tied = OUTPUT not in art.names.values()
+    allowed: dict[str, set[str]] = {}
+    for peer in candidates:
+        for c in plan(art.weights, peer)[1]:
+            allowed.setdefault(c.source, set()).add(c.ggml_type.name)
+    stem = art.file_type.removeprefix("MOSTLY_")
     out = []
     for src, stored in art.types.items():
         if stored == "source" or stored in _INTEGER_TYPES:
             continue  # taken from the source, or an integer buffer (stored exactly, checked by load)
-        expected, _why = choose_type(art.names[src], tuple(art.weights[src].shape), peer.ggml_type, tied)
-        pure, _ = choose_type(art.names[src], tuple(art.weights[src].shape), peer.ggml_type, tied, pure=True)
-        if stored not in (expected.name, pure.name):
-            out.append(f"{art.names[src]}: {stored}, llama.cpp {peer.name} gives {expected.name}")
+        if stored not in allowed.get(src, set()):
+            out.append(f"{art.names[src]}: {stored}, llama.cpp {stem} gives "
+                       f"{' or '.join(sorted(allowed.get(src, set()))) or 'nothing'}")
     return out

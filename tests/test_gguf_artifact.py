@@ -188,3 +188,21 @@ def test_a_broken_gguf_fails_the_weight_gates(tmp_path: Path) -> None:
     assert worst == rows["0.model.encoder.layer.1.attention.self.value.weight"].sqnr_db and worst < 3
     failure = gate.check(worst)
     assert failure is not None and "weight_sqnr_db_min" in failure
+
+
+@pytest.mark.parametrize("peer", ["Q4_K-pure", "IQ4_XS-pure"])
+def test_scales_doubled_doubles_a_super_block_type_of_the_files_main_type(peer: str, tmp_path: Path) -> None:
+    """gguf-scales-doubled on a ggml K/IQ file: the victim is a tensor of the file's main
+    type (not a fallback one), and doubling each block's leading FP16 d doubles every value
+    of Q4_K's d * scale * q term and all of IQ4_XS's values."""
+    from harness import external, peers
+
+    weights = bert_like(hidden=256)
+    result = peers.quantize(weights, peers.get_peer(peer), tmp_path / "m.gguf")
+    broken = external.open_external(result.path, weights, 4, "test", "gguf-scales-doubled", tmp_path)
+    clean = gguf_artifact.load(result.path, weights)
+    changed = [n for n in clean.quantized if not np.array_equal(clean.weights[n], broken.artifact.weights[n])]
+    assert changed == ["0.model.encoder.layer.0.intermediate.dense.weight"]  # the largest, first of its size
+    assert broken.artifact.types[changed[0]] == peers.get_peer(peer).ggml_type.name
+    if peer.startswith("IQ4"):
+        np.testing.assert_array_equal(broken.artifact.weights[changed[0]], 2 * clean.weights[changed[0]])
