@@ -175,6 +175,8 @@ class RunContext:
             else:
                 self.progress("capturing calibration activations (GPTQ Hessians)")
                 t0 = time.perf_counter()
+                if hasattr(runner, "expect_hessians") and self.external is None:
+                    runner.expect_hessians()  # the time-aware pass's tables come from the same pass
                 self._hessians = runner.calibration_hessians()
                 self.calibration_seconds = time.perf_counter() - t0
                 self.progress(f"captured {len(self._hessians)} Hessians in {self.calibration_seconds:.1f} s")
