@@ -33,7 +33,7 @@ help:
 	@echo "make ggml   build ggml's K-quant/IQ quantizer from the llama-cpp-python sdist (python -m harness.ggml_build)"
 	@echo "make fuzz   the long hostile-input campaign (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) per target) and bombs"
 	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository; GGUF faults end to end"
-	@echo "make bench  kernel, method and quality-per-bit benchmarks (tests/benchmarks)"
+	@echo "make bench  kernel, method, quality-per-bit and whole-run time benchmarks (tests/benchmarks)"
 	@echo "make measure  the long measurement tables (llama.cpp peers on MiniLM, time-aware dream-mini, transformers runners, dit-mini)"
 	@echo "make scale  streaming validation from 3.5M to 7.6B parameters (writes 20 GB of fixtures once; ~30 min)"
 
@@ -77,7 +77,7 @@ e2e: $(STAMP) ggml
 	$(PY) -m pytest e2e -q
 
 bench: $(STAMP) ggml
-	$(PY) -m pytest tests/benchmarks -q
+	$(PY) -m pytest tests/benchmarks tests/benchmarks/test_bench_runs.py -q
 
 # The tables quoted in the issue notes; minutes each, never in the default run.
 measure: $(STAMP) ggml
