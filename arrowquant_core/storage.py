@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrowquant_core.atomic import write_atomic
-from arrowquant_core.errors import ArrowQuantError, FormatError
+from arrowquant_core.errors import ArrowQuantError, ConfigurationError, FormatError
 from arrowquant_core.limits import check_parquet_footprint, check_shape, cut, short
 from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import SCHEMES
@@ -264,13 +264,18 @@ def schema_fields(version: int) -> list[pa.Field[Any]]:
     return fields
 
 
-def _write_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
+COMPRESSIONS: Final[tuple[str, ...]] = ("zstd", "none")
+
+
+def _write_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path, compression: str = "zstd") -> None:
+    if compression not in COMPRESSIONS:
+        raise ConfigurationError(f"{path}: compression {short(compression)} is not one of {list(COMPRESSIONS)}")
     columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
     table = pa.Table.from_pydict(columns, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     # zstd: codes of real weights are not uniformly distributed, and the artifact's size
     # is measured on disk, so what compression saves is real.
-    write_atomic(path, lambda handle: pq.write_table(table, handle, compression="zstd", use_dictionary=False,
+    write_atomic(path, lambda handle: pq.write_table(table, handle, compression=compression, use_dictionary=False,
                                                      write_statistics=False))
 
 
@@ -311,11 +316,13 @@ def save(model: QuantizedModel, path: str | os.PathLike[str]) -> Path:
 
 
 def save_weights(weights: Mapping[str, FloatArray], path: str | os.PathLike[str],
-                 metadata: Mapping[str, str] | None = None) -> Path:
-    """Write float tensors as a format-v1 Parquet file, atomically."""
+                 metadata: Mapping[str, str] | None = None, compression: str = "zstd") -> Path:
+    """Write float tensors as a format-v1 Parquet file, atomically (``compression="none"``
+    where only the round trip matters: zstd of float32 weights saves little and costs the
+    most of the write)."""
     target = Path(path)
     rows = [_raw_row(name, array, "v1") for name, array in weights.items()]
-    _write_atomic(rows, _schema(FORMAT_V1, metadata or {}, rows), target)
+    _write_atomic(rows, _schema(FORMAT_V1, metadata or {}, rows), target, compression)
     return target
 
 

@@ -167,6 +167,24 @@ def test_v1_round_trip_is_bit_exact(dtype: np.dtype[Any], tmp_path: Path) -> Non
         assert_same_array(back[name], array, name)
 
 
+def test_v1_uncompressed_round_trip_and_an_unknown_compression_is_refused(tmp_path: Path) -> None:
+    """The suite's v1 round trip writes without zstd (only the round trip is checked);
+    the file reads back bit-exact, and a compression the writer does not offer is a
+    ConfigurationError naming the file, with nothing written."""
+    from arrowquant_core.errors import ConfigurationError
+
+    weights = {"a.weight": np.random.default_rng(2).standard_normal((64, 48)).astype(np.float32)}
+    plain = save_weights(weights, tmp_path / "plain.parquet", compression="none")
+    packed = save_weights(weights, tmp_path / "packed.parquet")
+    assert pq.ParquetFile(plain).metadata.row_group(0).column(0).compression == "UNCOMPRESSED"
+    assert pq.ParquetFile(packed).metadata.row_group(0).column(0).compression == "ZSTD"
+    for path in (plain, packed):
+        assert_same_array(load_weights(path)["a.weight"], weights["a.weight"], "a.weight")
+    with pytest.raises(ConfigurationError, match=r"lz4\.parquet.*compression 'lz4'"):
+        save_weights(weights, tmp_path / "lz4.parquet", compression="lz4")
+    assert not (tmp_path / "lz4.parquet").exists()
+
+
 def test_v1_big_endian_floats_are_stored_as_their_values(tmp_path: Path) -> None:
     # storage.py byte-swaps '>' arrays on write: a big-endian float32 must be storable
     # and come back as the same values (native byte order).
