@@ -155,7 +155,7 @@ class RunContext:
     # --- stages -----------------------------------------------------------------------
     def quantization_config(self, bits: int, method: str | None = None) -> aq.QuantizationConfig:
         plan = self.criteria.plan(bits)
-        return aq.QuantizationConfig(plan.scheme, method=method or plan.method)
+        return aq.QuantizationConfig(plan.scheme, method=method or plan.method, overrides=plan.overrides)
 
     def hessians(self) -> dict[str, npt.NDArray[np.float32]]:
         """Calibration Hessians from the model's runner, captured once per run."""
@@ -360,7 +360,7 @@ class RunContext:
                              f"{plan.rungs[d.rung].scheme}/{_expected_method(plan.rungs[d.rung].method, d.name, self)}")
                     for d in plan.decisions}
         bp = self.criteria.plan(bits)
-        return {n: f"{bp.scheme}/{_expected_method(bp.method, n, self)}" for n in self.matrix_names}
+        return {n: f"{bp.scheme_for(n)}/{_expected_method(bp.method, n, self)}" for n in self.matrix_names}
 
     def measure_baselines(self) -> Baselines:
         """Write FP32 and FP16 safetensors copies of the weights and measure their bytes."""
@@ -501,7 +501,7 @@ class RunContext:
         methods = plan.compare if self.config.compare else ()
         with self.progress.bar(len(methods), f"INT{bits} comparing methods") as bar:
             for method in methods:
-                config = aq.QuantizationConfig(plan.scheme, method=method)
+                config = self.quantization_config(bits, method)  # same per-tensor overrides
                 hessians = self.hessians() if get_method(method).needs_hessian else None
                 self.progress(f"INT{bits}: comparing method {method}")
                 t0 = time.perf_counter()

@@ -145,6 +145,15 @@ class BitPlan:
     # plain and mask-aware), at this bit width's scheme, in every run (reported; the
     # ``*_hessian_*`` metrics can be gated)
     hessian_comparison: tuple[str, ...] = ()
+    # (glob, scheme) per tensor, first match wins (``QuantizationConfig.overrides``): a mixed
+    # precision plan fixed in the criteria, e.g. the word embeddings at INT2 inside an INT4 model
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def scheme_for(self, name: str) -> str:
+        """The scheme ``name`` is stored with: the first override that matches, else ``scheme``."""
+        import fnmatch
+
+        return next((s for pattern, s in self.overrides if fnmatch.fnmatchcase(name, pattern)), self.scheme)
 
     @property
     def needs_calibration(self) -> bool:
@@ -220,6 +229,24 @@ def _check_method(method: str, scheme: str, where: str) -> None:
         check_method(method, get_scheme(scheme))
     except ConfigurationError as exc:
         raise ConfigurationError(f"{where}{cut(str(exc))}") from None
+
+
+def _overrides(data: Any, method: str, compare: tuple[str, ...], where: str) -> tuple[tuple[str, str], ...]:
+    """``overrides = [["*word_embeddings*", "int2-g32-asym-k8"], ...]``: each a [glob, scheme]
+    that the bit width's method (and every compared one) can store."""
+    out: list[tuple[str, str]] = []
+    for item in _list_of(data, object, "overrides", where):
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) and x for x in item)):
+            raise ConfigurationError(f"{where}overrides entry {short(item)} must be [\"glob\", \"scheme\"]")
+        pattern, scheme = item
+        try:
+            get_scheme(scheme)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}overrides {short(pattern)}: {cut(str(exc))}") from None
+        for name in (method, *compare):
+            _check_method(name, scheme, f"{where}overrides {short(pattern)}: ")
+        out.append((pattern, scheme))
+    return tuple(out)
 
 
 def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | None:
@@ -410,7 +437,8 @@ def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> 
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
                               method=method, compare=compare, peers=_peers(section.get("peers", []), where),
                               ladder=_ladder(section.get("ladder"), scheme, method, where),
-                              fallback=fallback, hessian_comparison=hessian_comparison)
+                              fallback=fallback, hessian_comparison=hessian_comparison,
+                              overrides=_overrides(section.get("overrides", []), method, compare, where))
     return Criteria(source=path, model=model_name, plans=plans)
 
 

@@ -89,11 +89,43 @@ def _cfg(scheme: str, method: str, overrides: tuple[tuple[str, str], ...] = (),
 
 
 EMB = "*embeddings*"
+WORD = "*word_embeddings*"
+I2G32 = "int2-g32-asym-k8"
+I2G16 = "int2-g16-asym-k8"
+I4G32 = "int4-g32-asym-k8"
+# Mixed precision fixed per tensor kind (issue 13 item 1), from the damage measured with one
+# tensor at a time quantized at INT2 (``rank=int2-g16-asym-k8/gptq-khr`` below): the word
+# embeddings (52% of the parameters) must be INT2 below ~3.2 bits per weight; query / key /
+# attention-output projections cost least at INT2 (0.0003-0.001 each), the value
+# projections and the last layer's attention output most per byte (0.001-0.014).
+QK = (("*attention.self.query*", I2G32), ("*attention.self.key*", I2G32))
+MIX31A = ((WORD, I2G32), *QK)
+MIX31B = ((WORD, I2G16), *QK, ("*attention.output.dense*", I2G32), ("pooler*", I2G32))
+MIX27A = (("*layer.5.attention.output.dense*", I4G32), ("*attention.self.value*", I4G32),
+          ("*layer.0.intermediate*", I4G32), ("*layer.5.intermediate*", I4G32))
+# the plan budgetr=2.75 chose (values, intermediates, the last layers' attention output and
+# key, the small embedding tables at INT4), every intermediate included, as globs
+MIX27B = (("*attention.self.value*", I4G32), ("*intermediate.dense*", I4G32),
+          ("*layer.4.attention.output.dense*", I4G32), ("*layer.5.attention.output.dense*", I4G32),
+          ("*layer.5.attention.self.key*", I4G32), ("*position_embeddings*", I4G32), ("*token_type_embeddings*", I4G32))
+MIX27C = (*MIX27B, ("*.layer.?.output.dense*", I2G16))
+I8 = "int8-g32-sym-k8"
+MIX45A = (("*attention.self.value*", I8), ("*layer.5.attention.output.dense*", I8))
+MIX45B = ((WORD, "int4-g16-asym-k8"),)
 CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("int8-g128/rtn", _cfg("int8-g128-asym", "rtn"), "INT8 default before issue 13"),
     Config("int8-g32-sym-k8/krtn", _cfg("int8-g32-sym-k8", "krtn"), "INT8 default (issue 13)"),
     Config("int8-g32-k8/krtn", _cfg("int8-g32-asym-k8", "krtn")),
     Config("int4-g32-k8/gptq-khr", _cfg("int4-g32-asym-k8", "gptq-khr"), "INT4 default (issue 13)"),
+    Config("mix31a/gptq-khr", _cfg(I4G32, "gptq-khr", MIX31A), "INT4, word embeddings + query/key at INT2 g32"),
+    Config("mix31b/gptq-khr", _cfg(I4G32, "gptq-khr", MIX31B),
+           "INT4, word embeddings INT2 g16, query/key/attention-output/pooler at INT2 g32"),
+    Config("mix27a/gptq-khr", _cfg(I2G16, "gptq-khr", MIX27A),
+           "INT2 g16, values + last attention output + 2 intermediates at INT4"),
+    Config("mix27b/gptq-khr", _cfg(I2G32, "gptq-khr", MIX27B), "INT2 g32, budgetr=2.75's INT4 tensors"),
+    Config("mix27c/gptq-khr", _cfg(I2G32, "gptq-khr", MIX27C), "mix27b, FFN output projections INT2 g16"),
+    Config("mix45a/gptq-khr", _cfg(I4G32, "gptq-khr", MIX45A), "INT4, values + last attention output INT8"),
+    Config("mix45b/gptq-khr", _cfg(I4G32, "gptq-khr", MIX45B), "INT4, word embeddings INT4 g16"),
     Config("int4-g32-k8/gptq-kr", _cfg("int4-g32-asym-k8", "gptq-kr")),
     Config("int4-g32-k8/gptq-kh+emb-krtn", _cfg("int4-g32-asym-k8", "gptq-kh", method_overrides=((EMB, "krtn"),))),
     Config("int2-g16-k8/gptq-khr", _cfg("int2-g16-asym-k8", "gptq-khr"), "INT2 default (issue 13)"),
@@ -231,6 +263,8 @@ BUDGET_RUNGS: tuple[tuple[str, str], ...] = (
 # zero codes compress). Measured planned / on-disk for uniform INT2 g32-k8 and INT4 g32-k8
 # models: ~1.10 and ~1.07; the realized bits per weight are measured and reported anyway.
 PLANNED_PER_DISK = 1.09
+BUDGET_RUNGS_KHR: tuple[tuple[str, str], ...] = (
+    ("int2-g32-asym-k8", "gptq-khr"), ("int4-g32-asym-k8", "gptq-khr"))
 BUDGET_RUNGS_HIGH: tuple[tuple[str, str], ...] = (
     ("int4-g32-asym-k8", "gptq-kh"), ("int8-g32-asym-k8", "gptq-i"))
 
@@ -240,7 +274,7 @@ def measure_budget(weights: Mapping[str, F32], hessians: Mapping[str, F32], targ
     """``plan.plan_budget`` at a planned size of ``target_bpw`` (float tensors included), scored on
     calibration sentences; the realized model is then measured like any configuration."""
     calibration = runner.calibration_score()
-    names = [n for n, a in weights.items() if a.ndim == 2]
+    names = [n for n, a in weights.items() if a.ndim == 2 and a.dtype.kind == "f"]
     floats = sum(4.0 * a.size for n, a in weights.items() if a.ndim != 2)
     params = sum(int(a.size) for a in weights.values())
     budget = target_bpw * params / 8.0 * PLANNED_PER_DISK - floats
@@ -265,6 +299,48 @@ def measure_budget(weights: Mapping[str, F32], hessians: Mapping[str, F32], targ
             "calibration_cosine_mean": plan.score, "roundtrip_exact": 1.0}
 
 
+def hessian_damage(weights: Mapping[str, F32], names: list[str], scheme: str,
+                   hessians: Mapping[str, F32]) -> dict[str, float]:
+    """The cheap sensitivity proxy issue 13 item 1 proposed: each tensor's relative output error
+    ``tr(dW H dW^T) / tr(W H W^T)`` after round-to-nearest on ``scheme``'s grid (GPTQ's layer
+    objective, arXiv:2210.17323 eq. 1; HAWQ-V2, arXiv:1911.03852, ranks layers by a Hessian-weighted
+    perturbation too), ``H`` the identity for a tensor without a Hessian. No model run."""
+    sch = aq.get_scheme(scheme)
+    out: dict[str, float] = {}
+    for name in names:
+        w = weights[name].astype(np.float64)
+        qt = aq.quantize_tensor(weights[name], sch, name, "krtn" if sch.scale_bits else "rtn")
+        delta = aq.dequantize(qt).astype(np.float64) - w
+        h = hessians.get(name)
+        hm = np.eye(w.shape[1]) if h is None else h.astype(np.float64)
+        out[name] = float(np.sum((delta @ hm) * delta)) / float(np.sum((w @ hm) * w))
+    return out
+
+
+def rank_agreement(weights: Mapping[str, F32], hessians: Mapping[str, F32], runner: Any,
+                   rung: tuple[str, str]) -> float:
+    """Spearman rank correlation between the proxy's damage (``plan.hessian_damage``) and the
+    damage measured by running the model with one tensor quantized (``plan.sensitivity``,
+    calibration sentences), over every weight matrix at ``rung``."""
+    from scipy.stats import spearmanr
+
+    names = [n for n, a in weights.items() if a.ndim == 2 and a.dtype.kind == "f"]
+    from arrowquant_core.plan import sensitivity
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        proxy = hessian_damage(weights, names, rung[0], hessians)
+        proxy_s = time.perf_counter() - start
+        start = time.perf_counter()
+        slow = sensitivity(weights, names, (aq.Rung(*rung),), runner.calibration_score(), hessians, levels=(0,))
+        slow_s = time.perf_counter() - start
+    for n in names:
+        print(f"    {n:60s} proxy {proxy[n]:.5f}  measured {slow[n][0]:.5f}")
+    rho = float(spearmanr([proxy[n] for n in names], [slow[n][0] for n in names]).statistic)
+    print(f"  {rung}: Spearman {rho:.3f} over {len(names)} tensors; proxy {proxy_s:.1f} s, measured {slow_s:.1f} s")
+    return rho
+
+
 def main(argv: list[str]) -> int:
     if "--list" in argv:
         for c in CONFIGS.values():
@@ -278,8 +354,12 @@ def main(argv: list[str]) -> int:
     calibration = runner.calibration_score()
     print(f"{'configuration':34s} {'bpw':>6s} {'calib':>8s} {'c-worst':>7s} {'mean':>8s} {'worst':>7s} {'sec':>6s}")
     for name in names:
+        if name.startswith("rank="):  # rank=SCHEME/METHOD: the proxy against the measured sensitivity
+            rank_agreement(weights, hessians, runner, tuple(name.split("=", 1)[1].split("/", 1)))  # type: ignore[arg-type]
+            continue
         if name.startswith("budget"):  # budget=B: INT2/INT4 rungs; budget48=B: INT4/INT8 rungs
-            rungs = BUDGET_RUNGS_HIGH if name.startswith("budget48=") else BUDGET_RUNGS
+            rungs = (BUDGET_RUNGS_HIGH if name.startswith("budget48=") else
+                     BUDGET_RUNGS_KHR if name.startswith("budgetr=") else BUDGET_RUNGS)
             row = measure_budget(weights, hessians, float(name.split("=", 1)[1]), runner, rungs)
         else:
             row = measure(weights, hessians, CONFIGS[name].config, runner, calibration)
