@@ -32,17 +32,17 @@ disk x 8 / parameters; cosine mean / worst evaluation sentence; "calib" columns 
 Issue 13's defaults and the candidates measured for them (2026-12-01, same command):
 
     configuration                        bpw   calib  c-worst    mean   worst
-    int8-g32-sym-k8/krtn (INT8 default) 7.971 0.99986  0.9998  0.99986  0.9996
+    int8-g32-sym-k8/krtn (krtn only)    7.971 0.99986  0.9998  0.99986  0.9996
     int8-g32-k8/krtn                    8.266 0.99990  0.9998  0.99989  0.9997
     int8-g64-sym-k8/krtn                7.766 0.99982  0.9997  0.99982  0.9994
     int8-g64-k8/iclip                   8.013 0.99986  0.9998  0.99985  0.9995
     int8-g64-sym-k8/gptq-kr             7.770 0.99995  0.9999  0.99994  0.9998
-    int4-g32-k8/gptq-khr (INT4 default) 4.240 0.99294  0.9896  0.99213  0.9756
+    int4-g32-k8/gptq-khr (all INT4)     4.240 0.99294  0.9896  0.99213  0.9756
     int4-g32-k8/gptq-kr                 4.237 0.99238  0.9861  0.99127  0.9733
     int4-g32-k8/gptq-k                  4.251 0.99253  0.9887  0.99129  0.9747
     int4-g32-k8/gptq-kh+emb-krtn        4.246 0.99307  0.9880  0.99211  0.9800
     int4-g32-k8/gptq-kh+emb-iclip       4.254 0.99317  0.9889  0.99213  0.9800
-    int2-g16-k8/gptq-khr (INT2 default) 2.517 0.85352  0.8017  0.83464  0.6159
+    int2-g16-k8/gptq-khr (all INT2)     2.517 0.85352  0.8017  0.83464  0.6159
     int2-g16-k8/gptq-kr                 2.516 0.84543  0.7117  0.83089  0.5843
     int2-g32-k8/gptq-kh                 2.271 0.85143  0.7929  0.83666  0.4286
 
@@ -58,6 +58,14 @@ sensitivity pass of one model run per tensor included in its seconds):
     mix27a/gptq-khr                     2.690 0.91159  0.8623  0.90055  0.6610    6.2
     mix27b/gptq-khr                     2.613 0.92591  0.8679  0.92091  0.7383    4.0
     mix27c/gptq-khr (INT2 default)      2.673 0.93221  0.8840  0.92842  0.8094    3.9
+    budgetr48=4.62 (plan_budget)        4.670 0.99654     -    0.99618  0.9831   56.2
+    mix45a/gptq-khr                     4.415 0.99466  0.9924  0.99419  0.9798   10.6
+    mix45b/gptq-khr                     4.472 0.99322  0.9899  0.99238  0.9767    9.8
+    mix45c/gptq-khr (INT4 default)      4.472 0.99571  0.9932  0.99514  0.9804   17.7
+    mix45d/gptq-khr                     4.464 0.99480  0.9925  0.99434  0.9801   18.5
+    mix8a/krtn                          7.973 0.99988  0.9998  0.99987  0.9996    4.0
+    mix8b/krtn (INT8 default)           7.972 0.99991  0.9999  0.99991  0.9998    0.7
+    mix8c/krtn                          7.974 0.99989  0.9998  0.99989  0.9996    0.7
 
 The cheap proxy for the plan's sensitivity, ``hessian_damage`` below, against the damage measured
 with one tensor quantized (``rank=int2-g16-asym-k8/gptq-khr``): Spearman -0.11 over the 40 weight
@@ -140,9 +148,9 @@ MIX45D = (("*attention.self.value*", I8), ("*layer.4.attention.output.dense*", I
           ("*layer.5.attention.output.dense*", I8), ("*layer.5.attention.self.key*", I8))
 CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("int8-g128/rtn", _cfg("int8-g128-asym", "rtn"), "INT8 default before issue 13"),
-    Config("int8-g32-sym-k8/krtn", _cfg("int8-g32-sym-k8", "krtn"), "INT8 default (issue 13)"),
+    Config("int8-g32-sym-k8/krtn", _cfg("int8-g32-sym-k8", "krtn"), "INT8 krtn everywhere"),
     Config("int8-g32-k8/krtn", _cfg("int8-g32-asym-k8", "krtn")),
-    Config("int4-g32-k8/gptq-khr", _cfg("int4-g32-asym-k8", "gptq-khr"), "INT4 default (issue 13)"),
+    Config("int4-g32-k8/gptq-khr", _cfg("int4-g32-asym-k8", "gptq-khr"), "INT4 gptq-khr everywhere"),
     Config("mix31a/gptq-khr", _cfg(I4G32, "gptq-khr", MIX31A), "INT4, word embeddings + query/key at INT2 g32"),
     Config("mix31b/gptq-khr", _cfg(I4G32, "gptq-khr", MIX31B),
            "INT4, word embeddings INT2 g16, query/key/attention-output/pooler at INT2 g32"),
@@ -163,7 +171,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            "INT8 krtn, GPTQ on the intermediates"),
     Config("int4-g32-k8/gptq-kr", _cfg("int4-g32-asym-k8", "gptq-kr")),
     Config("int4-g32-k8/gptq-kh+emb-krtn", _cfg("int4-g32-asym-k8", "gptq-kh", method_overrides=((EMB, "krtn"),))),
-    Config("int2-g16-k8/gptq-khr", _cfg("int2-g16-asym-k8", "gptq-khr"), "INT2 default (issue 13)"),
+    Config("int2-g16-k8/gptq-khr", _cfg("int2-g16-asym-k8", "gptq-khr"), "INT2 g16 gptq-khr everywhere"),
     Config("int2-g16-k8/gptq-kr", _cfg("int2-g16-asym-k8", "gptq-kr")),
     Config("int8-g64-k8/iclip", _cfg("int8-g64-asym-k8", "iclip")),
     Config("int8-g32-k8/iclip", _cfg("int8-g32-asym-k8", "iclip")),
@@ -257,7 +265,7 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-PROPOSED_INT4 = "int4-g32-k8/gptq-khr"  # the shipped INT4 default (harness/criteria/minilm.toml)
+PROPOSED_INT4 = "mix45c/gptq-khr"  # the shipped INT4 default (harness/criteria/minilm.toml)
 
 
 def test_proposed_int4_default_is_better_per_bit_than_the_current_one(
@@ -265,16 +273,16 @@ def test_proposed_int4_default_is_better_per_bit_than_the_current_one(
     """The proposed INT4 default, measured end to end (quantize, save, reload, embed).
 
     The former default (int4-g64-asym / gptq-act-mse) measured 0.9887 / 0.966 at 4.30
-    bits per weight; the default since issue 13 (gptq-khr) 0.9921 / 0.9756 at 4.24 (module
-    docstring command). The floors sit between the two, so falling back to the old
-    quality fails the test.
+    bits per weight; gptq-khr everywhere 0.9921 / 0.9756 at 4.24; the default since issue 13
+    (gptq-khr, INT8 on the tensors of ``MIX45C``) 0.99514 / 0.9804 at 4.472 (module docstring
+    command). The floors sit under the last, above the others, so losing the mix fails.
     """
     weights, hessians, runner = data
     row = measure(weights, hessians, CONFIGS[PROPOSED_INT4].config, runner)
     assert row["roundtrip_exact"] == 1.0
-    assert row["bits_per_weight"] <= 4.30, row
-    assert row["output_cosine_mean"] >= 0.991, row
-    assert row["output_cosine_min"] >= 0.972, row
+    assert row["bits_per_weight"] <= 4.5, row
+    assert row["output_cosine_mean"] >= 0.9945, row
+    assert row["output_cosine_min"] >= 0.978, row
     # Speed as a ratio to the current GPTQ default in the same process (a busy machine
     # slows both), on the tensors that cost the most: the word embeddings (clip search)
     # and one layer's six Linears (GPTQ). Whole model: 12.4 s vs 28.2 s measured on a busy
