@@ -58,7 +58,8 @@ sensitivity pass of one model run per tensor included in its seconds):
     budgetr=2.75 (plan_budget)          2.561 0.91989     -    0.91326  0.7152   48.3
     mix27a/gptq-khr                     2.690 0.91159  0.8623  0.90055  0.6610    6.2
     mix27b/gptq-khr                     2.613 0.92591  0.8679  0.92091  0.7383    4.0
-    mix27c/gptq-khr (INT2 default)      2.673 0.93221  0.8840  0.92842  0.8094    3.9
+    mix27c/gptq-khr                     2.673 0.93221  0.8840  0.92842  0.8094    3.9
+    mix27c/gptq-kr (INT2 default)       2.670 0.93812  0.9090  0.93019  0.8578    6.8
     budgetr48=4.62 (plan_budget)        4.670 0.99654     -    0.99618  0.9831   56.2
     mix45a/gptq-khr                     4.415 0.99466  0.9924  0.99419  0.9798   10.6
     mix45b/gptq-khr                     4.472 0.99322  0.9899  0.99238  0.9767    9.8
@@ -164,6 +165,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            "INT2 g16, values + last attention output + 2 intermediates at INT4"),
     Config("mix27b/gptq-khr", _cfg(I2G32, "gptq-khr", MIX27B), "INT2 g32, budgetr=2.75's INT4 tensors"),
     Config("mix27c/gptq-khr", _cfg(I2G32, "gptq-khr", MIX27C), "mix27b, FFN output projections INT2 g16"),
+    Config("mix27c/gptq-kr", _cfg(I2G32, "gptq-kr", MIX27C), "mix27c without the rotation (INT2 default)"),
     Config("mix45a/gptq-khr", _cfg(I4G32, "gptq-khr", MIX45A), "INT4, values + last attention output INT8"),
     Config("mix45b/gptq-khr", _cfg(I4G32, "gptq-khr", MIX45B), "INT4, word embeddings INT4 g16"),
     Config("mix45c/gptq-khr", _cfg(I4G32, "gptq-khr", MIX45C), "mix45a + layer 5 key + small embeddings INT8"),
