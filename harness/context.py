@@ -164,7 +164,8 @@ class RunContext:
     # --- stages -----------------------------------------------------------------------
     def quantization_config(self, bits: int, method: str | None = None) -> aq.QuantizationConfig:
         plan = self.criteria.plan(bits)
-        return aq.QuantizationConfig(plan.scheme, method=method or plan.method)
+        return aq.QuantizationConfig(plan.scheme, method=method or plan.method, overrides=plan.overrides,
+                                     method_overrides=() if method else plan.method_overrides)
 
     def hessians(self) -> dict[str, npt.NDArray[np.float32]]:
         """Calibration Hessians from the model's runner, captured once per run."""
@@ -375,7 +376,7 @@ class RunContext:
                              f"{plan.rungs[d.rung].scheme}/{_expected_method(plan.rungs[d.rung].method, d.name, self)}")
                     for d in plan.decisions}
         bp = self.criteria.plan(bits)
-        return {n: f"{bp.scheme}/{_expected_method(bp.method, n, self)}" for n in self.matrix_names}
+        return {n: f"{bp.scheme_for(n)}/{_expected_method(bp.method_for(n), n, self)}" for n in self.matrix_names}
 
     def measure_baselines(self) -> Baselines:
         """Write FP32 and FP16 safetensors copies of the weights and measure their bytes."""
@@ -516,7 +517,7 @@ class RunContext:
         methods = plan.compare if self.config.compare else ()
         with self.progress.bar(len(methods), f"INT{bits} comparing methods") as bar:
             for method in methods:
-                config = aq.QuantizationConfig(plan.scheme, method=method)
+                config = self.quantization_config(bits, method)  # same per-tensor overrides
                 hessians = self.hessians() if get_method(method).needs_hessian else None
                 self.progress(f"INT{bits}: comparing method {method}")
                 t0 = time.perf_counter()
@@ -627,8 +628,8 @@ def _planned_methods(ctx: RunContext, bits: int) -> dict[str, str]:
     plan = ctx.mixed_plan(bits)
     if plan is not None:
         return {d.name: plan.rungs[d.rung].method for d in plan.decisions if plan.rungs[d.rung].scheme != FP16}
-    method = ctx.criteria.plan(bits).method
-    return {n: method for n in ctx.matrix_names}
+    bp = ctx.criteria.plan(bits)
+    return {n: bp.method_for(n) for n in ctx.matrix_names}
 
 
 def _expected_method(method: str, name: str, ctx: RunContext) -> str:

@@ -145,12 +145,31 @@ class BitPlan:
     # plain and mask-aware), at this bit width's scheme, in every run (reported; the
     # ``*_hessian_*`` metrics can be gated)
     hessian_comparison: tuple[str, ...] = ()
+    # (glob, scheme) per tensor, first match wins (``QuantizationConfig.overrides``): a mixed
+    # precision plan fixed in the criteria, e.g. the word embeddings at INT2 inside an INT4 model
+    overrides: tuple[tuple[str, str], ...] = ()
+    # (glob, method) per tensor likewise (``QuantizationConfig.method_overrides``): e.g. GPTQ on
+    # the few tensors where error feedback pays, round-to-nearest elsewhere
+    method_overrides: tuple[tuple[str, str], ...] = ()
+
+    def scheme_for(self, name: str) -> str:
+        """The scheme ``name`` is stored with: the first override that matches, else ``scheme``."""
+        import fnmatch
+
+        return next((s for pattern, s in self.overrides if fnmatch.fnmatchcase(name, pattern)), self.scheme)
+
+    def method_for(self, name: str) -> str:
+        """The method that picks ``name``'s codes: the first method override that matches, else ``method``."""
+        import fnmatch
+
+        return next((m for pattern, m in self.method_overrides if fnmatch.fnmatchcase(name, pattern)), self.method)
 
     @property
     def needs_calibration(self) -> bool:
         from arrowquant_core.methods import METHODS
 
-        methods = {self.method, *self.compare} | ({m for _s, m in self.ladder.rungs} if self.ladder else set())
+        methods = ({self.method, *self.compare, *(m for _p, m in self.method_overrides)}
+                   | ({m for _s, m in self.ladder.rungs} if self.ladder else set()))
         return any(METHODS[m].needs_hessian for m in methods if m in METHODS) or self.ladder is not None
 
 
@@ -220,6 +239,39 @@ def _check_method(method: str, scheme: str, where: str) -> None:
         check_method(method, get_scheme(scheme))
     except ConfigurationError as exc:
         raise ConfigurationError(f"{where}{cut(str(exc))}") from None
+
+
+def _overrides(data: Any, method: str, compare: tuple[str, ...], where: str) -> tuple[tuple[str, str], ...]:
+    """``overrides = [["*word_embeddings*", "int2-g32-asym-k8"], ...]``: each a [glob, scheme]
+    that the bit width's method (and every compared one) can store."""
+    out: list[tuple[str, str]] = []
+    for item in _list_of(data, object, "overrides", where):
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) and x for x in item)):
+            raise ConfigurationError(f"{where}overrides entry {short(item)} must be [\"glob\", \"scheme\"]")
+        pattern, scheme = item
+        try:
+            get_scheme(scheme)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}overrides {short(pattern)}: {cut(str(exc))}") from None
+        for name in (method, *compare):
+            _check_method(name, scheme, f"{where}overrides {short(pattern)}: ")
+        out.append((pattern, scheme))
+    return tuple(out)
+
+
+def _method_overrides(data: Any, scheme: str, overrides: tuple[tuple[str, str], ...],
+                      where: str) -> tuple[tuple[str, str], ...]:
+    """``method_overrides = [["*attention.self.value*", "gptq-kr"], ...]``: each a [glob, method]
+    that can store the bit width's scheme and every scheme override."""
+    out: list[tuple[str, str]] = []
+    for item in _list_of(data, object, "method_overrides", where):
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) and x for x in item)):
+            raise ConfigurationError(f"{where}method_overrides entry {short(item)} must be [\"glob\", \"method\"]")
+        pattern, method = item
+        for name in (scheme, *(s for _p, s in overrides)):
+            _check_method(method, name, f"{where}method_overrides {short(pattern)}: ")
+        out.append((pattern, method))
+    return tuple(out)
 
 
 def _ladder(data: Any, scheme: str, method: str, where: str) -> LadderSpec | None:
@@ -407,10 +459,14 @@ def load_criteria(path: Path, model: str = "", allow_relative: bool = False) -> 
             if fallback not in allowed:
                 raise ConfigurationError(f"{where}fallback = {short(fallback)}: a Hessian method without activations "
                                          f"falls back to {allowed} (the method's own fallback), nothing else")
+        overrides = _overrides(section.get("overrides", []), method, compare, where)
         plans[bits] = BitPlan(bits=bits, scheme=scheme, gates=tuple(gates), report=tuple(report),
                               method=method, compare=compare, peers=_peers(section.get("peers", []), where),
                               ladder=_ladder(section.get("ladder"), scheme, method, where),
-                              fallback=fallback, hessian_comparison=hessian_comparison)
+                              fallback=fallback, hessian_comparison=hessian_comparison,
+                              overrides=overrides,
+                              method_overrides=_method_overrides(section.get("method_overrides", []), scheme,
+                                                                 overrides, where))
     return Criteria(source=path, model=model_name, plans=plans)
 
 

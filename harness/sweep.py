@@ -135,6 +135,7 @@ def plan_cells(config: SweepConfig) -> list[Cell]:
             raise ConfigurationError(f"sweep: {source} has no [bits.{bits}] section for model {model!r}")
         section["method"] = method
         section.pop("compare", None)
+        section.pop("method_overrides", None)  # the cell's method on every tensor
         data["bits"] = {str(bits): section}
         out.mkdir(parents=True, exist_ok=True)
         criteria = out / "criteria.toml"

@@ -38,6 +38,14 @@ def test_bad_rules(text: str, needle: str) -> None:
     ('[bits.4]\nscheme = "int4-g64-asym"\ngates = [3]\n', "must be a string"),
     ('[bits.4]\nscheme = "int4-g64-asym"\nreport = ["nope"]\n', "unknown metric"),
     ("[bits.4\n", "invalid TOML"),
+    ('[bits.4]\nscheme = "int4-g64-asym"\noverrides = [["*emb*"]]\n', 'must be ["glob", "scheme"]'),
+    ('[bits.4]\nscheme = "int4-g64-asym"\noverrides = [["*emb*", "int3-g64-asym"]]\n', "unknown scheme"),
+    ('[bits.4]\nscheme = "int4-g32-asym-k8"\nmethod = "gptq-khr"\ncompare = ["gptq"]\n'
+     'overrides = [["*emb*", "int2-g32-asym-k8"]]\n', "cannot store scales as codes"),
+    ('[bits.8]\nscheme = "int8-g32-sym-k8"\nmethod = "krtn"\nmethod_overrides = [["*v*", "gptq"]]\n',
+     "cannot store scales as codes"),
+    ('[bits.8]\nscheme = "int8-g32-sym-k8"\nmethod = "krtn"\nmethod_overrides = [["*v*"]]\n',
+     'must be ["glob", "method"]'),
 ])
 def test_bad_files(tmp_path: Path, body: str, needle: str) -> None:
     path = tmp_path / "c.toml"
@@ -55,6 +63,21 @@ def test_shipped_criteria_files_load() -> None:
         assert criteria.plans, name
         for plan in criteria.plans.values():
             assert all(c.why for c in plan.gates), f"{name} INT{plan.bits}: every shipped gate says why"
+
+
+def test_overrides_fix_a_scheme_per_tensor(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[bits.4]\nscheme = "int4-g32-asym-k8"\nmethod = "gptq-khr"\n'
+                    'overrides = [["*word_embeddings*", "int2-g32-asym-k8"], ["*", "int8-g32-sym-k8"]]\n')
+    plan = load_criteria(path).plan(4)
+    assert plan.scheme_for("embeddings.word_embeddings.weight") == "int2-g32-asym-k8", "first match wins"
+    assert plan.scheme_for("encoder.layer.0.output.dense.weight") == "int8-g32-sym-k8"
+    path.write_text('[bits.4]\nscheme = "int4-g32-asym-k8"\nmethod = "krtn"\n'
+                    'method_overrides = [["*value*", "gptq-kr"]]\n')
+    plan = load_criteria(path).plan(4)
+    assert plan.scheme_for("x") == "int4-g32-asym-k8"
+    assert (plan.method_for("l.value.weight"), plan.method_for("l.key.weight")) == ("gptq-kr", "krtn")
+    assert plan.needs_calibration, "a GPTQ method override needs the calibration Hessians"
 
 
 def test_all_section_applies_to_every_bit_width() -> None:
