@@ -49,7 +49,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import ml_dtypes
 import numpy as np
@@ -270,12 +270,13 @@ COMPRESSIONS: Final[tuple[str, ...]] = ("zstd", "none")
 def _write_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path, compression: str = "zstd") -> None:
     if compression not in COMPRESSIONS:
         raise ConfigurationError(f"{path}: compression {short(compression)} is not one of {list(COMPRESSIONS)}")
+    codec: Literal["zstd", "none"] = "none" if compression == "none" else "zstd"
     columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
     table = pa.Table.from_pydict(columns, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     # zstd: codes of real weights are not uniformly distributed, and the artifact's size
     # is measured on disk, so what compression saves is real.
-    write_atomic(path, lambda handle: pq.write_table(table, handle, compression=compression, use_dictionary=False,
+    write_atomic(path, lambda handle: pq.write_table(table, handle, compression=codec, use_dictionary=False,
                                                      write_statistics=False))
 
 
