@@ -19,6 +19,7 @@ Code convention: codes are unsigned integers in ``[0, 2**bits - 1]`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Final
 
 import numpy as np
@@ -497,16 +498,11 @@ def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: in
     narrow = bits <= 4  # code - zero fits int8
     saturate = float(np.max(scales)) * qmax >= _F32_MAX / 2
     k = _chunk_rows(rows, cols, per, chunk_values)
-    codes = np.empty(k * cols, dtype=np.uint8)
     diff = np.empty(k * cols if narrow else 0, dtype=np.int8)
     zero8 = np.int8(int(zeros[0])) if narrow else np.int8(0)
     zero32 = np.float32(zeros[0])
-    for r0 in range(0, rows, k):
-        r1 = min(rows, r0 + k)
+    for r0, r1, c in _unpacked_chunks(packed, rows, cols, bits, k):
         m = r1 - r0
-        start = r0 * cols // per
-        c = codes[:m * cols]
-        unpack_into(packed[start:start + -(-m * cols // per)], bits, c)
         o = out[r0:r1].reshape(-1)
         o3 = o.reshape(m, n_groups, block)
         if narrow:
@@ -531,6 +527,19 @@ def dequantize_matrix(packed: U8, rows: int, cols: int, block: int, n_groups: in
     return out
 
 
+def _unpacked_chunks(packed: U8, rows: int, cols: int, bits: int, k: int) -> Iterator[tuple[int, int, U8]]:
+    """``(r0, r1, codes)`` for row chunks of ``k`` rows: the chunk's codes unpacked into one
+    reused buffer (valid until the next chunk is yielded)."""
+    per = 8 // bits
+    codes = np.empty(k * cols, dtype=np.uint8)
+    for r0 in range(0, rows, k):
+        r1 = min(rows, r0 + k)
+        start = r0 * cols // per
+        c = codes[:(r1 - r0) * cols]
+        unpack_into(packed[start:start + -(-(r1 - r0) * cols // per)], bits, c)
+        yield r0, r1, c
+
+
 def _dequantize_ragged(packed: U8, rows: int, cols: int, block: int, n_groups: int, bits: int,
                        scales: F32, zeros: U8, out: F32, chunk_values: int) -> F32:
     """``dequantize_matrix`` when the last group of a row is short: each chunk is
@@ -540,15 +549,10 @@ def _dequantize_ragged(packed: U8, rows: int, cols: int, block: int, n_groups: i
     z2 = zeros.astype(np.float32).reshape(rows, n_groups)
     width = block * n_groups
     k = _chunk_rows(rows, cols, per, chunk_values)
-    codes = np.empty(k * cols, dtype=np.uint8)
     work = np.empty((k, width), dtype=np.float32)
     padded = np.zeros((k, width), dtype=np.uint8)
-    for r0 in range(0, rows, k):
-        r1 = min(rows, r0 + k)
+    for r0, r1, c in _unpacked_chunks(packed, rows, cols, bits, k):
         m = r1 - r0
-        start = r0 * cols // per
-        c = codes[:m * cols]
-        unpack_into(packed[start:start + -(-m * cols // per)], bits, c)
         c3 = padded[:m]
         c3[:, :cols] = c.reshape(m, cols)
         t3 = work[:m].reshape(m, n_groups, block)
