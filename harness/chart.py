@@ -29,6 +29,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from harness.results import plan_method
+
 CHART_STEM = "quality_vs_size"
 BIT_COLOURS = {8: "#1b9e77", 4: "#7570b3", 3: "#e7298a", 2: "#d95f02"}
 METHOD_MARKERS = {"rtn": "o", "clip": "s", "hqq": "D", "gptq": "^", "gptq-act": "v", "gptq-mse": "<",
@@ -98,7 +100,7 @@ def points(results: dict[str, Any]) -> tuple[list[Point], str | None]:
         if key in metrics and "bits_per_weight" in metrics and math.isfinite(_num(metrics[key])):
             y = _num(metrics[key])
             ok = _gates_passed(results, bits)
-            method = "mixed plan" if e.get("plan") else str(e.get("method", "rtn"))
+            method = "mixed plan" if e.get("plan") else plan_method(e)
             why = "" if ok else " — failed gates"
             out.append(Point("plan", f"INT{bits} {method}{why}", _num(metrics["bits_per_weight"]), y, bits,
                              method, ok))

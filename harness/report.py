@@ -16,7 +16,7 @@ import jinja2
 from arrowquant_core.schemes import SCHEMES
 from harness.escape import md_code, md_text
 from harness.measures import METRICS
-from harness.results import OUTPUTS_MEASURED, WEIGHTS_ONLY, write_text_atomic
+from harness.results import OUTPUTS_MEASURED, WEIGHTS_ONLY, plan_method, write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 WORST_LAYERS = 10
@@ -107,7 +107,7 @@ def recommendations(results: dict[str, Any]) -> list[str]:
         m = by_bits[best]["metrics"]
         what = "passes every gate, outputs included" if measured else "passes every weight-level gate"
         out.append(f"Smallest configuration that {what}: INT{best} ({md_text(by_bits[best]['scheme'])}, "
-                   f"{md_text(by_bits[best].get('method', 'rtn'))}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
+                   f"{md_text(plan_method(by_bits[best]))}), {_fmt(m.get('size_mb'), '{:.2f}')} MB, "
                    f"{_fmt(m.get('compression_vs_fp32'), '{:.2f}')}x smaller than FP32.")
     for bits, entry in sorted(by_bits.items(), reverse=True):
         m = entry["metrics"]
@@ -116,7 +116,7 @@ def recommendations(results: dict[str, Any]) -> list[str]:
         if collapse:
             verdict = ("its gates pass, but read the numbers before shipping" if decision == "ship"
                        else "do not ship it")
-            out.append(f"INT{bits} ({md_text(entry['scheme'])}, {md_text(entry.get('method', 'rtn'))}) measured "
+            out.append(f"INT{bits} ({md_text(entry['scheme'])}, {md_text(plan_method(entry))}) measured "
                        f"{collapse}; {verdict}.")
         if entry["layers"]:
             worst = min(entry["layers"], key=lambda l: _num(l["cosine"]))

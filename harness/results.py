@@ -194,3 +194,16 @@ def read_results(path: Path) -> dict[str, Any]:
             f"results file {path}: schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"
             f" is not {SCHEMA_VERSION}")
     return data
+
+
+def plan_method(entry: dict[str, Any]) -> str:
+    """The plan's method as its stored tensors show it: the criteria's method, plus how many
+    schemes and which other methods (criteria overrides) the artifact holds, so a label
+    never names one method for a file that mixes several."""
+    method = str(entry.get("method", "rtn"))
+    layers = [layer for layer in entry.get("layers", []) if isinstance(layer, dict)]
+    schemes = {layer.get("scheme") for layer in layers if layer.get("scheme")}
+    others = sorted({str(layer.get("method")) for layer in layers if layer.get("method")}
+                    - {method, entry.get("fallback")})
+    extra = ([f"{len(schemes)} schemes"] if len(schemes) > 1 else []) + ([f"+{', '.join(others)}"] if others else [])
+    return f"{method} ({'; '.join(extra)})" if extra else method

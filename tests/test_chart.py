@@ -168,3 +168,18 @@ def test_a_crowded_chart_numbers_its_points_and_keys_them() -> None:
         assert f"{i + 1:>2}  " in key_text
     assert "llama.cpp Q4_0-pure" in key_text and "INT4 plan: gptq-act-mse" in key_text
     assert not any(label.get_text().isdigit() for label in plain), "an uncrowded chart keeps its text labels"
+
+
+def test_a_plan_label_says_when_the_artifact_mixes_schemes_or_methods() -> None:
+    """Criteria overrides store some tensors with another scheme or method: the plan's
+    label must not name one method for such a file (it reads the stored layers)."""
+    from harness.results import plan_method
+
+    def entry(*layers: tuple[str, str]) -> dict[str, object]:
+        return {"method": "gptq-khr", "fallback": "krtn",
+                "layers": [{"scheme": s, "method": m} for s, m in layers]}
+
+    assert plan_method(entry(("int4-g32-asym-k8", "gptq-khr"), ("int4-g32-asym-k8", "krtn"))) == "gptq-khr"
+    assert plan_method(entry(("int4-g32-asym-k8", "gptq-khr"), ("int8-g32-sym-k8", "gptq-khr"))) == \
+        "gptq-khr (2 schemes)"
+    assert plan_method(entry(("int8-g32-sym-k8", "gptq-khr"), ("int8-g32-sym-k8", "gptq-kr"))) == "gptq-khr (+gptq-kr)"
