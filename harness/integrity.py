@@ -38,6 +38,7 @@ from typing import Any, TextIO
 from arrowquant_core.atomic import commit, discard, fsync_dir, open_temp, remove_stale_temps
 from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.limits import short
+from harness.results import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOT_APPLICABLE = "NOT APPLICABLE:"  # the ``why`` prefix harness.context.gate records
@@ -110,14 +111,6 @@ def commit_file(tmp: Path, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- records
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _committed_sha256(path: Path) -> tuple[str | None, str]:
