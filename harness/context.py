@@ -163,9 +163,8 @@ class RunContext:
 
     # --- stages -----------------------------------------------------------------------
     def quantization_config(self, bits: int, method: str | None = None) -> aq.QuantizationConfig:
-        plan = self.criteria.plan(bits)
-        return aq.QuantizationConfig(plan.scheme, method=method or plan.method, overrides=plan.overrides,
-                                     method_overrides=() if method else plan.method_overrides)
+        config: aq.QuantizationConfig = self.criteria.plan(bits).quantization_config(method)
+        return config
 
     def hessians(self) -> dict[str, npt.NDArray[np.float32]]:
         """Calibration Hessians from the model's runner, captured once per run."""
@@ -376,7 +375,9 @@ class RunContext:
                              f"{plan.rungs[d.rung].scheme}/{_expected_method(plan.rungs[d.rung].method, d.name, self)}")
                     for d in plan.decisions}
         bp = self.criteria.plan(bits)
-        return {n: f"{bp.scheme_for(n)}/{_expected_method(bp.method_for(n), n, self)}" for n in self.matrix_names}
+        config = bp.quantization_config()
+        return {n: f"{config.scheme_for(n).name}/{_expected_method(config.method_for(n), n, self)}"
+                for n in self.matrix_names}
 
     def measure_baselines(self) -> Baselines:
         """Write FP32 and FP16 safetensors copies of the weights and measure their bytes."""
@@ -628,8 +629,8 @@ def _planned_methods(ctx: RunContext, bits: int) -> dict[str, str]:
     plan = ctx.mixed_plan(bits)
     if plan is not None:
         return {d.name: plan.rungs[d.rung].method for d in plan.decisions if plan.rungs[d.rung].scheme != FP16}
-    bp = ctx.criteria.plan(bits)
-    return {n: bp.method_for(n) for n in ctx.matrix_names}
+    config = ctx.criteria.plan(bits).quantization_config()
+    return {n: config.method_for(n) for n in ctx.matrix_names}
 
 
 def _expected_method(method: str, name: str, ctx: RunContext) -> str:

@@ -152,17 +152,21 @@ class BitPlan:
     # the few tensors where error feedback pays, round-to-nearest elsewhere
     method_overrides: tuple[tuple[str, str], ...] = ()
 
-    def scheme_for(self, name: str) -> str:
-        """The scheme ``name`` is stored with: the first override that matches, else ``scheme``."""
-        import fnmatch
+    def quantization_config(self, method: str | None = None) -> Any:
+        """The core's ``QuantizationConfig`` of this plan (``method``: every tensor by that
+        method, as a compared method runs, keeping the scheme overrides)."""
+        from arrowquant_core.model import QuantizationConfig
 
-        return next((s for pattern, s in self.overrides if fnmatch.fnmatchcase(name, pattern)), self.scheme)
+        return QuantizationConfig(self.scheme, method=method or self.method, overrides=self.overrides,
+                                  method_overrides=() if method else self.method_overrides)
+
+    def scheme_for(self, name: str) -> str:
+        """The scheme ``name`` is stored with (the core's rule: the first override that matches)."""
+        return str(self.quantization_config().scheme_for(name).name)
 
     def method_for(self, name: str) -> str:
-        """The method that picks ``name``'s codes: the first method override that matches, else ``method``."""
-        import fnmatch
-
-        return next((m for pattern, m in self.method_overrides if fnmatch.fnmatchcase(name, pattern)), self.method)
+        """The method that picks ``name``'s codes (the core's rule: the first method override that matches)."""
+        return str(self.quantization_config().method_for(name))
 
     @property
     def needs_calibration(self) -> bool:
