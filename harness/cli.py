@@ -35,6 +35,16 @@ EXAMPLES = """examples:
 """
 
 
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return n
+
+
 def _bits(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -95,6 +105,10 @@ def parser() -> argparse.ArgumentParser:
                           "out of the verdict. Other formats are refused")
     run.add_argument("--rounds", type=int, default=3, help="benchmark rounds of the load-time gate (default: 3)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--threads", type=_threads,
+                     help="threads for the measurement work (each model evaluation runs on one thread, several "
+                          "side by side; results are identical with any count). Default: ARROWQUANT_THREADS, "
+                          "else every core")
     stream = run.add_mutually_exclusive_group()
     stream.add_argument("--stream", dest="stream", action="store_true", default=None,
                         help="weight-level validation streamed tensor by tensor (bounded memory; "
@@ -231,6 +245,23 @@ def _refuse(path: Path, problems: list[Any], consequence: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return _main(args)
+    from fixtures.parallel import ENV
+
+    previous = os.environ.get(ENV)
+    os.environ[ENV] = str(threads)  # read by the runners (fixtures.parallel.threads)
+    try:
+        return _main(args)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "list":
             try:

@@ -30,6 +30,7 @@ from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import Scheme
 from arrowquant_core.tensor import blocks_of
 from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_budget, plan_quality, realize
+from fixtures.parallel import map_ordered, threads
 from harness.config import RunConfig
 from harness.criteria import BitPlan, Criteria
 from harness.faults import Fault
@@ -329,25 +330,34 @@ class RunContext:
             variants = self.hessian_variants()
             folder = self.workdir / "hessians"
             cells = [(m, v) for m in plan.hessian_comparison for v in variants]
+            # A batch of as many cells as measurement threads: quantized one after another
+            # (each is timed alone), then run on the evaluation set side by side
+            # (fixtures.parallel: the figures do not depend on the thread count). A batch
+            # holds at most that many reloaded weight sets.
+            measure = getattr(runner, "compare_weights_only", None) or runner.compare
+            batch = max(1, threads())
             with self.progress.bar(len(cells), f"INT{bits} GPTQ Hessian variants") as bar:
-                for method, variant in cells:
-                    t0 = time.perf_counter()
-                    model = aq.quantize_model(self.checkpoint.weights, aq.QuantizationConfig(plan.scheme, method=method),
-                                              hessians=variants[variant], ties=self.checkpoint.ties)
-                    seconds = time.perf_counter() - t0
-                    path = aq.save(model, folder / f"{self.checkpoint.name}-int{bits}-{method}-{variant}.parquet")
-                    weights = aq.load_weights(path)
-                    measure = getattr(runner, "compare_weights_only", None) or runner.compare
-                    raw = measure(weights)
-                    row: dict[str, Any] = {"method": method, "hessian": variant, "scheme": plan.scheme,
-                                           "quantize_seconds": seconds,
-                                           "calibrated_tensors": sum(1 for t in model.tensors.values()
-                                                                     if t.method == method)}
-                    row.update({k: float(raw[k]) for k in HESSIAN_ROW_METRICS if isinstance(raw.get(k), (int, float))})
-                    for group in raw.get("timestep_groups", []):
-                        row[f"kl {group['mask_ratio']}"] = group["kl_mean"]
-                    rows.append(row)
-                    bar.update(1)
+                for start in range(0, len(cells), batch):
+                    made: list[tuple[str, str, float, int, dict[str, npt.NDArray[Any]]]] = []
+                    for method, variant in cells[start:start + batch]:
+                        t0 = time.perf_counter()
+                        model = aq.quantize_model(self.checkpoint.weights,
+                                                  aq.QuantizationConfig(plan.scheme, method=method),
+                                                  hessians=variants[variant], ties=self.checkpoint.ties)
+                        seconds = time.perf_counter() - t0
+                        path = aq.save(model, folder / f"{self.checkpoint.name}-int{bits}-{method}-{variant}.parquet")
+                        calibrated = sum(1 for t in model.tensors.values() if t.method == method)
+                        made.append((method, variant, seconds, calibrated, aq.load_weights(path)))
+                    raws = map_ordered(lambda cell: measure(cell[4]), made)
+                    for (method, variant, seconds, calibrated, _weights), raw in zip(made, raws):
+                        row: dict[str, Any] = {"method": method, "hessian": variant, "scheme": plan.scheme,
+                                               "quantize_seconds": seconds, "calibrated_tensors": calibrated}
+                        row.update({k: float(raw[k]) for k in HESSIAN_ROW_METRICS
+                                    if isinstance(raw.get(k), (int, float))})
+                        for group in raw.get("timestep_groups", []):
+                            row[f"kl {group['mask_ratio']}"] = group["kl_mean"]
+                        rows.append(row)
+                        bar.update(1)
         self.hessian_rows[bits] = rows
         self.tables_by_bits.setdefault(bits, {})["hessian_comparison"] = rows
         return rows

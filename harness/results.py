@@ -30,7 +30,7 @@ named next to it::
       python, platform, cpu, cores
       packages              {name: version} of every package that shapes a number
       core_compiled         bool   arrowquant_core imported from mypyc extension modules
-      threads               {torch, OPENBLAS_NUM_THREADS}
+      threads               {torch, OPENBLAS_NUM_THREADS, measurement (fixtures.parallel)}
       seeds                 {name: int}
       inputs                [{path, bytes, sha256}] model files hashed in this run
       runner                output-level evaluation set-up (corpus, sizes) or null
@@ -123,7 +123,10 @@ def _versions() -> dict[str, str]:
 def provenance(inputs: Iterable[Path], seeds: dict[str, int], runner: dict[str, Any] | None) -> dict[str, Any]:
     import arrowquant_core
 
-    threads: dict[str, Any] = {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
+    from fixtures.parallel import threads as measurement_threads
+
+    threads: dict[str, Any] = {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+                               "measurement": measurement_threads()}
     try:
         import torch
 

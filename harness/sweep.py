@@ -52,8 +52,9 @@ SWEEP_JSON = "sweep.json"
 SWEEP_CHART = "sweep_quality_vs_size.svg"
 RAY_HINT = "install the optional extra: pip install 'arrowquant[ray]' (or pip install 'ray[default]')"
 # Environment every Ray worker gets: one BLAS thread per task (two OpenBLAS threads per
-# process on a 2-core machine are ~60x slower, docs/MYPYC.md), offline model loading.
-WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+# process on a 2-core machine are ~60x slower, docs/MYPYC.md) and one measurement thread
+# (Ray runs a cell per CPU), offline model loading.
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "ARROWQUANT_THREADS": "1", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 FloatArray = npt.NDArray[np.floating]

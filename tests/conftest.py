@@ -6,6 +6,8 @@ Kept small on purpose (docs/STYLE.md rule 15): one generator function that takes
 
 from __future__ import annotations
 
+import os
+
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
@@ -51,3 +53,9 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def weights(rng: np.random.Generator) -> dict[str, FloatArray]:
     return make_weights(rng)
+
+
+# The suite runs on one pytest-xdist worker per core: each harness run it starts
+# in-process measures on one thread (fixtures.parallel). tests/test_parallel.py checks
+# that more threads give the same figures; the whole-run benchmarks set their own count.
+os.environ.setdefault("ARROWQUANT_THREADS", "1")

@@ -52,7 +52,11 @@ def _baseline() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", ["minilm", "dream-mini", "edge"])
-def test_bench_run(name: str, benchmark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bench_run(name: str, benchmark, tmp_path: Path,  # type: ignore[no-untyped-def]
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # what `python -m harness run` does by default: measurement on every core
+    # (tests/conftest.py sets one thread for the rest of the suite)
+    monkeypatch.delenv("ARROWQUANT_THREADS", raising=False)
     base = _baseline()
     entry = base["runs"][name]
     args = [*entry["args"], "--out", str(tmp_path / "out"), "--quiet"]
@@ -74,7 +78,7 @@ def test_bench_run(name: str, benchmark, tmp_path: Path) -> None:  # type: ignor
         "command": "python -m harness run " + " ".join(entry["args"]), "seconds": round(seconds, 2),
         "target_seconds": target, "old_seconds": old, "ratio_to_old": round(seconds / old, 3),
         "baseline_commit": base["commit"], "baseline_file": str(BASELINE.name),
-        "loadavg_1min": os.getloadavg()[0],
+        "loadavg_1min": os.getloadavg()[0], "measurement_threads": results["provenance"]["threads"]["measurement"],
     })
     # the same checks as before: verdict and suite size of the baseline run
     assert results["verdict"] == entry["verdict"], (name, results["verdict"])
