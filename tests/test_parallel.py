@@ -1,0 +1,159 @@
+"""Measurement on several threads (fixtures.parallel) gives the figures one thread gives.
+
+A harness run measures side by side on every core (``--threads`` / ``ARROWQUANT_THREADS``):
+dream-mini's weight-only and weight-activation evaluations, the original model's side
+and the GPTQ Hessian rows; the calibration ``XᵀX`` sums beside MiniLM's forward pass. Each computation still runs on one thread in the same order,
+so the results must be bit-identical; these tests compare real runners at 1 and 2
+threads, and check the plumbing (order, errors, the environment setting, the CLI flag).
+torch itself stays at one thread: two may change a forward pass's float sums.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import arrowquant_core as aq
+from arrowquant_core.errors import ConfigurationError, QuantizationError
+from fixtures import parallel
+from fixtures.dream_mini import runner as dream_runner
+from fixtures.runners.torch_util import capture_linear_hessians
+from harness.cli import main
+
+
+def test_map_ordered_keeps_the_order_of_its_items() -> None:
+    seen: set[str] = set()
+
+    def slow_first(x: int) -> int:
+        time.sleep(0.05 * (3 - x))  # the first item finishes last
+        seen.add(threading.current_thread().name)
+        return x * 10
+
+    assert parallel.map_ordered(slow_first, [0, 1, 2], workers=2) == [0, 10, 20]
+    assert len(seen) == 2  # really on two threads
+    assert parallel.map_ordered(slow_first, [2, 1], workers=1) == [20, 10]
+
+
+def test_map_ordered_raises_the_error_of_a_call() -> None:
+    def boom(x: int) -> int:
+        if x == 1:
+            raise QuantizationError("tensor 'w': broken on purpose")
+        return x
+
+    with pytest.raises(QuantizationError, match="broken on purpose"):
+        parallel.map_ordered(boom, [0, 1, 2], workers=2)
+
+
+def test_threads_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(parallel.ENV, raising=False)
+    assert parallel.threads() == max(1, os.cpu_count() or 1)
+    monkeypatch.setenv(parallel.ENV, "3")
+    assert parallel.threads() == 3
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv(parallel.ENV, bad)
+        with pytest.raises(ConfigurationError, match="ARROWQUANT_THREADS"):
+            parallel.threads()
+
+
+def test_cli_threads_flag_is_checked_and_leaves_the_environment_as_it_was(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--model", "dream-mini", "--threads", "0"])
+    assert exit_info.value.code == 2
+    assert "--threads" in capsys.readouterr().err
+    monkeypatch.setenv(parallel.ENV, "1")
+    # an unknown model fails after the flag took effect; the variable is restored
+    code = main(["run", "--model", "no-such-model-here", "--threads", "2", "--quiet"])
+    assert code != 0
+    assert os.environ[parallel.ENV] == "1"
+
+
+# --- the Hessian capture: XᵀX beside the forward pass -------------------------------
+
+def _tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.GELU(), torch.nn.Linear(48, 24),
+                               torch.nn.GELU(), torch.nn.Linear(24, 8))
+
+
+def _capture(net: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    def run() -> None:
+        for b in batches:
+            net(b)
+    return capture_linear_hessians(net, run)
+
+
+def test_hessians_accumulated_on_threads_equal_the_one_thread_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _tiny_net()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(int(n), 24, generator=gen) * 3 for n in (5, 64, 1, 300, 17)]
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runners keep it: see the next test
+    try:
+        monkeypatch.setenv(parallel.ENV, "1")
+        one = _capture(net, batches)
+        monkeypatch.setenv(parallel.ENV, "2")
+        two = _capture(net, batches)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert sorted(one) == sorted(two) == ["0.weight", "2.weight", "4.weight"]
+    for name in one:
+        assert np.array_equal(one[name], two[name]), name
+    # and they are the Hessians: 2 XᵀX / n of the first layer's inputs
+    x = torch.cat(batches).numpy().astype(np.float64)
+    assert np.allclose(one["0.weight"], 2 * x.T @ x / x.shape[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_nonfinite_activations_name_the_layer_with_any_thread_count(
+        threads: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(parallel.ENV, threads)
+    net = _tiny_net()
+    bad = torch.randn(4, 24)
+    bad[2, 5] = float("nan")
+    with pytest.raises(QuantizationError, match=r"tensor '0\.weight'.*NaN or Inf"):
+        _capture(net, [torch.randn(3, 24), bad, torch.randn(2, 24)])
+
+
+def test_minilm_hessians_do_not_depend_on_the_thread_count(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fixtures.checkpoint import load_model
+
+    runner = load_model("minilm").runner
+    assert runner is not None
+    sentences = runner.calibration[:96]
+    got = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv(parallel.ENV, n)
+        got[n] = runner.capture_hessians(sentences)
+        assert torch.get_num_threads() == 1
+    assert sorted(got["1"]) == sorted(got["2"]) and len(got["1"]) == 37
+    for name, h in got["1"].items():
+        assert np.array_equal(h, got["2"][name]), name
+
+
+# --- dream-mini: evaluations side by side -------------------------------------------
+
+def test_dream_mini_comparison_is_identical_on_one_and_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weight-only evaluation, two weight-activation configurations and the original
+    model's side (recomputed at each count) measured on 1 and 2 threads."""
+    folder = dream_runner.ensure_fixture()
+    configs = tuple(c for c in dream_runner.ACT_CONFIGS if c.key in ("a8_tensor_timeaware", "a4_token"))
+    assert len(configs) == 2
+    results = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv(parallel.ENV, n)
+        monkeypatch.setattr(dream_runner, "_SHARED_REFERENCE", {})  # the original's side, measured again
+        runner = dream_runner.DreamRunner(folder, act_configs=configs)
+        model = aq.quantize_model(runner.original, aq.QuantizationConfig("int4-g128-asym"))
+        results[n] = runner.compare(model.dequantize())
+    one, two = results["1"], results["2"]
+    assert one.keys() == two.keys()
+    assert "a8_tensor_timeaware_kl_mean" in one and "a4_token_kl_mean" in one and "frontier_flip_rate8" in one
+    assert one == two  # every figure and table, bit for bit
