@@ -41,6 +41,11 @@ FloatArray = npt.NDArray[np.floating]
 F32 = npt.NDArray[np.float32]
 Score = Callable[[dict[str, FloatArray]], float]
 Log = Callable[[str], None]
+Mapper = Callable[[Callable[[str], list[float]], list[str]], list[list[float]]]
+"""``mapper(fn, names)`` returns ``[fn(n) for n in names]``, in that order, and may run
+the calls side by side (the harness passes ``fixtures.parallel.map_ordered`` when its
+score function is thread-safe). Each call quantizes its own tensor and scores the model
+as it would alone, so the plan does not depend on the mapper."""
 FP16 = "fp16"
 
 
@@ -109,7 +114,8 @@ def _dequantized(item: QuantizedTensor | FloatArray) -> FloatArray:
 
 
 class _Evaluator:
-    """Quantized versions cached per (layer, rung); scores counted."""
+    """Quantized versions cached per (layer, rung); the sensitivity pass may call
+    ``quantized`` and ``score`` from several threads, for different layers."""
 
     def __init__(self, weights: Mapping[str, FloatArray], rungs: tuple[Rung, ...],
                  hessians: Mapping[str, F32] | None, score: Score) -> None:
@@ -118,7 +124,6 @@ class _Evaluator:
         self.hessians = hessians or {}
         self.score_fn = score
         self.cache: dict[tuple[str, int], QuantizedTensor | FloatArray] = {}
-        self.evaluations = 0
 
     def quantized(self, name: str, rung: int) -> QuantizedTensor | FloatArray:
         key = (name, rung)
@@ -130,13 +135,13 @@ class _Evaluator:
         trial: dict[str, FloatArray] = dict(self.weights)
         for name, rung in choice.items():
             trial[name] = _dequantized(self.quantized(name, rung))
-        self.evaluations += 1
         return float(self.score_fn(trial))
 
 
 def sensitivity(weights: Mapping[str, FloatArray], names: list[str], rungs: tuple[Rung, ...],
                 score: Score, hessians: Mapping[str, F32] | None = None,
-                levels: tuple[int, ...] = (0, 1), progress: Log | None = None) -> dict[str, list[float]]:
+                levels: tuple[int, ...] = (0, 1), progress: Log | None = None,
+                mapper: Mapper | None = None) -> dict[str, list[float]]:
     """Damage ``1 - score`` of quantizing each layer alone, at the rungs in ``levels``.
 
     >>> w = {"a": np.ones((4, 32), np.float32), "b": np.ones((4, 32), np.float32) * 2}
@@ -144,20 +149,28 @@ def sensitivity(weights: Mapping[str, FloatArray], names: list[str], rungs: tupl
     >>> s["a"][0]
     0.0
     """
-    return _sensitivity(_Evaluator(weights, rungs, hessians, score), names, levels, progress)
+    return _sensitivity(_Evaluator(weights, rungs, hessians, score), names, levels, progress, mapper)
+
+
+def _serial(fn: Callable[[str], list[float]], names: list[str]) -> list[list[float]]:
+    return [fn(name) for name in names]
 
 
 def _sensitivity(ev: _Evaluator, names: list[str], levels: tuple[int, ...],
-                 progress: Log | None) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for i, name in enumerate(names, start=1):
-        out[name] = [math.nan] * len(ev.rungs)
+                 progress: Log | None, mapper: Mapper | None = None) -> dict[str, list[float]]:
+    index = {name: i for i, name in enumerate(names, start=1)}
+
+    def one(name: str) -> list[float]:
+        row = [math.nan] * len(ev.rungs)
         for level in levels:
-            out[name][level] = 1.0 - ev.score({name: level})
-        if progress is not None:
-            progress(f"sensitivity {i}/{len(names)} {name}: " + ", ".join(
-                f"{ev.rungs[lv].label} {out[name][lv]:.5f}" for lv in levels))
-    return out
+            row[level] = 1.0 - ev.score({name: level})
+        if progress is not None:  # with a mapper, from the worker threads (the harness's log locks)
+            progress(f"sensitivity {index[name]}/{len(names)} {name}: " + ", ".join(
+                f"{ev.rungs[lv].label} {row[lv]:.5f}" for lv in levels))
+        return row
+
+    rows = (mapper or _serial)(one, names)
+    return dict(zip(names, rows))
 
 
 def _next_gain(ev: _Evaluator, damage: dict[str, list[float]], name: str, current: int) -> float:
@@ -180,7 +193,8 @@ def _next_gain(ev: _Evaluator, damage: dict[str, list[float]], name: str, curren
 def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tuple[Rung, ...],
                  score: Score, layer_threshold: float, target: float,
                  hessians: Mapping[str, F32] | None = None, fail_fast: bool = False,
-                 max_promotions: int = 200, progress: Log | None = None) -> MixedPlan:
+                 max_promotions: int = 200, progress: Log | None = None,
+                 mapper: Mapper | None = None) -> MixedPlan:
     """The ladder per layer, then greedy promotions until the whole model meets ``target``.
 
     ``fail_fast`` raises ValidationError at the first layer that fails its rung instead
@@ -192,7 +206,7 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
         raise ConfigurationError(f"layer_threshold {layer_threshold}: must be >= 0")
     ev = _Evaluator(weights, rungs, hessians, score)
     log: list[str] = []
-    damage = _sensitivity(ev, names, (0,), progress)
+    damage = _sensitivity(ev, names, (0,), progress, mapper)
     choice: dict[str, int] = {}
     reasons: dict[str, str] = {}
     promotions = 0
@@ -239,10 +253,10 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
 
 def plan_budget(weights: Mapping[str, FloatArray], names: list[str], rungs: tuple[Rung, ...],
                 score: Score, budget_bytes: float, hessians: Mapping[str, F32] | None = None,
-                progress: Log | None = None) -> MixedPlan:
+                progress: Log | None = None, mapper: Mapper | None = None) -> MixedPlan:
     """Best quality within a planned size: promote by damage removed per byte while it fits."""
     ev = _Evaluator(weights, rungs, hessians, score)
-    damage = _sensitivity(ev, names, (0,), progress)
+    damage = _sensitivity(ev, names, (0,), progress, mapper)
     choice = {n: 0 for n in names}
     shapes = {n: tuple(int(d) for d in ev.weights[n].shape) for n in names}
     size = sum(rungs[0].planned_bytes(shapes[n]) for n in names)

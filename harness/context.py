@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 import shutil
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -203,21 +204,26 @@ class RunContext:
                           f"({' -> '.join(r.label for r in rungs)})")
             t0 = time.perf_counter()
             hessians = self.hessians()
+            # a runner whose score may run on several threads gets the sensitivity pass's
+            # layers side by side (fixtures.parallel); the plan is the same either way
+            mapper = map_ordered if getattr(runner, "thread_safe", False) else None
+            lock = threading.Lock()
             with self.progress.bar(len(names), f"INT{bits} sensitivity pass") as bar:
                 def log(message: str) -> None:
                     # one bar step per layer measured; the ladder's promotions as lines
-                    if message.startswith("sensitivity "):
-                        bar.update(1)
-                    else:
-                        self.progress(message)
+                    with lock:  # called from the measurement threads
+                        if message.startswith("sensitivity "):
+                            bar.update(1)
+                        else:
+                            self.progress(message)
                 if spec.budget_mb is not None:
                     self.plans_by_bits[bits] = plan_budget(
                         self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.budget_mb * 1e6,
-                        hessians=hessians, progress=log)
+                        hessians=hessians, progress=log, mapper=mapper)
                 else:
                     self.plans_by_bits[bits] = plan_quality(
                         self.checkpoint.weights, names, rungs, runner.calibration_score(), spec.layer_threshold,
-                        spec.target, hessians=hessians, fail_fast=spec.fail_fast, progress=log)
+                        spec.target, hessians=hessians, fail_fast=spec.fail_fast, progress=log, mapper=mapper)
             self.plan_seconds[bits] = time.perf_counter() - t0
         return self.plans_by_bits[bits]
 
@@ -501,15 +507,36 @@ class RunContext:
         if self.checkpoint.runner is None:
             raise RuntimeError("no runner for this model: output-level metrics are not available")
         if bits not in self.output_by_bits:
-            self.progress(f"INT{bits}: running the model on the evaluation set")
             runner = self.checkpoint.runner
-            reloaded = self.reloaded(bits)
-            aux = reloaded.model.aux if reloaded.model is not None else {}
-            raw = (runner.compare(reloaded.weights, aux=aux) if hasattr(runner, "activation_aux")
-                   else runner.compare(reloaded.weights))
-            # scalars are metrics (gated or reported); lists are tables for the report
-            self.output_by_bits[bits] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
-            self.tables_by_bits[bits] = {k: v for k, v in raw.items() if not isinstance(v, (int, float))}
+            # A runner whose compare may run on several threads measures every bit width
+            # already reloaded side by side (fixtures.parallel); the others' tests then
+            # read the figures. A failure belongs to its own bit width's test: one seen
+            # here for another bit width is dropped and met again in that test.
+            todo = [bits]
+            if getattr(runner, "thread_safe", False):
+                todo += [b for b in self.bits
+                         if b != bits and b not in self.output_by_bits and b in self.reloaded_by_bits]
+            self.progress(f"INT{', INT'.join(map(str, todo))}: running the model on the evaluation set")
+
+            def measure(b: int) -> tuple[dict[str, Any] | None, Exception | None]:
+                try:
+                    reloaded = self.reloaded(b)
+                    aux = reloaded.model.aux if reloaded.model is not None else {}
+                    raw = (runner.compare(reloaded.weights, aux=aux) if hasattr(runner, "activation_aux")
+                           else runner.compare(reloaded.weights))
+                    return raw, None
+                except Exception as exc:  # re-raised below for this test's bit width only
+                    return None, exc
+            for b, (raw, error) in zip(todo, map_ordered(measure, todo)):
+                if error is not None:
+                    if b == bits:
+                        raise error
+                    continue
+                assert raw is not None
+                # scalars are metrics (gated or reported); lists are tables for the report
+                self.output_by_bits[b] = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+                self.tables_by_bits.setdefault(b, {}).update(
+                    {k: v for k, v in raw.items() if not isinstance(v, (int, float))})
         return self.output_by_bits[bits]
 
     def compared_methods(self, bits: int) -> tuple[str, ...]:

@@ -157,3 +157,44 @@ def test_dream_mini_comparison_is_identical_on_one_and_two_threads(monkeypatch: 
     assert one.keys() == two.keys()
     assert "a8_tensor_timeaware_kl_mean" in one and "a4_token_kl_mean" in one and "frontier_flip_rate8" in one
     assert one == two  # every figure and table, bit for bit
+
+
+# --- MiniLM: encodes and the ladder's sensitivity pass side by side ------------------
+
+def test_minilm_encodes_on_two_threads_equal_serial_encodes() -> None:
+    """Each thread leases its own copy of the model (the runner's ``thread_safe``), so
+    two weight sets encoded at once give what each gives alone."""
+    from fixtures.checkpoint import load_model
+
+    runner = load_model("minilm").runner
+    assert runner is not None and runner.thread_safe
+    sentences = runner.sentences[:48]
+    int4 = aq.quantize_model(runner.source, aq.QuantizationConfig("int4-g64-asym")).dequantize()
+    int2 = aq.quantize_model(runner.source, aq.QuantizationConfig("int2-g32-asym")).dequantize()
+    serial = [runner.encode(sentences, w) for w in (int4, int2)]
+    side_by_side = parallel.map_ordered(lambda w: runner.encode(sentences, w), [int4, int2], workers=2)
+    for a, b in zip(serial, side_by_side):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(serial[0], serial[1])  # two different models were really run
+
+
+def test_ladder_plan_is_the_same_with_a_parallel_sensitivity_pass() -> None:
+    from arrowquant_core.plan import Rung, plan_quality
+    from fixtures.checkpoint import load_model
+
+    runner = load_model("minilm").runner
+    assert runner is not None
+    names = ["encoder.layer.0.attention.self.value.weight", "encoder.layer.3.intermediate.dense.weight",
+             "encoder.layer.5.output.dense.weight", "embeddings.position_embeddings.weight"]
+    rungs = (Rung("int2-g32-asym"), Rung("int4-g64-asym"), Rung("int8-g128-asym"))
+    score = runner.calibration_score()
+    lines: list[str] = []
+    plans = [plan_quality(runner.source, names, rungs, score, layer_threshold=0.002, target=0.995,
+                          mapper=mapper, progress=lines.append)
+             for mapper in (None, parallel.map_ordered)]
+    serial, side_by_side = plans
+    # repr: the damage of rungs never measured is NaN, which never equals itself
+    assert repr(serial.decisions) == repr(side_by_side.decisions) and serial.score == side_by_side.score
+    assert serial.log == side_by_side.log
+    assert sum(line.startswith("sensitivity ") for line in lines) == 2 * len(names)
+    assert any(d.rung > 0 for d in serial.decisions)  # the ladder had something to decide
