@@ -2,26 +2,27 @@
 code before the run-time work (``reports/baselines/run_times.json``: commit, machine,
 load and command of each measurement).
 
-Each benchmark runs the command in-process (``harness.cli.main``, one round), records the
-seconds, the issue's target, the old median and the ratio in ``extra_info`` (pytest-
-benchmark's JSON), and checks the run still makes every check it made before: the same
-verdict and the same number of suite tests as the baseline run. Speed may never come
-from doing less.
+Each benchmark runs the command as its own process (``python -m harness run``, one
+round, as the baseline was measured), records the seconds, the issue's target, the old
+median and the ratio in ``extra_info`` (pytest-benchmark's JSON), and checks the run
+still makes every check it made before: the same verdict and the same number of suite
+tests as the baseline run. Speed may never come from doing less.
 
 Targets: ``--model minilm`` <= 20 s, ``--model dream-mini`` <= 6 s, ``--profile edge``
-<= 35 s. Not met on this machine (2 cores shared by five agents; the baseline file has the
-old seconds and load): most of what is left is measuring, not repeated work. dream-mini
-runs ~2.3 TFLOP of NumPy denoiser forward passes (~6 MFLOP a token; per bit width the
-weight-only evaluation set, 320 canvases x 64 tokens, the six weight-activation
-configurations on 80 canvases each, and the 4- and 8-step samplers with their teacher-
-forced frontier passes; four GPTQ Hessian rows; the original model's side once), ~70 %
-of its profile, each pass behind a gated or reported figure: 6 s would take ~380 GFLOP/s
-on the one BLAS thread the runs use. MiniLM spends its time in the calibration capture (the core's float64 X^T X, about
-half of it: arrowquant_core/gptq.py, not this branch's to change), the GPTQ-family
-quantization and the torch forward passes of every bit width; the edge profile adds the
-ladder's sensitivity pass (one calibration-score forward per tensor and rung). So each
-benchmark asserts the target when met and otherwise a bound on the old figure
-(``MAX_RATIO``).
+<= 35 s. Not met on this machine: most of what is left is measuring, not repeated work,
+and it now runs on both cores (fixtures.parallel: independent measurements side by
+side, each on one thread, figures bit-identical). dream-mini runs ~2.3 TFLOP of NumPy
+denoiser forward passes (~6 MFLOP a token; per bit width the weight-only evaluation set,
+320 canvases x 64 tokens, the six weight-activation configurations on 80 canvases each,
+and the 4- and 8-step samplers with their teacher-forced frontier passes; four GPTQ
+Hessian rows; the original model's side once), each pass behind a gated or reported
+figure: at the ~90 GFLOP/s one BLAS thread reaches here that is ~13 s on two cores at
+best, 6 s would take ~380 GFLOP/s. MiniLM spends its time in imports and loading (~6 s),
+the calibration capture (float64 XᵀX, now beside the forward pass: 7.8 s), the
+GPTQ-family quantization (~4 s, timed, so alone) and the torch forward passes of every
+bit width; the edge profile adds the ladder's sensitivity pass (one calibration-score
+forward per tensor, two at a time) and its serial promotions. So each benchmark asserts
+the target when met and otherwise a bound on the old figure (``MAX_RATIO``).
 """
 
 from __future__ import annotations
@@ -29,21 +30,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
-from threadpoolctl import threadpool_limits
 
-from harness.cli import main
-
-BASELINE = Path(__file__).resolve().parents[2] / "reports" / "baselines" / "run_times.json"
-# When the target is not met, a run must not be slower than 1.1x the old figure (a
-# regression bound, not a speed claim): measured on the idle machine, one run each, the
-# changed code took 0.96x (minilm, with the new per-tensor defaults), 0.94x (dream-mini)
-# and 0.96x (edge) of e526cc0's compiled runs (reports/baselines/run_times.json); single
-# runs move by several percent even on an idle machine, so 1.0 would fail on noise.
-MAX_RATIO = 1.1
+REPO = Path(__file__).resolve().parents[2]
+BASELINE = REPO / "reports" / "baselines" / "run_times.json"
+# When the target is not met, a run must keep the gain it has: at most MAX_RATIO of the old
+# figure. Measured on the idle 2-core machine, one process per run, two measurement threads
+# (fixtures.parallel): minilm 38.6 s (0.81x e526cc0's 47.5 s), dream-mini 35.0 s (0.64x of
+# 55.1 s), edge 62.7 s (0.81x of 77.2 s); single runs move by several percent even on an
+# idle machine, hence the room. On one core (one measurement thread) these bounds fail:
+# they are this machine's figures, as the baseline is.
+MAX_RATIO = {"minilm": 0.95, "dream-mini": 0.8, "edge": 0.95}
 
 
 def _baseline() -> dict[str, Any]:
@@ -52,21 +54,23 @@ def _baseline() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", ["minilm", "dream-mini", "edge"])
-def test_bench_run(name: str, benchmark, tmp_path: Path,  # type: ignore[no-untyped-def]
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    # what `python -m harness run` does by default: measurement on every core
-    # (tests/conftest.py sets one thread for the rest of the suite)
-    monkeypatch.delenv("ARROWQUANT_THREADS", raising=False)
+def test_bench_run(name: str, benchmark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base = _baseline()
     entry = base["runs"][name]
     args = [*entry["args"], "--out", str(tmp_path / "out"), "--quiet"]
+    # A fresh process per run, as the baseline was measured: in-process runs would share
+    # the models, calibration Hessians and reference outputs an earlier run cached.
+    # What `python -m harness run` does by default: one BLAS thread, measurement on every
+    # core (tests/conftest.py sets one measurement thread for the rest of the suite).
+    env = {k: v for k, v in os.environ.items() if k != "ARROWQUANT_THREADS"}
+    env.update({"OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "PYTHONPATH": str(REPO)})
     codes: list[int] = []
 
     def once() -> None:
-        # one BLAS thread, as the baseline runs had (OPENBLAS_NUM_THREADS=1): two OpenBLAS
-        # threads on this shared 2-core machine are far slower, not faster
-        with threadpool_limits(limits=1):
-            codes.append(main(["run", *args]))
+        done = subprocess.run([sys.executable, "-m", "harness", "run", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+        codes.append(done.returncode)
 
     t0 = time.perf_counter()
     benchmark.pedantic(once, rounds=1, iterations=1)
@@ -87,5 +91,5 @@ def test_bench_run(name: str, benchmark, tmp_path: Path,  # type: ignore[no-unty
     if seconds <= target:
         assert seconds <= target
     else:
-        assert seconds <= MAX_RATIO * old, (
-            f"{name}: {seconds:.1f} s is not below {MAX_RATIO} x the old {old:.1f} s (target {target} s)")
+        assert seconds <= MAX_RATIO[name] * old, (
+            f"{name}: {seconds:.1f} s is not below {MAX_RATIO[name]} x the old {old:.1f} s (target {target} s)")
