@@ -209,9 +209,13 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
     damage = _sensitivity(ev, names, (0,), progress, mapper)
     choice: dict[str, int] = {}
     reasons: dict[str, str] = {}
-    promotions = 0
-    for name in names:
+    climbs: dict[str, list[str]] = {}
+
+    def climb(name: str) -> list[float]:
+        """One layer's ladder (independent of the others': they may climb side by side);
+        its log lines are kept apart and joined in layer order below."""
         rung = 0
+        lines: list[str] = []
         reason = f"{rungs[0].label}: damage {damage[name][0]:.5f} <= {layer_threshold:g}"
         while damage[name][rung] > layer_threshold and rung + 1 < len(rungs):
             if fail_fast:
@@ -219,14 +223,19 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
                     f"tensor {name!r}: damage {damage[name][rung]:.5f} at {rungs[rung].label} exceeds the layer "
                     f"threshold {layer_threshold:g} (fail-fast ladder)")
             rung += 1
-            promotions += 1
             if math.isnan(damage[name][rung]):
                 damage[name][rung] = 1.0 - ev.score({name: rung})
             reason = (f"ladder: {rungs[rung - 1].label} damage {damage[name][rung - 1]:.5f} > "
                       f"{layer_threshold:g}, {rungs[rung].label} {damage[name][rung]:.5f}")
-            log.append(f"promote {name} -> {rungs[rung].label} ({reason})")
-        choice[name] = rung
-        reasons[name] = reason
+            lines.append(f"promote {name} -> {rungs[rung].label} ({reason})")
+        climbs[name] = [reason, *lines]
+        return [float(rung)]
+
+    for name, row in zip(names, (mapper or _serial)(climb, names)):
+        choice[name] = int(row[0])
+        reasons[name] = climbs[name][0]
+        log.extend(climbs[name][1:])
+    promotions = sum(choice.values())
     current = ev.score(choice)
     log.append(f"after the ladder: score {current:.5f} (target {target:g}), {promotions} promotion(s)")
     while current < target and promotions < max_promotions:
@@ -236,11 +245,23 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
             break
         choice[best] += 1
         promotions += 1
-        if math.isnan(damage[best][choice[best]]):
-            damage[best][choice[best]] = 1.0 - ev.score({best: choice[best]})
+        trial = dict(choice)
+        rung_of_best = choice[best]
+        measure_damage = math.isnan(damage[best][rung_of_best])
+        ev.quantized(best, rung_of_best)  # once, here: both scores below read it
+
+        def one_score(which: str) -> list[float]:
+            # the promoted layer's own damage at its new rung and the whole plan's score
+            # do not depend on each other: with a mapper they run side by side
+            if which == "layer":
+                return [1.0 - ev.score({best: rung_of_best})]
+            return [ev.score(trial)]
+        scored = (mapper or _serial)(one_score, ["layer", "plan"] if measure_damage else ["plan"])
+        if measure_damage:
+            damage[best][rung_of_best] = scored[0][0]
+        current = scored[-1][0]
         reasons[best] = (f"to reach score {target:g}: most damage removed per byte "
                          f"({damage[best][choice[best] - 1]:.5f} -> {damage[best][choice[best]]:.5f})")
-        current = ev.score(choice)
         log.append(f"promote {best} -> {rungs[choice[best]].label}: score {current:.5f}")
         if progress is not None:
             progress(log[-1])

@@ -458,17 +458,18 @@ class RunContext:
             assert written.model is not None  # our own artifact: written in this run
             weights = model.dequantize()
             seconds = time.perf_counter() - t0
-            layers = []
             source = self.checkpoint.weights
-            for name, qt in model.tensors.items():
-                if name not in source:
-                    continue  # counted as unexpected by the accounting below
+
+            def layer_row(name: str) -> LayerRow:
+                qt = model.tensors[name]
                 ref = np.asarray(source[name], dtype=np.float32)
                 got = np.asarray(weights[name], dtype=np.float32)
                 lo, hi = group_range_ratios(*stored_basis(ref, got, qt.method), qt.scheme)
-                layers.append(LayerRow(name, qt.scheme.name, qt.method, qt.shape, qt.numel, aq.cosine(ref, got),
-                                       aq.sqnr_db(ref, got), aq.relative_error(ref, got),
-                                       row_cosine_min(ref, got), lo, hi))
+                return LayerRow(name, qt.scheme.name, qt.method, qt.shape, qt.numel, aq.cosine(ref, got),
+                                aq.sqnr_db(ref, got), aq.relative_error(ref, got), row_cosine_min(ref, got), lo, hi)
+            # per-tensor metrics after the timed load, tensors side by side (fixtures.parallel);
+            # a tensor the source lacks is counted as unexpected by the accounting below
+            layers = map_ordered(layer_row, [n for n in model.tensors if n in source])
             expected = self.expected_storage(bits)
             stored = stored_as(model)
             unquantized = [n for n, a in model.floats.items() if a.ndim >= 2 and expected.get(n) != "fp16"]
@@ -512,6 +513,7 @@ class RunContext:
             # already reloaded side by side (fixtures.parallel); the others' tests then
             # read the figures. A failure belongs to its own bit width's test: one seen
             # here for another bit width is dropped and met again in that test.
+            self.reloaded(bits)  # loaded here, alone: its load time is a gate
             todo = [bits]
             if getattr(runner, "thread_safe", False):
                 todo += [b for b in self.bits
