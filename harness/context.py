@@ -520,8 +520,17 @@ class RunContext:
                          if b != bits and b not in self.output_by_bits and b in self.reloaded_by_bits]
             self.progress(f"INT{', INT'.join(map(str, todo))}: running the model on the evaluation set")
 
-            def measure(b: int) -> tuple[dict[str, Any] | None, Exception | None]:
+            # A thread-safe runner's prepare (e.g. the original model's outputs, which every
+            # comparison reads) is one more task beside the comparisons, not a wait before them.
+            prepare = getattr(runner, "prepare", None) if len(todo) > 1 else None
+            tasks: list[int | None] = ([None] if prepare is not None else []) + list(todo)
+
+            def measure(b: int | None) -> tuple[dict[str, Any] | None, Exception | None]:
                 try:
+                    if b is None:  # the prepare task
+                        assert prepare is not None
+                        prepare()
+                        return {}, None
                     reloaded = self.reloaded(b)
                     aux = reloaded.model.aux if reloaded.model is not None else {}
                     raw = (runner.compare(reloaded.weights, aux=aux) if hasattr(runner, "activation_aux")
@@ -529,7 +538,9 @@ class RunContext:
                     return raw, None
                 except Exception as exc:  # re-raised below for this test's bit width only
                     return None, exc
-            for b, (raw, error) in zip(todo, map_ordered(measure, todo)):
+            for b, (raw, error) in zip(tasks, map_ordered(measure, tasks)):
+                if b is None:
+                    continue  # a failure to prepare shows again in the comparisons that need it
                 if error is not None:
                     if b == bits:
                         raise error

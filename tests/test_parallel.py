@@ -11,6 +11,7 @@ torch itself stays at one thread: two may change a forward pass's float sums.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import threading
 import time
 
@@ -159,24 +160,7 @@ def test_dream_mini_comparison_is_identical_on_one_and_two_threads(monkeypatch: 
     assert one == two  # every figure and table, bit for bit
 
 
-# --- MiniLM: encodes and the ladder's sensitivity pass side by side ------------------
-
-def test_minilm_encodes_on_two_threads_equal_serial_encodes() -> None:
-    """Each thread leases its own copy of the model (the runner's ``thread_safe``), so
-    two weight sets encoded at once give what each gives alone."""
-    from fixtures.checkpoint import load_model
-
-    runner = load_model("minilm").runner
-    assert runner is not None and runner.thread_safe
-    sentences = runner.sentences[:48]
-    int4 = aq.quantize_model(runner.source, aq.QuantizationConfig("int4-g64-asym")).dequantize()
-    int2 = aq.quantize_model(runner.source, aq.QuantizationConfig("int2-g32-asym")).dequantize()
-    serial = [runner.encode(sentences, w) for w in (int4, int2)]
-    side_by_side = parallel.map_ordered(lambda w: runner.encode(sentences, w), [int4, int2], workers=2)
-    for a, b in zip(serial, side_by_side):
-        assert np.array_equal(a, b)
-    assert not np.array_equal(serial[0], serial[1])  # two different models were really run
-
+# --- MiniLM: the ladder's sensitivity pass side by side ------------------------------
 
 def test_ladder_plan_is_the_same_with_a_parallel_sensitivity_pass() -> None:
     from arrowquant_core.plan import Rung, plan_quality
@@ -184,8 +168,8 @@ def test_ladder_plan_is_the_same_with_a_parallel_sensitivity_pass() -> None:
 
     runner = load_model("minilm").runner
     assert runner is not None
-    names = ["encoder.layer.0.attention.self.value.weight", "encoder.layer.3.intermediate.dense.weight",
-             "encoder.layer.5.output.dense.weight", "embeddings.position_embeddings.weight"]
+    names = ["encoder.layer.0.attention.self.value.weight", "encoder.layer.5.output.dense.weight",
+             "embeddings.position_embeddings.weight"]
     rungs = (Rung("int2-g32-asym"), Rung("int4-g64-asym"), Rung("int8-g128-asym"))
     score = runner.calibration_score()
     lines: list[str] = []
@@ -198,3 +182,34 @@ def test_ladder_plan_is_the_same_with_a_parallel_sensitivity_pass() -> None:
     assert serial.log == side_by_side.log
     assert sum(line.startswith("sensitivity ") for line in lines) == 2 * len(names)
     assert any(d.rung > 0 for d in serial.decisions)  # the ladder had something to decide
+
+
+# --- a whole run: --threads 1 and --threads 2 write the same figures -----------------
+
+def _figures(results: dict) -> dict:  # type: ignore[type-arg]
+    """Every measured figure of a results.json except timings (they move with the load)."""
+    out = {}
+    for entry in results["bit_widths"]:
+        metrics = {k: v for k, v in entry["metrics"].items() if "seconds" not in k}
+        out[entry["bits"]] = {"metrics": metrics, "layers": entry["layers"], "verdict": entry["verdict"]}
+    out["criteria"] = [{k: v for k, v in c.items() if k != "value"} | (
+        {} if "seconds" in c["metric"] else {"value": c["value"]}) for c in results["criteria"]]
+    out["verdict"] = results["verdict"]
+    return out
+
+
+def test_minilm_run_gives_the_same_figures_on_one_and_two_threads(tmp_path: Path) -> None:
+    """The harness's own fan-out: the bit widths' encodes on leased model copies, with the
+    reference beside them (prepare), weight metrics per tensor. In-process, so the second
+    run reuses the first's calibration capture; the Hessians' own thread test is above."""
+    import json
+
+    results = {}
+    for n in ("2", "1"):  # the second run reuses the first's calibration capture (in-process)
+        out = tmp_path / f"threads{n}"
+        code = main(["run", "--model", "minilm", "--bits", "8,2", "--threads", n, "--out", str(out), "--quiet"])
+        assert code == 0
+        results[n] = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        assert results[n]["provenance"]["threads"]["measurement"] == int(n)
+    assert _figures(results["1"]) == _figures(results["2"])
+    assert len(results["1"]["bit_widths"][0]["layers"]) == 40
