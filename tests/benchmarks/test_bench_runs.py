@@ -17,11 +17,12 @@ denoiser forward passes (~6 MFLOP a token; per bit width the weight-only evaluat
 and the 4- and 8-step samplers with their teacher-forced frontier passes; four GPTQ
 Hessian rows; the original model's side once), each pass behind a gated or reported
 figure: at the ~90 GFLOP/s one BLAS thread reaches here that is ~13 s on two cores at
-best, 6 s would take ~380 GFLOP/s. MiniLM spends its time in imports and loading (~6 s),
-the calibration capture (float64 XᵀX, now beside the forward pass: 7.8 s), the
-GPTQ-family quantization (~4 s, timed, so alone) and the torch forward passes of every
-bit width; the edge profile adds the ladder's sensitivity pass (one calibration-score
-forward per tensor, two at a time) and its serial promotions. So each benchmark asserts
+best (the GEMMs are ~3/4 of a pass; rotary, softmax, norms and SiLU the rest), 6 s would
+take ~380 GFLOP/s. MiniLM spends its time in imports and loading (~6 s), the calibration
+capture (float64 XᵀX, now beside the forward pass: 8 s), the GPTQ-family quantization
+(~4 s, timed, so alone), the torch forward passes of every bit width (4.8 s, side by
+side) and the report (~3 s, matplotlib); the edge profile adds the ladder (sensitivity
+pass and climbs two layers at a time, ~25 s) and the plan's quantization (6.3 s, timed). So each benchmark asserts
 the target when met and otherwise a bound on the old figure (``MAX_RATIO``).
 """
 
@@ -40,12 +41,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = REPO / "reports" / "baselines" / "run_times.json"
 # When the target is not met, a run must keep the gain it has: at most MAX_RATIO of the old
-# figure. Measured on the idle 2-core machine, one process per run, two measurement threads
-# (fixtures.parallel): minilm 38.6 s (0.81x e526cc0's 47.5 s), dream-mini 35.0 s (0.64x of
-# 55.1 s), edge 62.7 s (0.81x of 77.2 s); single runs move by several percent even on an
-# idle machine, hence the room. On one core (one measurement thread) these bounds fail:
-# they are this machine's figures, as the baseline is.
-MAX_RATIO = {"minilm": 0.95, "dream-mini": 0.8, "edge": 0.95}
+# figure. Measured with this benchmark on the idle 2-core machine (load average 1.2-1.7),
+# one process per run, two measurement threads (fixtures.parallel): minilm 34.2 s (0.72x
+# e526cc0's 47.5 s), dream-mini 36.3 s (0.66x of 55.1 s), edge 57.5 s (0.75x of 77.2 s);
+# single runs move by several percent even on an idle machine, hence the room. On one
+# core (one measurement thread) these bounds fail: they are this machine's figures, as
+# the baseline is.
+MAX_RATIO = {"minilm": 0.85, "dream-mini": 0.8, "edge": 0.85}
 
 
 def _baseline() -> dict[str, Any]:
