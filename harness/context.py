@@ -341,7 +341,7 @@ class RunContext:
             # (fixtures.parallel: the figures do not depend on the thread count). A batch
             # holds at most that many reloaded weight sets.
             measure = getattr(runner, "compare_weights_only", None) or runner.compare
-            batch = max(1, threads())
+            batch = max(1, threads()) if getattr(runner, "thread_safe", False) else 1
             with self.progress.bar(len(cells), f"INT{bits} GPTQ Hessian variants") as bar:
                 for start in range(0, len(cells), batch):
                     made: list[tuple[str, str, float, int, dict[str, npt.NDArray[Any]]]] = []
@@ -509,13 +509,14 @@ class RunContext:
             raise RuntimeError("no runner for this model: output-level metrics are not available")
         if bits not in self.output_by_bits:
             runner = self.checkpoint.runner
-            # A runner whose compare may run on several threads measures every bit width
-            # already reloaded side by side (fixtures.parallel); the others' tests then
-            # read the figures. A failure belongs to its own bit width's test: one seen
-            # here for another bit width is dropped and met again in that test.
+            # A runner whose compare may run on several threads (and does not already use
+            # them itself) measures every bit width already reloaded side by side
+            # (fixtures.parallel); the others' tests then read the figures. A failure
+            # belongs to its own bit width's test: one seen here for another bit width is
+            # dropped and met again in that test.
             self.reloaded(bits)  # loaded here, alone: its load time is a gate
             todo = [bits]
-            if getattr(runner, "thread_safe", False):
+            if getattr(runner, "thread_safe", False) and not getattr(runner, "parallel_compare", False):
                 todo += [b for b in self.bits
                          if b != bits and b not in self.output_by_bits and b in self.reloaded_by_bits]
             self.progress(f"INT{', INT'.join(map(str, todo))}: running the model on the evaluation set")
