@@ -319,8 +319,11 @@ def _main(args: argparse.Namespace) -> int:
                                                               outputs=args.runner != "none"))
             _say(f"{'PASS' if code == 0 else 'FAIL'}: {report_path}")
             return code
+        from fixtures.parallel import threads
         from harness.api import run_config
         from harness.config import RunConfig
+
+        threads()  # a bad ARROWQUANT_THREADS is a usage error now, not a failed test later
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
                            fault=args.fault, profile=args.profile, compare=args.compare,

@@ -67,6 +67,9 @@ def test_cli_threads_flag_is_checked_and_leaves_the_environment_as_it_was(
         main(["run", "--model", "dream-mini", "--threads", "0"])
     assert exit_info.value.code == 2
     assert "--threads" in capsys.readouterr().err
+    monkeypatch.setenv(parallel.ENV, "lots")
+    assert main(["run", "--model", "dream-mini", "--quiet"]) == 2  # refused before any work
+    assert "ARROWQUANT_THREADS='lots'" in capsys.readouterr().err
     monkeypatch.setenv(parallel.ENV, "1")
     # an unknown model fails after the flag took effect; the variable is restored
     code = main(["run", "--model", "no-such-model-here", "--threads", "2", "--quiet"])
