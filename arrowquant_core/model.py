@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 import fnmatch
+import threading
 from typing import Any, Final
 
 import numpy as np
@@ -36,6 +37,11 @@ from arrowquant_core.methods import check_method, get_method, quantize_tensor
 from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize
 
 Progress = Callable[[int, int, str], None]
+Outcome = tuple[QuantizedTensor | None, str | None]
+TensorMapper = Callable[[Callable[[str], Outcome], list[str]], list[Outcome]]
+"""``mapper(fn, names)`` returns ``[fn(n) for n in names]`` in that order, and may run the
+calls side by side (the harness passes ``fixtures.parallel.map_ordered``): each tensor
+is quantized on its own, so the model does not depend on the mapper."""
 FloatArray = npt.NDArray[np.floating]
 AnyArray = npt.NDArray[Any]
 
@@ -185,13 +191,19 @@ def passthrough(weights: Mapping[str, AnyArray], ties: Mapping[str, str] | None 
     return floating, buffers, ties
 
 
+def _each(fn: Callable[[str], Outcome], names: list[str]) -> list[Outcome]:
+    return [fn(name) for name in names]
+
+
 def quantize_model(weights: Mapping[str, AnyArray], config: QuantizationConfig,
                    progress: Progress | None = None,
                    hessians: Mapping[str, npt.NDArray[np.float32]] | None = None,
-                   ties: Mapping[str, str] | None = None) -> QuantizedModel:
+                   ties: Mapping[str, str] | None = None,
+                   mapper: TensorMapper | None = None) -> QuantizedModel:
     """Quantize every tensor the config selects.
 
-    ``progress(done, total, name)`` is called after each tensor. ``hessians`` maps
+    ``progress(done, total, name)`` is called after each tensor (with a ``mapper``, from
+    the threads it uses, one call at a time). ``hessians`` maps
     tensor names to the input Hessian GPTQ needs (``2 X^T X / n`` of the calibration
     activations); tensors without one fall back to clip search (their ``method`` says so).
     Integer and boolean tensors pass through as buffers; ``ties`` (alias -> canonical)
@@ -209,22 +221,38 @@ def quantize_model(weights: Mapping[str, AnyArray], config: QuantizationConfig,
     floats: dict[str, FloatArray] = {}
     skipped: dict[str, str] = {}
     total = len(floating)
-    for done, (name, array) in enumerate(floating.items(), start=1):
+    done = [0]
+    lock = threading.Lock()
+
+    def one(name: str) -> Outcome:
+        """(quantized, None); (None, why) when it could not be (kept as float); (None, None)
+        when the config keeps it as float."""
+        array = floating[name]
+        outcome: Outcome = (None, None)
         if config.wants(name, array):
             try:
-                scheme = config.scheme_for(name)
-                tensors[name] = quantize_tensor(array, scheme, name, config.method_for(name),
-                                                hessians.get(name) if hessians is not None else None)
+                outcome = (quantize_tensor(array, config.scheme_for(name), name, config.method_for(name),
+                                           hessians.get(name) if hessians is not None else None), None)
             except QuantizationError as exc:
                 if config.fail_fast:
                     raise
-                skipped[name] = str(exc)
-                floats[name] = np.array(array, copy=True)
+                outcome = (None, str(exc))
         else:
             values, _dtype = as_float32(array, name)  # same validation for float tensors
             del values
-            floats[name] = np.array(array, copy=True)
         if progress is not None:
-            progress(done, total, name)
+            with lock:
+                done[0] += 1
+                progress(done[0], total, name)
+        return outcome
+
+    names = list(floating)
+    for name, (qt, why) in zip(names, (mapper or _each)(one, names)):
+        if qt is not None:
+            tensors[name] = qt
+            continue
+        if why is not None:
+            skipped[name] = why
+        floats[name] = np.array(floating[name], copy=True)
     return QuantizedModel(tensors=tensors, floats=floats, order=tuple(weights), skipped=skipped,
                           buffers=buffers, ties=tie_map)

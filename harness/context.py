@@ -241,8 +241,10 @@ class RunContext:
             model = realize_fn(self.checkpoint.weights, plan, hessians, ties=ties)
         else:
             with self.progress.bar(len(self.checkpoint.weights), f"INT{bits} quantizing") as bar:
+                # tensors side by side (fixtures.parallel): the same artifact, byte for byte
                 model = aq.quantize_model(self.checkpoint.weights, self.quantization_config(bits),
-                                          hessians=hessians, ties=ties, progress=lambda _d, _t, _n: bar.update(1))
+                                          hessians=hessians, ties=ties, progress=lambda _d, _t, _n: bar.update(1),
+                                          mapper=map_ordered)
         # the artifact says which weights it was made from, so a stale one is detectable
         model = dataclasses.replace(model, metadata={**model.metadata, SOURCE_KEY: self.source_digest})
         # activation parameters (per time group) are part of the artifact: the runner

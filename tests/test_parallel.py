@@ -216,3 +216,40 @@ def test_minilm_run_gives_the_same_figures_on_one_and_two_threads(tmp_path: Path
         assert results[n]["provenance"]["threads"]["measurement"] == int(n)
     assert _figures(results["1"]) == _figures(results["2"])
     assert len(results["1"]["bit_widths"][0]["layers"]) == 40
+
+
+# --- quantize_model: tensors side by side --------------------------------------------
+
+def test_quantize_model_on_two_threads_writes_the_same_file(tmp_path: Path) -> None:
+    """dream-mini with its calibration Hessians (GPTQ), one tensor at a time and two side
+    by side: the saved artifacts are equal byte for byte, and the progress callback saw
+    every tensor once each time."""
+    runner = dream_runner.DreamRunner(dream_runner.ensure_fixture())
+    hessians = runner.calibration_hessians()
+    config = aq.QuantizationConfig("int4-g128-asym", method="gptq")
+    seen: list[str] = []
+    files = []
+    for mapper in (None, lambda fn, names: parallel.map_ordered(fn, names, workers=2)):
+        model = aq.quantize_model(runner.original, config, hessians=hessians, mapper=mapper,
+                                  progress=lambda _d, _t, name: seen.append(name))
+        assert sum(t.method == "gptq" for t in model.tensors.values()) >= 10
+        files.append(aq.save(model, tmp_path / f"{'serial' if mapper is None else 'two'}.parquet").read_bytes())
+    assert files[0] == files[1]
+    assert len(seen) == 2 * len(set(seen)) == 2 * len(runner.original)
+
+
+def test_quantize_model_on_two_threads_skips_and_fails_as_serially(weights: dict) -> None:  # type: ignore[type-arg]
+    """A tensor that cannot be quantized is kept as float and named in ``skipped`` either
+    way; with fail_fast the first such tensor, in model order, raises."""
+    bad = dict(weights)
+    bad["layer.0.attn.q.weight"] = np.full((16, 100), np.nan, dtype=np.float32)
+    bad["layer.1.attn.q.weight"] = np.full((16, 100), np.inf, dtype=np.float32)
+    two = lambda fn, names: parallel.map_ordered(fn, names, workers=2)  # noqa: E731
+    models = [aq.quantize_model(bad, aq.QuantizationConfig("int4-g32-asym", fail_fast=False), mapper=m)
+              for m in (None, two)]
+    assert models[0].skipped == models[1].skipped and sorted(models[0].skipped) == [
+        "layer.0.attn.q.weight", "layer.1.attn.q.weight"]
+    assert sorted(models[0].tensors) == sorted(models[1].tensors)
+    for mapper in (None, two):
+        with pytest.raises(QuantizationError, match=r"layer\.0\.attn\.q\.weight"):
+            aq.quantize_model(bad, aq.QuantizationConfig("int4-g32-asym", fail_fast=True), mapper=mapper)
