@@ -38,10 +38,16 @@ from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize
 
 Progress = Callable[[int, int, str], None]
 Outcome = tuple[QuantizedTensor | None, str | None]
-TensorMapper = Callable[[Callable[[str], Outcome], list[str]], list[Outcome]]
+Mapper = Callable[[Callable[[str], Any], list[str]], list[Any]]
 """``mapper(fn, names)`` returns ``[fn(n) for n in names]`` in that order, and may run the
-calls side by side (the harness passes ``fixtures.parallel.map_ordered``): each tensor
-is quantized on its own, so the model does not depend on the mapper."""
+calls side by side (the harness passes ``fixtures.parallel.map_ordered``). The core calls
+it only where each call does its own tensor's work (quantize_model here; the plan's
+sensitivity pass, ladder climbs and promotion scores), so results do not depend on it."""
+
+
+def each(fn: Callable[[str], Any], names: list[str]) -> list[Any]:
+    """The mapper used when none is given: one call after another."""
+    return [fn(name) for name in names]
 FloatArray = npt.NDArray[np.floating]
 AnyArray = npt.NDArray[Any]
 
@@ -191,15 +197,11 @@ def passthrough(weights: Mapping[str, AnyArray], ties: Mapping[str, str] | None 
     return floating, buffers, ties
 
 
-def _each(fn: Callable[[str], Outcome], names: list[str]) -> list[Outcome]:
-    return [fn(name) for name in names]
-
-
 def quantize_model(weights: Mapping[str, AnyArray], config: QuantizationConfig,
                    progress: Progress | None = None,
                    hessians: Mapping[str, npt.NDArray[np.float32]] | None = None,
                    ties: Mapping[str, str] | None = None,
-                   mapper: TensorMapper | None = None) -> QuantizedModel:
+                   mapper: Mapper | None = None) -> QuantizedModel:
     """Quantize every tensor the config selects.
 
     ``progress(done, total, name)`` is called after each tensor (with a ``mapper``, from
@@ -247,7 +249,7 @@ def quantize_model(weights: Mapping[str, AnyArray], config: QuantizationConfig,
         return outcome
 
     names = list(floating)
-    for name, (qt, why) in zip(names, (mapper or _each)(one, names)):
+    for name, (qt, why) in zip(names, (mapper or each)(one, names)):
         if qt is not None:
             tensors[name] = qt
             continue

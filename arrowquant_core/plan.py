@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from arrowquant_core.errors import ConfigurationError, ValidationError
 from arrowquant_core.methods import check_method, quantize_tensor
-from arrowquant_core.model import QuantizedModel, passthrough
+from arrowquant_core.model import Mapper, QuantizedModel, each, passthrough
 from arrowquant_core.schemes import SUPER_BLOCK, get_scheme
 from arrowquant_core.tensor import QuantizedTensor, as_float32, dequantize, layout
 
@@ -41,11 +41,6 @@ FloatArray = npt.NDArray[np.floating]
 F32 = npt.NDArray[np.float32]
 Score = Callable[[dict[str, FloatArray]], float]
 Log = Callable[[str], None]
-Mapper = Callable[[Callable[[str], list[float]], list[str]], list[list[float]]]
-"""``mapper(fn, names)`` returns ``[fn(n) for n in names]``, in that order, and may run
-the calls side by side (the harness passes ``fixtures.parallel.map_ordered`` when its
-score function is thread-safe). Each call quantizes its own tensor and scores the model
-as it would alone, so the plan does not depend on the mapper."""
 FP16 = "fp16"
 
 
@@ -152,10 +147,6 @@ def sensitivity(weights: Mapping[str, FloatArray], names: list[str], rungs: tupl
     return _sensitivity(_Evaluator(weights, rungs, hessians, score), names, levels, progress, mapper)
 
 
-def _serial(fn: Callable[[str], list[float]], names: list[str]) -> list[list[float]]:
-    return [fn(name) for name in names]
-
-
 def _sensitivity(ev: _Evaluator, names: list[str], levels: tuple[int, ...],
                  progress: Log | None, mapper: Mapper | None = None) -> dict[str, list[float]]:
     index = {name: i for i, name in enumerate(names, start=1)}
@@ -169,7 +160,7 @@ def _sensitivity(ev: _Evaluator, names: list[str], levels: tuple[int, ...],
                 f"{ev.rungs[lv].label} {row[lv]:.5f}" for lv in levels))
         return row
 
-    rows = (mapper or _serial)(one, names)
+    rows = (mapper or each)(one, names)
     return dict(zip(names, rows))
 
 
@@ -209,11 +200,10 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
     damage = _sensitivity(ev, names, (0,), progress, mapper)
     choice: dict[str, int] = {}
     reasons: dict[str, str] = {}
-    climbs: dict[str, list[str]] = {}
 
-    def climb(name: str) -> list[float]:
-        """One layer's ladder (independent of the others': they may climb side by side);
-        its log lines are kept apart and joined in layer order below."""
+    def climb(name: str) -> tuple[int, str, list[str]]:
+        """One layer's ladder (independent of the others': they may climb side by side):
+        its rung, the reason, and its log lines, joined in layer order below."""
         rung = 0
         lines: list[str] = []
         reason = f"{rungs[0].label}: damage {damage[name][0]:.5f} <= {layer_threshold:g}"
@@ -228,13 +218,12 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
             reason = (f"ladder: {rungs[rung - 1].label} damage {damage[name][rung - 1]:.5f} > "
                       f"{layer_threshold:g}, {rungs[rung].label} {damage[name][rung]:.5f}")
             lines.append(f"promote {name} -> {rungs[rung].label} ({reason})")
-        climbs[name] = [reason, *lines]
-        return [float(rung)]
+        return rung, reason, lines
 
-    for name, row in zip(names, (mapper or _serial)(climb, names)):
-        choice[name] = int(row[0])
-        reasons[name] = climbs[name][0]
-        log.extend(climbs[name][1:])
+    for name, (rung, reason, lines) in zip(names, (mapper or each)(climb, names)):
+        choice[name] = rung
+        reasons[name] = reason
+        log.extend(lines)
     promotions = sum(choice.values())
     current = ev.score(choice)
     log.append(f"after the ladder: score {current:.5f} (target {target:g}), {promotions} promotion(s)")
@@ -250,16 +239,16 @@ def plan_quality(weights: Mapping[str, FloatArray], names: list[str], rungs: tup
         measure_damage = math.isnan(damage[best][rung_of_best])
         ev.quantized(best, rung_of_best)  # once, here: both scores below read it
 
-        def one_score(which: str) -> list[float]:
+        def one_score(which: str) -> float:
             # the promoted layer's own damage at its new rung and the whole plan's score
             # do not depend on each other: with a mapper they run side by side
             if which == "layer":
-                return [1.0 - ev.score({best: rung_of_best})]
-            return [ev.score(trial)]
-        scored = (mapper or _serial)(one_score, ["layer", "plan"] if measure_damage else ["plan"])
+                return 1.0 - ev.score({best: rung_of_best})
+            return ev.score(trial)
+        scored = (mapper or each)(one_score, ["layer", "plan"] if measure_damage else ["plan"])
         if measure_damage:
-            damage[best][rung_of_best] = scored[0][0]
-        current = scored[-1][0]
+            damage[best][rung_of_best] = scored[0]
+        current = scored[-1]
         reasons[best] = (f"to reach score {target:g}: most damage removed per byte "
                          f"({damage[best][choice[best] - 1]:.5f} -> {damage[best][choice[best]]:.5f})")
         log.append(f"promote {best} -> {rungs[choice[best]].label}: score {current:.5f}")
