@@ -13,6 +13,7 @@ from setuptools import find_namespace_packages, setup
 
 CORE = [
     "arrowquant_core/errors.py",
+    "arrowquant_core/bf16.py",
     "arrowquant_core/atomic.py",
     "arrowquant_core/limits.py",
     "arrowquant_core/schemes.py",

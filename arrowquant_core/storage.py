@@ -51,13 +51,13 @@ import os
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrowquant_core.atomic import write_atomic
+from arrowquant_core.bf16 import bfloat16
 from arrowquant_core.errors import ArrowQuantError, ConfigurationError, FormatError
 from arrowquant_core.limits import check_parquet_footprint, check_shape, cut, short
 from arrowquant_core.model import RAW_DTYPES, QuantizedModel
@@ -86,7 +86,7 @@ _MESSAGE_CAP: Final = 2000
 
 
 def _np_dtype(name: str) -> np.dtype[Any]:
-    dtype: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+    dtype: np.dtype[Any] = bfloat16() if name == "bfloat16" else np.dtype(name)
     return dtype
 
 

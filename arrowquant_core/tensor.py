@@ -15,10 +15,10 @@ import math
 
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
+from arrowquant_core.bf16 import bfloat16, is_bfloat16
 from arrowquant_core.errors import FormatError, QuantizationError
 from arrowquant_core.kernels import (
     block_range,
@@ -35,7 +35,6 @@ from arrowquant_core.schemes import Scheme, get_scheme
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # Largest finite value of each narrow output dtype (bfloat16: 8-bit mantissa, float32's exponent).
 _FINITE_MAX: dict[str, float] = {"float16": float(np.finfo(np.float16).max),
@@ -168,7 +167,7 @@ def check_finite(values: npt.NDArray[Any], name: str) -> None:
     Every floating dtype is checked, bfloat16 included (its numpy kind is ``"V"``, not
     ``"f"``, which is how bf16 NaN/Inf once slipped past a ``kind == "f"`` filter);
     integer and boolean arrays are finite by construction and pass."""
-    if values.dtype.kind not in "fc" and values.dtype != _BF16:
+    if values.dtype.kind not in "fc" and not is_bfloat16(values.dtype):
         return
     finite = np.isfinite(values)
     if not bool(np.all(finite)):
@@ -318,7 +317,7 @@ def dequantize(qt: object) -> npt.NDArray[np.floating]:
     values = dequantize_float32(qt)
     if qt.dtype == "float32" or qt.dtype == "float64":
         return values if qt.dtype == "float32" else values.astype(np.float64)
-    target = ml_dtypes.bfloat16 if qt.dtype == "bfloat16" else np.dtype(qt.dtype)
+    target = bfloat16() if qt.dtype == "bfloat16" else np.dtype(qt.dtype)
     # A block at float16's +-65504 dequantizes up to half a step past it (integer zero
     # point): saturate to the target's largest finite value, never cast to inf.
     limit = _FINITE_MAX[qt.dtype]

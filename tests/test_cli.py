@@ -56,6 +56,17 @@ def test_module_entry_point_runs() -> None:
     assert proc.returncode == 0 and "python -m harness" in proc.stdout
 
 
+def test_start_up_leaves_heavy_optional_imports_out() -> None:
+    # ml_dtypes 0.7.0 takes ~0.9 s to import (arrowquant_core/bf16.py): the CLI and the core
+    # import it only when a bfloat16 tensor is met. The fault this catches: a module-level
+    # `import ml_dtypes` coming back anywhere on the start-up path.
+    code = ("import sys, harness.cli, arrowquant_core, arrowquant_core.safetensors_io, fixtures.dream_mini.generator; "
+            "print(sorted(m for m in ('ml_dtypes', 'torch', 'matplotlib') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_report_of_missing_results_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "nope.json")]) == exitcodes.USAGE
     assert "does not exist" in capsys.readouterr().err
