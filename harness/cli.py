@@ -248,17 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     threads = getattr(args, "threads", None)
     if threads is None:
         return _main(args)
-    from fixtures.parallel import ENV
+    from harness.fixtures_import import fixtures_module
 
-    previous = os.environ.get(ENV)
-    os.environ[ENV] = str(threads)  # read by the runners (fixtures.parallel.threads)
+    env_name: str = fixtures_module("parallel").ENV
+
+    previous = os.environ.get(env_name)
+    os.environ[env_name] = str(threads)  # read by the runners (fixtures.parallel.threads)
     try:
         return _main(args)
     finally:
         if previous is None:
-            os.environ.pop(ENV, None)
+            os.environ.pop(env_name, None)
         else:
-            os.environ[ENV] = previous
+            os.environ[env_name] = previous
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -319,11 +321,11 @@ def _main(args: argparse.Namespace) -> int:
                                                               outputs=args.runner != "none"))
             _say(f"{'PASS' if code == 0 else 'FAIL'}: {report_path}")
             return code
-        from fixtures.parallel import threads
+        from harness.fixtures_import import fixtures_module
         from harness.api import run_config
         from harness.config import RunConfig
 
-        threads()  # a bad ARROWQUANT_THREADS is a usage error now, not a failed test later
+        fixtures_module("parallel").threads()  # a bad ARROWQUANT_THREADS is a usage error now, not a failed test later
 
         config = RunConfig(model=args.model, bits=args.bits, criteria=args.criteria, out=args.out,
                            fault=args.fault, profile=args.profile, compare=args.compare,

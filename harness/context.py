@@ -31,10 +31,10 @@ from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import Scheme
 from arrowquant_core.tensor import blocks_of
 from arrowquant_core.plan import FP16, MixedPlan, Rung, plan_budget, plan_quality, realize
-from fixtures.parallel import map_ordered, threads
 from harness.config import RunConfig
 from harness.criteria import BitPlan, Criteria
 from harness.faults import Fault
+from harness.fixtures_import import fixtures_module
 from harness.progress import Progress
 
 if TYPE_CHECKING:  # the fixtures package is installed as arrowquant_fixtures: see harness/fixtures_import.py
@@ -42,6 +42,11 @@ if TYPE_CHECKING:  # the fixtures package is installed as arrowquant_fixtures: s
     from harness.external import Deselected, ExternalArtifact
 
 FloatArray = npt.NDArray[np.floating]
+
+# the fixtures package's name differs when installed (harness/fixtures_import.py)
+_parallel = fixtures_module("parallel")
+map_ordered: Callable[..., list[Any]] = _parallel.map_ordered
+threads: Callable[[], int] = _parallel.threads
 
 
 @dataclass

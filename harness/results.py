@@ -123,10 +123,10 @@ def _versions() -> dict[str, str]:
 def provenance(inputs: Iterable[Path], seeds: dict[str, int], runner: dict[str, Any] | None) -> dict[str, Any]:
     import arrowquant_core
 
-    from fixtures.parallel import threads as measurement_threads
+    from harness.fixtures_import import fixtures_module
 
     threads: dict[str, Any] = {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-                               "measurement": measurement_threads()}
+                               "measurement": fixtures_module("parallel").threads()}
     try:
         import torch
 

@@ -19,6 +19,7 @@ checked separately.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import os
@@ -142,12 +143,40 @@ def test_the_wheel_installs_fixtures_under_a_project_name(tmp_path: Path) -> Non
     assert "[pytest11]\narrowquant = harness.pytest_plugin" in zipfile.ZipFile(wheel).read(entry_points).decode()
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
-    probe = ("import sys; from harness.fixtures_import import package_name, fixtures_module; "
+    # the modules a run imports, and the paths that read the thread count: --threads, a bad
+    # ARROWQUANT_THREADS (a usage error, exit 2, once fixtures.parallel is found), provenance
+    probe = ("import os, sys; from harness.fixtures_import import package_name, fixtures_module; "
+             "import harness.context, harness.results; from harness.cli import main; "
+             "assert harness.results.provenance([], {}, None)['threads']['measurement'] >= 1; "
+             "assert main(['run', '--model', './no/such/dir', '--threads', '1']) == 2; "
+             "os.environ['ARROWQUANT_THREADS'] = 'x'; assert main(['run', '--model', 'dream-mini']) == 2; "
              "m = fixtures_module('checkpoint'); print(package_name(), m.__file__, sorted(m.MODELS)[:2])")
     # only the extracted wheel (and the venv's third-party packages), not the repository
     site_env = {**os.environ, "PYTHONPATH": str(target), "PYTHONSAFEPATH": "1"}
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=site_env, capture_output=True,
                           text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0, proc.stderr
+    assert "No module named 'fixtures'" not in proc.stderr, proc.stderr
     name, path, _models = proc.stdout.split(" ", 2)
     assert name == "arrowquant_fixtures" and Path(path).is_relative_to(target), proc.stdout
+
+
+def test_harness_never_imports_the_checkout_name_of_fixtures() -> None:
+    """``import fixtures`` works only from the repository root; harness code reaches the
+    package through ``harness.fixtures_import`` (installed, it is ``arrowquant_fixtures``).
+    A ``from fixtures.parallel import ...`` in harness/ once broke every run started
+    outside the checkout: this finds any such import, outside ``if TYPE_CHECKING:``."""
+    offenders = []
+    for path in sorted((REPO / "harness").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and ast.unparse(block.test) == "TYPE_CHECKING" for node in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(n == "fixtures" or n.startswith("fixtures.") for n in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"harness imports `fixtures` directly (use harness.fixtures_import): {offenders}"
+
