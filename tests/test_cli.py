@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 
 from harness import exitcodes
 from harness.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_help_has_examples_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,6 +57,27 @@ def test_bad_criteria_file_is_a_usage_error(tmp_path: Path, capsys: pytest.Captu
 def test_module_entry_point_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "harness", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "python -m harness" in proc.stdout
+
+
+def test_module_entry_point_exit_codes_and_output_survive_the_quick_exit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # python -m harness ends with os._exit after the atexit handlers (harness/__main__.py):
+    # the exit code and every byte written to a pipe must still come through
+    assert main(["list"]) == exitcodes.OK
+    listing = capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "harness", "list"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == exitcodes.OK and proc.stdout == listing
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--model", "minilmm"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == exitcodes.USAGE and "did you mean 'minilm'" in proc.stderr
+    # a whole (weight-level) run: its last line goes to a block-buffered pipe, flushed only at exit
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--model", "dream-mini", "--bits", "8",
+                           "--runner", "none", "--criteria", "harness/criteria/weights.toml", "--quiet",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == exitcodes.OK, proc.stderr
+    assert proc.stdout == f"PASS: {out / 'QUANTIZATION_VALIDATION_REPORT.md'}\n"
+    assert json.loads((out / "results.json").read_text())["verdict"] == "PASS"
 
 
 def test_start_up_leaves_heavy_optional_imports_out() -> None:
