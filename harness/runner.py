@@ -153,6 +153,11 @@ def run(config: RunConfig) -> RunResult:
                 # importlib: suite modules never collide with same-named test modules of a
                 # pytest session that calls the harness in-process (the project's own tests)
                 "--import-mode=importlib",
+                # hermetic and quicker: only the plugins the suite uses, whatever else is
+                # installed (pytest-randomly, pytest-cov, ...: the suite's order and figures
+                # are not theirs to change); loading every entry point cost ~0.5 s a run
+                "--disable-plugin-autoload", "-p", "pytest_benchmark.plugin", "-p", "pytest_metadata.plugin",
+                "-p", "pytest_jsonreport.plugin",
                 "-W", "ignore::pytest.PytestAssertRewriteWarning", "-p", "no:randomly", "--basetemp", str(Path(tmp) / "basetemp"),
                 "--json-report-file=none", "--benchmark-disable-gc",
                 "--benchmark-json", str(bench_tmp), "--benchmark-quiet"]
