@@ -76,6 +76,9 @@ DAMP_RETRIES: Final[int] = 6
 TRI_INV_LEAF: Final[int] = 64
 """Below this size the recursive inverse Cholesky calls LAPACK directly."""
 SYMMETRY_RTOL: Final[float] = 1e-4
+PRODUCT_ROWS: Final[int] = 4096
+"""Rows per float32 ``X^T X`` product in ``HessianAccumulator``: bounds how many float32
+terms one Hessian entry sums before it is added in float64."""
 
 
 class GPTQDampingWarning(UserWarning):
@@ -85,8 +88,13 @@ class GPTQDampingWarning(UserWarning):
 class HessianAccumulator:
     """Accumulate ``H = 2 X^T X / n`` over batches of activations ``X (n_i, cols)``.
 
-    Sums run in float64 so that many small batches lose nothing; ``hessian()`` returns
-    float32. Batches may come from any number of calls (e.g. forward hooks).
+    Each batch's ``X^T X`` is one float32 product over at most ``PRODUCT_ROWS`` rows
+    (the precision the GPTQ reference accumulates its whole Hessian in), and the products
+    are summed in float64, so that many batches lose nothing -- the scheme dream-mini's
+    calibration uses. float32 products take half the time of float64 ones (MiniLM's
+    calibration capture 7.5 s -> 5.8 s; issue 11). float64 activations keep float64
+    products, and a product that overflows float32 is redone in float64. ``hessian()``
+    returns float32. Batches may come from any number of calls (e.g. forward hooks).
 
     >>> acc = HessianAccumulator(2)
     >>> acc.add(np.array([[1.0, 0.0]], np.float32)); acc.add(np.array([[0.0, 1.0]], np.float32))
@@ -111,9 +119,17 @@ class HessianAccumulator:
         if not bool(np.all(np.isfinite(x))):
             raise QuantizationError(f"tensor {self.name!r}: activations contain NaN or Inf; "
                                     "calibration activations must be finite")
-        x64 = np.asarray(x, dtype=np.float64)
-        self.sum += x64.T @ x64
-        self.count += int(x.shape[0])
+        wide = x.dtype == np.float64
+        rows = int(x.shape[0])
+        for r0 in range(0, rows, PRODUCT_ROWS):
+            part: Floats = np.ascontiguousarray(x[r0:r0 + PRODUCT_ROWS], dtype=np.float64 if wide else np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+                product: Floats = part.T @ part  # one symmetric rank-k update (NumPy calls BLAS syrk for a.T @ a)
+            if not wide and not bool(np.all(np.isfinite(product))):
+                part = part.astype(np.float64)  # |x| near 1e19: float32's range is too small
+                product = part.T @ part
+            self.sum += product
+        self.count += rows
 
     def hessian(self) -> F32:
         """``2 X^T X / n`` in float32; raises if no activation was added."""

@@ -19,6 +19,7 @@ import pytest
 from arrowquant_core import ConfigurationError, QuantizationError, dequantize, get_scheme, quantize
 from arrowquant_core.gptq import (
     GPTQDampingWarning,
+    PRODUCT_ROWS,
     HessianAccumulator,
     gptq_matrix,
     hessian_from_activations,
@@ -269,6 +270,25 @@ def test_hessian_accumulator_over_batches() -> None:
     assert acc.count == 300
     np.testing.assert_allclose(acc.hessian(), hessian_from_activations(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(acc.hessian(), 2 * x.T.astype(np.float64) @ x / 300, rtol=1e-5, atol=1e-5)
+
+
+def test_hessian_products_float32_in_row_blocks_float64_and_overflow_kept_exact() -> None:
+    rng = np.random.default_rng(2)
+    # more rows than one float32 product takes: split into blocks, each summed in float64
+    x = rng.standard_normal((2 * PRODUCT_ROWS + 5, 8)).astype(np.float32)
+    exact = 2 * x.T.astype(np.float64) @ x.astype(np.float64) / x.shape[0]
+    np.testing.assert_allclose(hessian_from_activations(x), exact, rtol=1e-5, atol=1e-6)
+    # float64 activations keep float64 products: equal to the float64 formula to its last bits
+    x64 = rng.standard_normal((300, 8))
+    acc = HessianAccumulator(8)
+    acc.add(x64)
+    np.testing.assert_array_equal(acc.sum, x64.T @ x64)
+    # a float32 product that overflows (4096 * 1e36 > 3.4e38) is redone in float64: the
+    # mean, 2e36, fits float32 and comes out finite and right
+    big = np.full((PRODUCT_ROWS, 4), 1e18, np.float32)
+    h = hessian_from_activations(big)
+    assert np.all(np.isfinite(h))
+    np.testing.assert_allclose(h, np.full((4, 4), 2 * float(big[0, 0]) ** 2), rtol=1e-6)
 
 
 def test_error_paths_name_tensor_value_and_rule() -> None:
