@@ -18,12 +18,15 @@ and the 4- and 8-step samplers with their teacher-forced frontier passes; four G
 Hessian rows; the original model's side once), each pass behind a gated or reported
 figure: at the ~90 GFLOP/s one BLAS thread reaches here that is ~13 s on two cores at
 best (the GEMMs are ~3/4 of a pass; rotary, softmax, norms and SiLU the rest), 6 s would
-take ~380 GFLOP/s. MiniLM spends its time in imports and loading (~6 s), the calibration
-capture (float64 XᵀX, now beside the forward pass: 8 s), the GPTQ-family quantization
-(~4 s, timed, so alone), the torch forward passes of every bit width (4.8 s, side by
-side) and the report (~3 s, matplotlib); the edge profile adds the ladder (sensitivity
-pass and climbs two layers at a time, ~25 s) and the plan's quantization (6.3 s, timed). So each benchmark asserts
-the target when met and otherwise a bound on the old figure (``MAX_RATIO``).
+take ~380 GFLOP/s. MiniLM (25.5 s at 7391f54) spends its time in imports and loading
+(~5.3 s, of which sentence-transformers, transformers, torch and scikit-learn imports
+~4 s), the calibration capture (float32 XᵀX products beside the forward pass: 6 s), the
+GPTQ-family quantization and weight checks (~5 s; the quantization is timed, so alone),
+the torch forward passes of every bit width (4.6 s, side by side), the load benchmarks
+and format round trips (~3 s) and the report (~1.6 s); the edge profile adds the ladder
+(sensitivity pass and climbs two layers at a time) and the plan's quantization (timed).
+So each benchmark asserts the target when met and otherwise a bound on the old figure
+(``MAX_RATIO``).
 """
 
 from __future__ import annotations
@@ -41,14 +44,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = REPO / "reports" / "baselines" / "run_times.json"
 # When the target is not met, a run must keep the gain it has: at most MAX_RATIO of the old
-# figure. Measured with this benchmark on the idle 2-core machine (load average 1.2-1.7),
-# one process per run, two measurement threads (fixtures.parallel), at b082e0b / ea95f40:
-# minilm 34.2 / 35.9 s (0.72x / 0.76x e526cc0's 47.5 s), dream-mini 36.3 / 35.5 s (0.66x /
-# 0.64x of 55.1 s), edge 57.5 / 54.0 s (0.75x / 0.70x of 77.2 s);
-# single runs move by several percent even on an idle machine, hence the room. On one
-# core (one measurement thread) these bounds fail: they are this machine's figures, as
-# the baseline is.
-MAX_RATIO = {"minilm": 0.85, "dream-mini": 0.8, "edge": 0.85}
+# figure. Measured with this benchmark on the idle 2-core machine (load average ~1.1),
+# one process per run, two measurement threads (fixtures.parallel), twice at 7391f54:
+# minilm 25.7 / 25.5 s (0.54x e526cc0's 47.5 s), dream-mini 30.5 / 29.7 s (0.55x / 0.54x
+# of 55.1 s), edge 47.1 / 46.9 s (0.61x of 77.2 s); at b082e0b / ea95f40, before the
+# start-up, exit, suite-plugin and float32-Hessian-product changes: 34.2 / 35.9 s, 36.3 /
+# 35.5 s and 57.5 / 54.0 s. Single runs move by several percent even on an idle machine,
+# hence the room. On one core (one measurement thread) these bounds fail: they are this
+# machine's figures, as the baseline is.
+MAX_RATIO = {"minilm": 0.7, "dream-mini": 0.7, "edge": 0.75}
 
 
 def _baseline() -> dict[str, Any]:
