@@ -293,22 +293,29 @@ def plan_budget(weights: Mapping[str, FloatArray], names: list[str], rungs: tupl
 
 
 def realize(weights: Mapping[str, FloatArray], plan: MixedPlan, hessians: Mapping[str, F32] | None = None,
-            metadata: dict[str, str] | None = None, ties: Mapping[str, str] | None = None) -> QuantizedModel:
+            metadata: dict[str, str] | None = None, ties: Mapping[str, str] | None = None,
+            mapper: Mapper | None = None) -> QuantizedModel:
     """Quantize every planned tensor at its rung; other tensors stay as they are.
 
     FP16-rung tensors are stored as float16 float rows; the plan is recorded in the
-    model metadata so a reader can check the artifact against it.
+    model metadata so a reader can check the artifact against it. ``mapper`` may quantize
+    the planned tensors side by side (see ``model.Mapper``); the model is the same.
     """
     planned = {d.name: d for d in plan.decisions}
     floating, buffers, tie_map = passthrough(weights, ties)
     tensors: dict[str, QuantizedTensor] = {}
     floats: dict[str, FloatArray] = {}
+    names = [name for name in floating if name in planned]
+
+    def apply(name: str) -> QuantizedTensor | FloatArray:
+        return plan.rungs[planned[name].rung].apply(floating[name], name, (hessians or {}).get(name))
+
+    done = dict(zip(names, (mapper or each)(apply, names)))
     for name, array in floating.items():
-        decision = planned.get(name)
-        if decision is None:
+        if name not in done:
             floats[name] = np.array(array, copy=True)
             continue
-        item = plan.rungs[decision.rung].apply(array, name, (hessians or {}).get(name))
+        item = done[name]
         if isinstance(item, QuantizedTensor):
             tensors[name] = item
         else:

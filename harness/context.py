@@ -243,7 +243,8 @@ class RunContext:
         ties = self.checkpoint.ties
         if plan is not None:
             realize_fn = self.fault.realize if self.fault is not None and self.fault.realize else realize
-            model = realize_fn(self.checkpoint.weights, plan, hessians, ties=ties)
+            # planned tensors side by side (fixtures.parallel): the same artifact, byte for byte
+            model = realize_fn(self.checkpoint.weights, plan, hessians, ties=ties, mapper=map_ordered)
         else:
             with self.progress.bar(len(self.checkpoint.weights), f"INT{bits} quantizing") as bar:
                 # tensors side by side (fixtures.parallel): the same artifact, byte for byte

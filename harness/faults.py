@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from arrowquant_core import storage
 from arrowquant_core.errors import ConfigurationError, unknown_name
 from arrowquant_core.kquant import groups_per_super
-from arrowquant_core.model import QuantizedModel
+from arrowquant_core.model import Mapper, QuantizedModel
 from arrowquant_core.plan import MixedPlan, realize
 from arrowquant_core.spatial import SmoothSite, SpatialResult
 from arrowquant_core.tensor import QuantizedTensor, block_codes
@@ -151,10 +151,10 @@ def no_calibration(hessians: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def realize_ignoring_promotions(weights: dict[str, np.ndarray], plan: MixedPlan,
                                 hessians: dict[str, np.ndarray] | None,
-                                ties: dict[str, str] | None = None) -> QuantizedModel:
+                                ties: dict[str, str] | None = None, mapper: Mapper | None = None) -> QuantizedModel:
     """Write every tensor at the ladder's first rung, whatever the plan promoted."""
     flat = dataclasses.replace(plan, decisions=tuple(dataclasses.replace(d, rung=0) for d in plan.decisions))
-    return realize(weights, flat, hessians, ties=ties)
+    return realize(weights, flat, hessians, ties=ties, mapper=mapper)
 
 
 def _vectors(model: QuantizedModel, *needles: str) -> list[str]:

@@ -240,6 +240,27 @@ def test_quantize_model_on_two_threads_writes_the_same_file(tmp_path: Path) -> N
     assert len(seen) == 2 * len(set(seen)) == 2 * len(runner.original)
 
 
+def test_realize_on_two_threads_writes_the_same_file(tmp_path: Path) -> None:
+    """A ladder plan over dream-mini's matrices, every rung used (INT2 GPTQ, INT4 GPTQ,
+    INT8, FP16): realized one tensor at a time and two side by side, the saved artifacts
+    are equal byte for byte."""
+    from arrowquant_core.plan import FP16, LayerDecision, MixedPlan, Rung, realize
+
+    runner = dream_runner.DreamRunner(dream_runner.ensure_fixture())
+    hessians = runner.calibration_hessians()
+    rungs = (Rung("int2-g64-asym", "gptq"), Rung("int4-g128-asym", "gptq"), Rung("int8-g128-asym"), Rung(FP16))
+    names = [n for n, a in runner.original.items() if a.ndim == 2]
+    decisions = tuple(LayerDecision(n, i % len(rungs), "test", (), int(runner.original[n].size))
+                      for i, n in enumerate(names))
+    plan = MixedPlan(rungs, decisions, 0, 1.0, ())
+    files = []
+    for mapper in (None, lambda fn, items: parallel.map_ordered(fn, items, workers=2)):
+        model = realize(runner.original, plan, hessians, mapper=mapper)
+        assert {t.method for t in model.tensors.values()} >= {"gptq", "rtn"} and len(model.floats) >= 2
+        files.append(aq.save(model, tmp_path / f"{'serial' if mapper is None else 'two'}.parquet").read_bytes())
+    assert files[0] == files[1]
+
+
 def test_quantize_model_on_two_threads_skips_and_fails_as_serially(weights: dict) -> None:  # type: ignore[type-arg]
     """A tensor that cannot be quantized is kept as float and named in ``skipped`` either
     way; with fail_fast the first such tensor, in model order, raises."""
