@@ -524,14 +524,16 @@ class RunContext:
             # dropped and met again in that test.
             self.reloaded(bits)  # loaded here, alone: its load time is a gate
             todo = [bits]
-            if getattr(runner, "thread_safe", False) and not getattr(runner, "parallel_compare", False):
+            side_by_side = getattr(runner, "thread_safe", False) and not getattr(runner, "parallel_compare", False)
+            if side_by_side:
                 todo += [b for b in self.bits
                          if b != bits and b not in self.output_by_bits and b in self.reloaded_by_bits]
             self.progress(f"INT{', INT'.join(map(str, todo))}: running the model on the evaluation set")
 
             # A thread-safe runner's prepare (e.g. the original model's outputs, which every
-            # comparison reads) is one more task beside the comparisons, not a wait before them.
-            prepare = getattr(runner, "prepare", None) if len(todo) > 1 else None
+            # comparison reads) is one more task beside the comparisons, not a wait before
+            # them -- with one bit width too (the edge profile's INT2, --bits 4).
+            prepare = getattr(runner, "prepare", None) if side_by_side else None
             tasks: list[int | None] = ([None] if prepare is not None else []) + list(todo)
 
             def measure(b: int | None) -> tuple[dict[str, Any] | None, Exception | None]:
