@@ -24,7 +24,9 @@ take ~380 GFLOP/s. MiniLM (25.5 s at 7391f54) spends its time in imports and loa
 GPTQ-family quantization and weight checks (~5 s; the quantization is timed, so alone),
 the torch forward passes of every bit width (4.6 s, side by side), the load benchmarks
 and format round trips (~3 s) and the report (~1.6 s); the edge profile adds the ladder
-(sensitivity pass and climbs two layers at a time) and the plan's quantization (timed).
+(sensitivity pass and climbs two layers at a time, each score starting at the first
+changed encoder layer: ~18.6 s, of which ~9 s CPU quantizing candidates in GIL-bound
+GPTQ loops) and the plan's quantization (two tensors at a time, timed: 4.3 s).
 So each benchmark asserts the target when met and otherwise a bound on the old figure
 (``MAX_RATIO``).
 """
@@ -47,12 +49,13 @@ BASELINE = REPO / "reports" / "baselines" / "run_times.json"
 # figure. Measured with this benchmark on the idle 2-core machine (load average ~1.1),
 # one process per run, two measurement threads (fixtures.parallel), twice at 7391f54:
 # minilm 25.7 / 25.5 s (0.54x e526cc0's 47.5 s), dream-mini 30.5 / 29.7 s (0.55x / 0.54x
-# of 55.1 s), edge 47.1 / 46.9 s (0.61x of 77.2 s); at b082e0b / ea95f40, before the
-# start-up, exit, suite-plugin and float32-Hessian-product changes: 34.2 / 35.9 s, 36.3 /
-# 35.5 s and 57.5 / 54.0 s. Single runs move by several percent even on an idle machine,
-# hence the room. On one core (one measurement thread) these bounds fail: they are this
-# machine's figures, as the baseline is.
-MAX_RATIO = {"minilm": 0.7, "dream-mini": 0.7, "edge": 0.75}
+# of 55.1 s), edge 47.1 / 46.9 s (0.61x of 77.2 s); at cac36b5 (the ladder's layer replay,
+# its plan quantized two tensors at a time): 25.6 s, 29.3 s and edge 41.4 s (0.54x); at
+# b082e0b / ea95f40, before the start-up, exit, suite-plugin and float32-Hessian-product
+# changes: 34.2 / 35.9 s, 36.3 / 35.5 s and 57.5 / 54.0 s. Single runs move by several
+# percent even on an idle machine, hence the room. On one core (one measurement thread)
+# these bounds fail: they are this machine's figures, as the baseline is.
+MAX_RATIO = {"minilm": 0.65, "dream-mini": 0.65, "edge": 0.65}
 
 
 def _baseline() -> dict[str, Any]:
