@@ -112,6 +112,37 @@ def test_a_replay_of_other_sentences_is_refused(runner: SentenceTransformersRunn
         replay.Replay(record, 0)
 
 
+def test_layers_that_return_tuples_turn_replay_off() -> None:
+    """An architecture whose layers return (hidden, attention) tuples: recording marks the
+    record unusable and a replay of it is refused, so the ladder scores run whole."""
+    import torch
+
+    class TupleLayer(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return hidden * 2, None
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.ModuleList([TupleLayer(), TupleLayer()])
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = Encoder()
+
+    net = Net()
+    assert replay.install(net) == 0  # not a checked architecture: never replayed
+    Net.__name__ = "BertModel"  # as if it were one, to reach the recording
+    assert replay.install(net) == 2
+    record = replay.Record(2)
+    with replay.running(record):
+        out, _ = net.encoder.layer[0](torch.ones(1, 3))
+    assert torch.equal(out, torch.full((1, 3), 2.0)) and not record.usable
+    with pytest.raises(ValueError, match="cannot be replayed"):
+        replay.Replay(record, 1)
+
+
 def test_first_changed_layer() -> None:
     assert replay.first_changed_layer(["encoder.layer.2.x.weight", "encoder.layer.10.y.weight"]) == 2
     assert replay.first_changed_layer(["encoder.layer.4.x", "embeddings.word_embeddings.weight"]) is None
