@@ -155,7 +155,7 @@ def run(config: RunConfig) -> RunResult:
                 "--import-mode=importlib",
                 # hermetic and quicker: only the plugins the suite uses, whatever else is
                 # installed (pytest-randomly, pytest-cov, ...: the suite's order and figures
-                # are not theirs to change); loading every entry point cost ~0.5 s a run
+                # are not theirs to change); loading every entry point cost ~1.2 s a run
                 "--disable-plugin-autoload", "-p", "pytest_benchmark.plugin", "-p", "pytest_metadata.plugin",
                 "-p", "pytest_jsonreport.plugin",
                 "-W", "ignore::pytest.PytestAssertRewriteWarning", "-p", "no:randomly", "--basetemp", str(Path(tmp) / "basetemp"),
