@@ -77,14 +77,20 @@ def test_module_entry_point_exit_codes_and_output_survive_the_quick_exit(
                            "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == exitcodes.OK, proc.stderr
     assert proc.stdout == f"PASS: {out / 'QUANTIZATION_VALIDATION_REPORT.md'}\n"
-    assert json.loads((out / "results.json").read_text())["verdict"] == "PASS"
+    results = json.loads((out / "results.json").read_text())
+    assert results["verdict"] == "PASS"
+    # a NumPy-only run never imports torch, provenance included (it cost 1.4 s a run)
+    assert results["provenance"]["threads"]["torch"] == "not loaded by this run"
 
 
 def test_start_up_leaves_heavy_optional_imports_out() -> None:
     # ml_dtypes 0.7.0 takes ~0.9 s to import (arrowquant_core/bf16.py): the CLI and the core
-    # import it only when a bfloat16 tensor is met. The fault this catches: a module-level
-    # `import ml_dtypes` coming back anywhere on the start-up path.
-    code = ("import sys, harness.cli, arrowquant_core, arrowquant_core.safetensors_io, fixtures.dream_mini.generator; "
+    # import it only when a bfloat16 tensor is met; torch (~1.3 s) is imported by the runners
+    # that use it, never by the harness's own provenance record. The fault this catches: a
+    # module-level `import ml_dtypes` (or an `import torch` to ask its thread count) coming
+    # back anywhere on the start-up path.
+    code = ("import sys, harness.cli, harness.results, arrowquant_core, arrowquant_core.safetensors_io, "
+            "fixtures.dream_mini.generator; harness.results.provenance([], {}, None); "
             "print(sorted(m for m in ('ml_dtypes', 'torch', 'matplotlib') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
