@@ -27,6 +27,13 @@ from arrowquant_core import (
     quantize,
 )
 from arrowquant_core.clip import DEFAULT_GRID, blocks_of, clip_search_blocks, quantize_clip
+from arrowquant_core.kernels import (
+    asymmetric_params,
+    dequantize_blocks,
+    quantize_with,
+    safe_reciprocal,
+    symmetric_params,
+)
 from arrowquant_core.hqq import hqq_blocks, quantize_hqq, shrink_lp
 from arrowquant_core.residual import (
     residual2_dequantize_blocks,
@@ -136,6 +143,48 @@ def test_clip_shrinks_an_outlier_group() -> None:
     _c, s, _z = clip_search_blocks(b, 2, False, DEFAULT_GRID)
     _c, s_rtn, _z = clip_search_blocks(b, 2, False, (1.0,))
     assert float(s[0]) < float(s_rtn[0])
+
+
+def _clip_search_keeping_codes(x: npt.NDArray[np.float32], bits: int, symmetric: bool,
+                               grid: tuple[float, ...]) -> tuple[npt.NDArray[np.uint8], ...]:
+    """The clip search as first written: per factor the kernels' own block functions on
+    the shrunk range, the codes made and kept for every improving factor."""
+    lo = np.minimum(np.min(x, axis=1), np.float32(0.0))
+    hi = np.maximum(np.max(x, axis=1), np.float32(0.0))
+    absmax = np.max(np.abs(x), axis=1)
+    norm = safe_reciprocal(absmax)[:, None]
+    best = [np.full(x.shape[0], np.inf), np.zeros(x.shape, np.uint8), np.zeros(x.shape[0], np.float32),
+            np.zeros(x.shape[0], np.uint8)]
+    for factor in grid:
+        f = np.float32(factor)
+        s, z = (symmetric_params(np.ascontiguousarray((absmax * f)[:, None]), bits) if symmetric
+                else asymmetric_params(np.ascontiguousarray(np.stack([lo * f, hi * f], axis=1)), bits))
+        c = quantize_with(x, s, z, bits)
+        t = dequantize_blocks(c, s, z) - x
+        scaled = t * norm
+        err = np.sum(np.square(scaled), axis=1)
+        better = err < best[0]
+        for kept, new in zip(best, (err, c, s, z)):
+            kept[better] = new[better]
+    return best[1], best[2], best[3]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_clip_search_equals_keeping_every_factors_codes(bits: int, symmetric: bool) -> None:
+    # clip_search_blocks computes only each factor's error and makes the codes once from
+    # the chosen parameters, falling back to keeping codes once a factor's scales are
+    # subnormal (float64 reciprocals): both paths must give what keeping codes gave.
+    rng = np.random.default_rng(bits)
+    parts = [rng.standard_normal((300, 32)).astype(np.float32) * np.float32(10.0) ** rng.integers(-3, 4, (300, 1)),
+             np.zeros((3, 32), np.float32),  # all-zero blocks: scale 0
+             rng.standard_normal((3, 32)).astype(np.float32) * np.float32(1e-38),  # subnormal scales
+             np.full((3, 32), 3e38, np.float32) * np.sign(rng.standard_normal((3, 32))).astype(np.float32)]
+    for x in (np.concatenate(parts[:2]), np.concatenate(parts)):  # float32 reciprocals throughout; mixed
+        got = clip_search_blocks(np.ascontiguousarray(x), bits, symmetric, DEFAULT_GRID)
+        want = _clip_search_keeping_codes(x, bits, symmetric, (1.0, *DEFAULT_GRID[1:]))
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w)
 
 
 def test_hqq_shrink_operator_matches_published_formula() -> None:
