@@ -27,6 +27,12 @@ and format round trips (~3 s) and the report (~1.6 s); the edge profile adds the
 (sensitivity pass and climbs two layers at a time, each score starting at the first
 changed encoder layer: ~18.6 s, of which ~9 s CPU quantizing candidates in GIL-bound
 GPTQ loops) and the plan's quantization (two tensors at a time, timed: 4.3 s).
+Since then (4a1be18, each against d99a52d in one ``farm-bench -n 3`` call, pairwise
+medians: minilm 0.96x, dream-mini 0.96x, edge 0.97x): the MSE clip search computes each
+factor's error without its codes (edge plan quantization 5.0 s -> 3.5 s, same codes);
+MiniLM encodes in batches of 16 instead of 64 (less padding); dream-mini's measurements
+run as finer tasks (evaluation chunks, sampler and frontier passes) and its provenance
+no longer imports torch (1.4 s).
 So each benchmark asserts the target when met and otherwise a bound on the old figure
 (``MAX_RATIO``).
 """
