@@ -121,8 +121,10 @@ class Progress:
 
     @contextmanager
     def bar(self, total: int, description: str) -> Iterator[Bar]:
-        """A bar over ``total`` steps; ``.update(n)`` after each. Plain lines off a terminal."""
-        if self.quiet:
+        """A bar over ``total`` steps; ``.update(n)`` after each. Plain lines off a terminal.
+        A bar over no steps prints nothing (a run without ``--compare`` has no methods to
+        compare, and ``0/0`` lines only hid the run's real progress)."""
+        if self.quiet or total <= 0:
             yield _NullBar()
             return
         if not self.interactive:

@@ -66,6 +66,22 @@ def test_plain_lines_are_throttled_and_quiet_prints_nothing() -> None:
     assert silent.getvalue() == ""
 
 
+def test_a_bar_over_nothing_prints_nothing() -> None:
+    stream = io.StringIO()
+    progress = Progress(quiet=False, stream=stream, every=0.0)
+    with progress.bar(total=0, description="INT8 comparing methods"):
+        pass
+    assert stream.getvalue() == ""
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as tty:
+        with Progress(quiet=False, stream=tty).bar(total=0, description="methods"):
+            pass
+        tty.flush()
+        readable = bool(select.select([master], [], [], 0.2)[0])
+    os.close(master)
+    assert not readable
+
+
 def test_a_terminal_gets_a_tqdm_bar_with_rate_and_eta() -> None:
     master, slave = os.openpty()
     with os.fdopen(slave, "w") as tty:
