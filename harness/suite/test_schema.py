@@ -5,6 +5,7 @@ import pytest
 
 import arrowquant_core as aq
 from harness.context import RunContext
+from harness.suite.checks import assert_bit_identical
 
 
 @pytest.mark.made_here(metrics=("roundtrip_exact",), why="the exact round trip is a property of ArrowQuant's Parquet "
@@ -25,7 +26,7 @@ def test_v1_path_reads_v2(ctx: RunContext, bits: int) -> None:
     direct = ctx.reloaded(bits).weights
     assert list(via_v1) == list(direct), "tensor order differs between the v1 and v2 paths"
     for name, array in direct.items():
-        np.testing.assert_array_equal(via_v1[name], array, err_msg=f"tensor {name}")
+        assert_bit_identical(via_v1[name], array, f"tensor {name}")
 
 
 @pytest.mark.made_here(metrics=(), why="checks ArrowQuant's own v1 float format, which plays no part in judging a "
@@ -38,8 +39,7 @@ def test_v1_float_round_trip(ctx: RunContext, tmp_path_factory) -> None:  # type
     assert aq.format_version(path) == 1
     back = aq.load_weights(path)
     for name, array in ctx.checkpoint.weights.items():
-        assert back[name].dtype == array.dtype, f"tensor {name}: dtype {back[name].dtype} != {array.dtype}"
-        np.testing.assert_array_equal(back[name], array, err_msg=f"tensor {name}")
+        assert_bit_identical(back[name], array, f"tensor {name}")
 
 
 @pytest.mark.made_here(metrics=("source_match",), why="a GGUF file records no digest of the weights it was made "
