@@ -18,8 +18,8 @@ def assert_bit_identical(got: np.ndarray, want: np.ndarray, what: str) -> None:
         a, b = a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}")
     if np.array_equal(a, b):
         return
-    differ = int(np.count_nonzero(a != b))
-    first = np.unravel_index(int(np.argmax(a != b)), a.shape) if a.ndim else ()
+    unequal = a != b
+    first = np.unravel_index(int(np.argmax(unequal)), a.shape) if a.ndim else ()
     np.testing.assert_array_equal(got, want, err_msg=f"{what}")  # a readable report where the values differ
-    raise AssertionError(f"{what}: {differ} value(s) have other bits with equal values (signed zeros "
+    raise AssertionError(f"{what}: {int(np.count_nonzero(unequal))} value(s) have other bits with equal values (signed zeros "
                          f"or NaN payloads), first at index {list(map(int, first))}")

@@ -1,6 +1,5 @@
 """Category 4 — schema compatibility: v1 read, v2 write, v2 read by the v1 path, exact round trip."""
 
-import numpy as np
 import pytest
 
 import arrowquant_core as aq

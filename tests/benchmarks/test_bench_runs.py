@@ -27,18 +27,9 @@ and format round trips (~3 s) and the report (~1.6 s); the edge profile adds the
 (sensitivity pass and climbs two layers at a time, each score starting at the first
 changed encoder layer: ~18.6 s, of which ~9 s CPU quantizing candidates in GIL-bound
 GPTQ loops) and the plan's quantization (two tensors at a time, timed: 4.3 s).
-Since then (4a1be18, each against d99a52d in one ``farm-bench -n 3`` call, pairwise
-medians: minilm 0.96x, dream-mini 0.96x, edge 0.97x): the MSE clip search computes each
-factor's error without its codes (edge plan quantization 5.0 s -> 3.5 s, same codes);
-MiniLM encodes in batches of 16 instead of 64 (less padding); dream-mini's measurements
-run as finer tasks (evaluation chunks, sampler and frontier passes) and its provenance
-no longer imports torch (1.4 s). At 4bb4ada against fe37ff9 (same kind of call):
-minilm 0.94x (26.0 s against 27.6 s), dream-mini 1.00x, edge 0.91x (34.0 s against
-38.5 s, below its 35 s target in that call): the ladder scores in batches of 8 (less
-padding; same plan and artifact) and the suite compares round trips bit for bit as
-integers instead of with ``np.testing.assert_array_equal`` (0.38 s -> 0.01 s a model).
 So each benchmark asserts the target when met and otherwise a bound on the old figure
-(``MAX_RATIO``).
+(``MAX_RATIO``). What later changes gained (same-call A/B ratios against the commit
+before them) and what was tried without gain: docs/performance.md.
 """
 
 from __future__ import annotations
