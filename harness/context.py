@@ -258,6 +258,8 @@ class RunContext:
         aux = self.time_aware_pass()
         if aux:
             model = dataclasses.replace(model, aux={**model.aux, **aux})
+        if self.fault is not None and self.fault.source is not None:
+            self.fault.source(model, self.checkpoint.weights)
         return self.fault.mutate(model) if self.fault is not None else model
 
     def time_aware_pass(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ faults act on the core's outputs, exactly where a buggy quantizer would differ.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -67,6 +67,14 @@ def nibbles_swapped(model: QuantizedModel) -> QuantizedModel:
         c = t.codes
         return dataclasses.replace(t, codes=((c >> 4) | (c << 4)).astype(np.uint8))
     return _map(model, swap)
+
+
+def source_clipped_in_place(model: QuantizedModel, weights: Mapping[str, np.ndarray]) -> None:
+    """The largest weight's outliers clipped in the caller's own array, as a quantizer
+    that "cleans" its input before the range search would (the artifact is unaffected)."""
+    w = weights[_largest(model)]
+    limit = np.float32(0.5) * np.float32(np.max(np.abs(w)))
+    np.clip(w, -limit, limit, out=w)
 
 
 def one_weight_unquantized(model: QuantizedModel) -> QuantizedModel:
@@ -415,6 +423,9 @@ class Fault:
     realize: Callable[..., QuantizedModel] | None = None
     # wraps the runner's time-aware pass (the function producing its activation tables)
     time_aware: Callable[[Callable[[], dict[str, np.ndarray]]], Callable[[], dict[str, np.ndarray]]] | None = None
+    # called with the quantized model and the caller's source tensors once a bit width is
+    # quantized: what a quantizer that writes into its input leaves behind
+    source: Callable[[QuantizedModel, Mapping[str, np.ndarray]], None] | None = None
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (
@@ -436,6 +447,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed),
     Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped),
     Fault("group-scales-off", "eight groups of the largest weight stored with 4x their scale", group_scales_off),
+    Fault("source-clipped-in-place", "the quantizer clips the largest weight's outliers in the caller's own array",
+          source=source_clipped_in_place),
     # dream-mini: the artifact's activation tables (time groups)
     Fault("time-groups-reversed", "the activation table's time groups applied in reverse order",
           time_groups_reversed),

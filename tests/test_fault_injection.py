@@ -62,12 +62,14 @@ CALIBRATED = {
 CALIBRATED_RUNS = [(fault, *run) for fault, runs in sorted(CALIBRATED.items()) for run in runs]
 
 
+# Faults caught by a suite test that records no metric: fault -> the failing test's name.
+SUITE_TEST = {"source-clipped-in-place": "test_quantization_keeps_source_untouched"}
 # Faults of the dit-mini spatial path, checked against dit-mini's gates by tests/test_dit_faults.py.
 ELSEWHERE = {"conv-reshaped-wrong-order"}
 
 
 def test_every_fault_has_an_expectation() -> None:
-    assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) | set(AUX) | ELSEWHERE == set(FAULTS)
+    assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) | set(AUX) | set(SUITE_TEST) | ELSEWHERE == set(FAULTS)
 
 
 def _check(result: RunResult, tmp_path: Path, fault: str, metrics: set[str], what: str) -> None:
@@ -153,6 +155,22 @@ def test_calibrated_path_fault_fails_the_gate(fault: str, model: str, profile: s
     result = run(RunConfig(model=model, profile=profile, bits=(bits,), out=tmp_path, fault=fault, quiet=True,
                            benchmark_rounds=1, compare=False))
     _check(result, tmp_path, fault, metrics, model)
+
+
+@pytest.mark.parametrize("fault", sorted(SUITE_TEST))
+def test_suite_test_fault_fails_the_run(fault: str, tmp_path: Path) -> None:
+    """A quantizer that writes into the caller's arrays: its artifact is right, but the
+    user's model is not. The suite test that re-hashes the source fails and names the
+    tensor (the weight gates, which then compare the artifact with the changed source,
+    fail too). INT8, the fastest full run."""
+    result = run(RunConfig(model="minilm", bits=(8,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1,
+                           compare=False))
+    assert result.verdict == "FAIL" and result.exit_code == 1
+    failures = {f["test"].split("::")[-1]: f["message"] for f in result.results["tests"]["failures"]}
+    message = failures.get(f"{SUITE_TEST[fault]}[int8]", "")
+    assert "modified the source tensors ['encoder.layer.0.intermediate.dense.weight']" in message, failures
+    report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
+    assert "**Verdict: FAIL**" in report and f"injected fault `{fault}`" in report
 
 
 def test_scales_doubled_caught_at_int2(tmp_path: Path) -> None:
