@@ -140,6 +140,20 @@ def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", use_dictionary=False)
 
 
+def save_one_code_changed(model: QuantizedModel, path: Path) -> None:
+    """Write the artifact with one code of the largest weight one step off: a writer bug
+    that keeps the file self-consistent (its digests are computed from what it writes),
+    too small for any quality gate to see; only the exact round trip can."""
+    victim = model.tensors[_largest(model)]
+    codes = victim.codes.copy()
+    # the first byte whose lowest bit can flip within any scheme's code range (a symmetric
+    # INT8 code of 0 or 255 would be out of range; packed INT4 / INT2 bytes always fit)
+    at = int(np.flatnonzero((codes >= 2) & (codes <= 253))[0])
+    codes[at] ^= np.uint8(1)
+    tensors = {**model.tensors, victim.name: dataclasses.replace(victim, codes=codes)}
+    storage.save(dataclasses.replace(model, tensors=tensors), path)
+
+
 def hessians_of_another_layer(hessians: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each Linear gets the Hessian of the next layer of the same width (a wiring bug)."""
     out = dict(hessians)
@@ -433,6 +447,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("zero-off-by-one", "every zero point one code too high", zero_off_by_one),
     Fault("nibbles-swapped", "the two halves of every packed byte swapped", nibbles_swapped),
     Fault("codes-as-float32", "codes written as float32 values, not packed bits", save=save_codes_as_float32),
+    Fault("one-code-changed-on-write", "one code of the largest weight written one step off, the file's digests "
+          "made to match", save=save_one_code_changed),
     Fault("one-weight-unquantized", "the largest non-embedding weight kept in floating point",
           one_weight_unquantized),
     Fault("rows-permuted", "rows of the largest non-embedding weight permuted", rows_permuted),
