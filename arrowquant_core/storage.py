@@ -60,7 +60,7 @@ from arrowquant_core.atomic import write_atomic
 from arrowquant_core.bf16 import bfloat16
 from arrowquant_core.errors import ArrowQuantError, ConfigurationError, FormatError
 from arrowquant_core.limits import check_parquet_footprint, check_shape, cut, short
-from arrowquant_core.model import RAW_DTYPES, QuantizedModel
+from arrowquant_core.model import RAW_DTYPES, Mapper, QuantizedModel
 from arrowquant_core.schemes import SCHEMES
 from arrowquant_core.kquant import decode_scales, encode_scales
 from arrowquant_core.tensor import FLOAT_DTYPES, QuantizedTensor, layout
@@ -556,13 +556,14 @@ def load(path: str | os.PathLike[str]) -> QuantizedModel:
     return model
 
 
-def load_weights(path: str | os.PathLike[str]) -> dict[str, FloatArray]:
-    """The v1 reading path: float tensors from a v1 file, or a v2 file dequantized."""
+def load_weights(path: str | os.PathLike[str], mapper: Mapper | None = None) -> dict[str, FloatArray]:
+    """The v1 reading path: float tensors from a v1 file, or a v2 file dequantized
+    (``mapper``: see ``QuantizedModel.dequantize``)."""
     source = Path(path)
     table, version, metadata = _read_table(source)
     if version == FORMAT_V2:
         model: QuantizedModel = _guard(source, lambda: _build_model(table, source, metadata))
-        return model.dequantize()
+        return model.dequantize(mapper)
     weights: dict[str, FloatArray] = _guard(source, lambda: _build_weights(table, source))
     return weights
 

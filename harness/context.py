@@ -466,7 +466,7 @@ class RunContext:
             t0 = time.perf_counter()
             model = aq.load(written.path)
             assert written.model is not None  # our own artifact: written in this run
-            weights = model.dequantize()
+            weights = model.dequantize(map_ordered)  # tensors side by side (fixtures.parallel)
             seconds = time.perf_counter() - t0
             source = self.checkpoint.weights
 

@@ -141,7 +141,8 @@ _ROWS: Final[tuple[Metric, ...]] = (
            "KL of GPTQ with the plain Hessian / KL of the shipped artifact (below 1: calibration helps)"),
     # end dream-mini time-aware
     Metric("quantize_seconds", "time", "s", False, "wall time of the quantization that produced the artifact (calibration capture and sensitivity pass excluded)"),
-    Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every tensor"),
+    Metric("load_seconds", "time", "s", False, "median wall time to load the artifact and dequantize every "
+           "tensor (on the run's measurement threads, --threads)"),
     # the streaming run (harness/streaming.py)
     Metric("readback_seconds", "time", "s", False,
            "streaming run: wall time to read the artifact back row group by row group and measure every tensor"),

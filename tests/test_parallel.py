@@ -276,3 +276,29 @@ def test_quantize_model_on_two_threads_skips_and_fails_as_serially(weights: dict
     for mapper in (None, two):
         with pytest.raises(QuantizationError, match=r"layer\.0\.attn\.q\.weight"):
             aq.quantize_model(bad, aq.QuantizationConfig("int4-g32-asym", fail_fast=True), mapper=mapper)
+
+
+def test_dequantize_on_two_threads_gives_the_same_arrays(tmp_path: Path) -> None:
+    """The real MiniLM at INT4 (the loaded artifact, every float, buffer and tie kept):
+    ``dequantize`` and ``load_weights`` with two threads give the arrays one thread
+    gives, in the same order, dtype for dtype and bit for bit, a tie still the very array
+    of its canonical tensor."""
+    from fixtures.minilm.model import original_weights
+
+    weights = dict(original_weights())
+    canonical = next(n for n, a in weights.items() if a.ndim == 2)
+    weights["tied.copy.weight"] = weights[canonical]
+    ties = {"tied.copy.weight": canonical}
+    model = aq.quantize_model(weights, aq.QuantizationConfig("int4-g64-asym"), ties=ties)
+    path = aq.save(model, tmp_path / "minilm-int4.parquet")
+    loaded = aq.load(path)
+    assert len(loaded.tensors) >= 30 and loaded.floats and loaded.ties
+    two = lambda fn, items: parallel.map_ordered(fn, items, workers=2)  # noqa: E731
+    serial, side_by_side, via_v1 = loaded.dequantize(), loaded.dequantize(two), aq.load_weights(path, mapper=two)
+    assert list(serial) == list(side_by_side) == list(via_v1) == list(loaded.order)
+    for name, array in serial.items():
+        for other in (side_by_side[name], via_v1[name]):
+            assert other.dtype == array.dtype and other.shape == array.shape, name
+            assert other.view(np.uint8).tobytes() == array.view(np.uint8).tobytes(), name
+    for alias, canonical in loaded.ties.items():
+        assert side_by_side[alias] is side_by_side[canonical]

@@ -4,7 +4,7 @@ and dequantize measured with pytest-benchmark (median of rounds)."""
 import pytest
 
 import arrowquant_core as aq
-from harness.context import RunContext
+from harness.context import RunContext, map_ordered
 
 
 @pytest.mark.made_here(metrics=("quantize_seconds",), why="no quantization ran in this run: another tool made the "
@@ -25,6 +25,6 @@ def test_load_time(ctx: RunContext, bits: int, benchmark) -> None:  # type: igno
             return load(path, ctx.checkpoint.weights)
     else:
         def read() -> object:
-            return aq.load(path).dequantize()
+            return aq.load(path).dequantize(map_ordered)  # tensors side by side, as reloaded() does
     benchmark.pedantic(read, rounds=ctx.config.benchmark_rounds, iterations=1)
     ctx.gate("test_load_time", bits, {"load_seconds": benchmark.stats.stats.median})

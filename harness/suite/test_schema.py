@@ -21,7 +21,7 @@ def test_v2_written_and_round_trip_exact(ctx: RunContext, bits: int) -> None:
 def test_v1_path_reads_v2(ctx: RunContext, bits: int) -> None:
     """The float (v1) reading path dequantizes a v2 file to the same values as load()."""
     written = ctx.written(bits)
-    via_v1 = aq.load_weights(written.path)
+    via_v1 = aq.load_weights(written.path)  # one tensor after another: the other order of work
     direct = ctx.reloaded(bits).weights
     assert list(via_v1) == list(direct), "tensor order differs between the v1 and v2 paths"
     for name, array in direct.items():
