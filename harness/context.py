@@ -347,9 +347,9 @@ class RunContext:
             folder = self.workdir / "hessians"
             cells = [(m, v) for m in plan.hessian_comparison for v in variants]
             # A batch of as many cells as measurement threads: quantized one after another
-            # (each is timed alone), then run on the evaluation set side by side
-            # (fixtures.parallel: the figures do not depend on the thread count). A batch
-            # holds at most that many reloaded weight sets.
+            # (each is timed alone, its tensors side by side as the plan's own are), then
+            # run on the evaluation set side by side (fixtures.parallel: the figures do not
+            # depend on the thread count). A batch holds at most that many reloaded weight sets.
             measure = getattr(runner, "compare_weights_only", None) or runner.compare
             batch = max(1, threads()) if getattr(runner, "thread_safe", False) else 1
             with self.progress.bar(len(cells), f"INT{bits} GPTQ Hessian variants") as bar:
@@ -359,11 +359,12 @@ class RunContext:
                         t0 = time.perf_counter()
                         model = aq.quantize_model(self.checkpoint.weights,
                                                   aq.QuantizationConfig(plan.scheme, method=method),
-                                                  hessians=variants[variant], ties=self.checkpoint.ties)
+                                                  hessians=variants[variant], ties=self.checkpoint.ties,
+                                                  mapper=map_ordered)
                         seconds = time.perf_counter() - t0
                         path = aq.save(model, folder / f"{self.checkpoint.name}-int{bits}-{method}-{variant}.parquet")
                         calibrated = sum(1 for t in model.tensors.values() if t.method == method)
-                        made.append((method, variant, seconds, calibrated, aq.load_weights(path)))
+                        made.append((method, variant, seconds, calibrated, aq.load_weights(path, mapper=map_ordered)))
                     raws = map_ordered(lambda cell: measure(cell[4]), made)
                     for (method, variant, seconds, calibrated, _weights), raw in zip(made, raws):
                         row: dict[str, Any] = {"method": method, "hessian": variant, "scheme": plan.scheme,
