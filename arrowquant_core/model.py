@@ -135,7 +135,9 @@ class QuantizedModel:
         very array of their canonical tensor.
 
         ``mapper`` (see ``Mapper``) may dequantize the tensors side by side; the arrays
-        are the same either way (MiniLM at INT4 g64: 39 ms on one thread, 25 ms on two).
+        are the same either way. MiniLM at INT4 g64 took 42 ms on one thread and 26 ms on
+        two where the output reused freed memory; with fresh pages for every output, load
+        plus dequantization took 59-64 ms either way (tests/benchmarks/test_bench_kernels.py).
         """
         out: dict[str, AnyArray] = {}
         quantized: list[str] = []
