@@ -59,13 +59,23 @@ def relative_error(reference: FloatArray, test: FloatArray) -> float:
 
 
 def row_cosines(reference: FloatArray, test: FloatArray) -> npt.NDArray[np.float64]:
-    """Cosine of each row pair of two 2-D arrays (e.g. sentence embeddings)."""
+    """Cosine of each row pair of two 2-D arrays (e.g. sentence embeddings), as ``cosine``
+    per row: 1.0 for two zero rows, 0.0 when only one row is zero, and NaN where either
+    row holds a NaN or an infinity, so that no gate passes it. (A row of NaN embeddings
+    used to read 1.0: its norm failed the ``> 0`` test and kept the default.)
+
+    >>> row_cosines(np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]),
+    ...             np.array([[2.0, 0.0], [0.0, 0.0], [np.nan, 1.0]])).tolist()
+    [1.0, 1.0, nan]
+    """
     if reference.shape != test.shape or reference.ndim != 2:
         raise ValueError(f"need two 2-D arrays of one shape, got {list(reference.shape)} and {list(test.shape)}")
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(test, dtype=np.float64)
-    num = np.sum(a * b, axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    out: npt.NDArray[np.float64] = np.ones(num.shape, dtype=np.float64)
-    np.divide(num, den, out=out, where=den > 0)
+    out: npt.NDArray[np.float64] = np.zeros(a.shape[0], dtype=np.float64)  # one zero row: 0.0
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are set to NaN below
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        np.divide(np.sum(a * b, axis=1), na * nb, out=out, where=(na > 0) & (nb > 0))
+    out[(na == 0) & (nb == 0)] = 1.0
+    out[~(np.isfinite(na) & np.isfinite(nb))] = np.nan
     return out
