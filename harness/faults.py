@@ -192,6 +192,24 @@ def float_tensor_dropped(model: QuantizedModel) -> QuantizedModel:
     return dataclasses.replace(model, floats=floats, order=tuple(n for n in model.order if n != victim))
 
 
+def extra_tensor_stored(model: QuantizedModel) -> QuantizedModel:
+    """A tensor the source does not have written into the artifact: a copy of the largest
+    1-D float tensor under ``<name>.ema`` (a writer that also saves an averaged copy)."""
+    victim = max((n for n, a in model.floats.items() if a.ndim == 1), key=lambda n: model.floats[n].size)
+    extra = f"{victim}.ema"
+    return dataclasses.replace(model, floats={**model.floats, extra: model.floats[victim].copy()},
+                               order=(*model.order, extra))
+
+
+def norm_gain_nan(model: QuantizedModel) -> QuantizedModel:
+    """One normalisation gain stored with a NaN as its first value (a float tensor the
+    quantizer passes through, corrupted on the way)."""
+    victim = _vectors(model, "norm")[0]
+    gain = model.floats[victim].copy()
+    gain.reshape(-1)[0] = np.nan
+    return dataclasses.replace(model, floats={**model.floats, victim: gain})
+
+
 def norm_gain_scaled(model: QuantizedModel) -> QuantizedModel:
     """One normalisation gain stored x1.5 (a LayerNorm/RMSNorm weight edited by mistake)."""
     victim = _vectors(model, "norm")[0]
@@ -460,6 +478,9 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("float-tensor-dropped", "the largest 1-D float tensor (norm gain or bias) left out of the artifact",
           float_tensor_dropped),
     Fault("norm-gain-scaled", "one normalisation gain stored x1.5", norm_gain_scaled),
+    Fault("norm-gain-nan", "one normalisation gain stored with a NaN", norm_gain_nan),
+    Fault("extra-tensor-stored", "a tensor the model does not have (a copy of a bias or gain) written into the "
+          "artifact", extra_tensor_stored),
     Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed),
     Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped),
     Fault("group-scales-off", "eight groups of the largest weight stored with 4x their scale", group_scales_off),

@@ -41,6 +41,8 @@ EXPECTED = {
 ACCOUNTING = {
     "float-tensor-dropped": {"missing_tensors"},
     "norm-gain-scaled": {"kept_tensors_changed"},
+    "norm-gain-nan": {"nonfinite_tensors"},
+    "extra-tensor-stored": {"unexpected_tensors"},
     "bias-zeroed": {"kept_tensors_changed"},
     "embedding-rows-swapped": {"embedding_row_cosine_min"},
     "group-scales-off": {"group_range_ratio_max"},
@@ -123,6 +125,11 @@ def test_accounting_fault_fails_the_gate(model: str, fault: str, tmp_path: Path)
     result = run(RunConfig(model=model, bits=(8,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1,
                            compare=False))
     _check(result, tmp_path, fault, ACCOUNTING[fault], model)
+    if fault == "norm-gain-nan":
+        # the NaN reaches the embeddings: the output gates read NaN, which never passes
+        # (they read 1.0 before row_cosines told NaN rows apart)
+        failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
+        assert {"output_cosine_mean", "output_cosine_min"} <= failed, failed
     if fault == "float-tensor-dropped":
         # the runner rebuilds the model from the artifact alone: it cannot run without the tensor
         failures = " ".join(f["message"] for f in result.results["tests"]["failures"])
