@@ -77,12 +77,17 @@ def test_every_fault_has_an_expectation() -> None:
     assert set(EXPECTED) | set(CALIBRATED) | set(ACCOUNTING) | set(AUX) | set(SUITE_TEST) | ELSEWHERE == set(FAULTS)
 
 
-def _check(result: RunResult, tmp_path: Path, fault: str, metrics: set[str], what: str) -> None:
-    failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
+def _failed_run(result: RunResult, tmp_path: Path, fault: str) -> None:
+    """The run failed, and its report says so and names the injected fault."""
     assert result.verdict == "FAIL" and result.exit_code == 1
-    assert failed & metrics, f"{what} {fault}: expected a failure among {metrics}, failed gates: {failed}"
     report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
     assert "**Verdict: FAIL**" in report and f"injected fault `{fault}`" in report
+
+
+def _check(result: RunResult, tmp_path: Path, fault: str, metrics: set[str], what: str) -> None:
+    failed = {c["metric"] for c in result.results["criteria"] if not c["passed"]}
+    _failed_run(result, tmp_path, fault)
+    assert failed & metrics, f"{what} {fault}: expected a failure among {metrics}, failed gates: {failed}"
 
 
 HESSIAN_GATE = '    { rule = "hessian_plain_vs_shipped_kl_ratio <= 0.8",'
@@ -175,12 +180,10 @@ def test_suite_test_fault_fails_the_run(fault: str, tmp_path: Path) -> None:
     fail too). INT8, the fastest full run."""
     result = run(RunConfig(model="minilm", bits=(8,), out=tmp_path, fault=fault, quiet=True, benchmark_rounds=1,
                            compare=False))
-    assert result.verdict == "FAIL" and result.exit_code == 1
+    _failed_run(result, tmp_path, fault)
     failures = {f["test"].split("::")[-1]: f["message"] for f in result.results["tests"]["failures"]}
     message = failures.get(f"{SUITE_TEST[fault]}[int8]", "")
     assert "modified the source tensors ['encoder.layer.0.intermediate.dense.weight']" in message, failures
-    report = (tmp_path / "QUANTIZATION_VALIDATION_REPORT.md").read_text()
-    assert "**Verdict: FAIL**" in report and f"injected fault `{fault}`" in report
 
 
 def test_scales_doubled_caught_at_int2(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ hook before every round, so copy and kernel alternate and see the same machine s
 
 Each kernel's median ratio, the issue's target and whether it was met go to
 ``benchmark.extra_info``. The assertion is a BOUND this code holds under load (load
-average 2-10 on 2 cores while these were measured), with the reason a target is not met. Figures: three runs each, compiled core, before = main at e526cc0,
-after = this code (copy of the 42.5 MB took 5.4-18 ms across runs, hence the spread):
+average 2-10 on 2 cores while these were measured), with the reason a target is not met.
+Figures: three runs each, compiled core, before = main at e526cc0, after = this code
+(copy of the 42.5 MB took 5.4-18 ms across runs, hence the spread):
 
     kernel                               before (main)    after (this code)  target  asserted
     INT4 g64 RTN + pack                  8.2 / 6.3 / 6.3  5.8 / 4.1 / 8.1    4x      bound 10x

@@ -127,14 +127,14 @@ def test_bench_time_rules_of_the_shipped_methods(benchmark: BenchmarkFixture,
     int8_s = float(benchmark.pedantic(seconds, args=(weights, hessians, config8), rounds=1, iterations=1))
     rtn_s = best_of(lambda: quantize_model(weights, QuantizationConfig(RTN_SCHEME)), 5)
     # best of 4, like RTN's best of 5: the first call pays a warm-up (0.52 s, then 0.31-0.36 s)
-    int8_s = min(int8_s, *(seconds(weights, hessians, config8) for _ in range(3)))
+    int8_s = min(int8_s, best_of(lambda: quantize_model(weights, config8, hessians=hessians), 3))
     # best of 2 on both sides of the <= 1x rule (measured 0.55-0.8x): one pause of the
     # machine inside a single 2-3 s run would otherwise decide the ratio
     reference = QuantizationConfig(BUDGET_REFERENCE[0], method=BUDGET_REFERENCE[1])
-    reference_s = min(seconds(weights, hessians, reference) for _ in range(2))
+    reference_s = best_of(lambda: quantize_model(weights, reference, hessians=hessians), 2)
     low = {f"int{bits}" + (f"-{profile}" if profile else ""): (shipped(bits, profile),
-                                                               min(seconds(weights, hessians, shipped(bits, profile))
-                                                                   for _ in range(2)))
+                                                               best_of(lambda: quantize_model(
+                                                                   weights, shipped(bits, profile), hessians=hessians), 2))
            for profile, bits in SHIPPED_PROFILES}
     benchmark.extra_info.update({
         "rtn": RTN_SCHEME, "rtn_s": round(rtn_s, 3),
