@@ -72,10 +72,25 @@ def row_cosines(reference: FloatArray, test: FloatArray) -> npt.NDArray[np.float
         raise ValueError(f"need two 2-D arrays of one shape, got {list(reference.shape)} and {list(test.shape)}")
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(test, dtype=np.float64)
-    out: npt.NDArray[np.float64] = np.zeros(a.shape[0], dtype=np.float64)  # one zero row: 0.0
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are set to NaN below
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        np.divide(np.sum(a * b, axis=1), na * nb, out=out, where=(na > 0) & (nb > 0))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are NaN (cosines_from_sums)
+        return cosines_from_sums(np.sum(a * b, axis=1), np.sum(a * a, axis=1), np.sum(b * b, axis=1))
+
+
+def cosines_from_sums(dot: npt.NDArray[np.float64], ref_sq: npt.NDArray[np.float64],
+                      test_sq: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Per-row cosines from per-row float64 sums ``dot = sum(a * b)``, ``ref_sq = sum(a * a)``
+    and ``test_sq = sum(b * b)``: the one rule of ``row_cosines``, the harness's worst-row
+    cosine of a weight and the streaming reader's row blocks. 1.0 for two zero rows, 0.0
+    when only one row is zero, NaN where a sum is not finite (a NaN or an infinity in
+    either row), so that no gate passes it.
+
+    >>> cosines_from_sums(np.array([2.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.0]), np.array([4.0, 0.0, 1.0])).tolist()
+    [1.0, 1.0, 0.0]
+    """
+    out: npt.NDArray[np.float64] = np.zeros(dot.shape[0], dtype=np.float64)  # one zero row: 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        na, nb = np.sqrt(ref_sq), np.sqrt(test_sq)
+        np.divide(dot, na * nb, out=out, where=(na > 0) & (nb > 0))
     out[(na == 0) & (nb == 0)] = 1.0
-    out[~(np.isfinite(na) & np.isfinite(nb))] = np.nan
+    out[~(np.isfinite(na) & np.isfinite(nb) & np.isfinite(dot))] = np.nan
     return out

@@ -40,7 +40,7 @@ checkpoint costs one extra quantization per alias, never a second pass over the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import hashlib
 import json
 import math
@@ -58,6 +58,7 @@ from arrowquant_core.atomic import write_atomic
 from arrowquant_core.errors import ConfigurationError, FormatError, QuantizationError
 from arrowquant_core.kernels import block_range
 from arrowquant_core.limits import check_parquet_footprint, short
+from arrowquant_core.metrics import cosines_from_sums
 from arrowquant_core.methods import quantize_tensor
 from arrowquant_core.model import RAW_DTYPES, QuantizationConfig
 from arrowquant_core.safetensors_io import INDEX_NAME, SafetensorsHeader, TensorInfo, read_header, read_index
@@ -644,13 +645,10 @@ def measure_tensor(qt: QuantizedTensor, read_rows: Callable[[int, int], Array],
         gg += float(gs.sum())
         sg += float(rg.sum())
         dd += float(ds.sum())
-        with np.errstate(invalid="ignore", divide="ignore"):
-            norms = np.sqrt(rs) * np.sqrt(gs)
-            cos = np.where(norms > 0, rg / np.where(norms > 0, norms, 1.0), 0.0)
-        # a zero source row is 1 when it stays exactly zero, else 0 (context.row_cosine_min)
-        cos = np.where(rs == 0, np.where(gs == 0, 1.0, 0.0), cos)
+        cos = cosines_from_sums(rg, rs, gs)  # the rule of metrics.row_cosines; a non-finite row is NaN
         if cos.size:
-            row_min = min(row_min, float(cos.min()))
+            low = float(cos.min())
+            row_min = low if math.isnan(low) or low < row_min else row_min  # NaN stays NaN
         if qt.scheme.granularity != "tensor" or r1 - r0 == rows:
             rlo, rhi = block_range(np.ascontiguousarray(ref32), block, n_groups)
             glo, ghi = block_range(np.ascontiguousarray(got32), block, n_groups)
@@ -687,6 +685,9 @@ class Readback:
     digests: dict[str, str]  # each source tensor's digest, re-read during this pass
     metadata: dict[str, str]  # the artifact's model metadata
     seconds: float
+    # float rows kept unquantized that hold a NaN or an infinity (quantized tensors count
+    # theirs in TensorMeasure.nonfinite); the in-memory accounting checks both alike
+    nonfinite_kept: list[str] = field(default_factory=list)
 
 
 def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_values: int = BLOCK_VALUES,
@@ -702,6 +703,7 @@ def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_v
     digests: dict[str, str] = {}
     ties: dict[str, str] = {}
     unexpected: list[str] = []
+    nonfinite: list[str] = []
     total = len(source.names)
     for name, kind, checksum, value in iter_artifact(artifact):
         checksums[name] = checksum
@@ -726,6 +728,8 @@ def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_v
             same = (value.dtype == want.dtype and value.shape == want.shape
                     and np.ascontiguousarray(value).tobytes() == np.ascontiguousarray(want).tobytes())
             (exact if same else changed).append(name)
+            if kind == "float" and not bool(np.all(np.isfinite(np.asarray(value, dtype=np.float32)))):
+                nonfinite.append(name)
             if value.dtype.name != want_dtype:
                 dtypes.append(name)
         digests[name] = reader.digest()
@@ -734,7 +738,7 @@ def measure(source: SafetensorsSource, artifact: str | os.PathLike[str], block_v
             progress(len(checksums), total, name)
     missing = sorted(set(source.names) - set(checksums))
     return Readback(measures, exact, changed, missing, unexpected, dtypes, ties, checksums, digests,
-                    artifact_metadata(artifact), time.perf_counter() - t0)
+                    artifact_metadata(artifact), time.perf_counter() - t0, nonfinite)
 
 
 def artifact_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -27,6 +27,7 @@ import numpy.typing as npt
 import arrowquant_core as aq
 from arrowquant_core.errors import ConfigurationError, QuantizationError
 from arrowquant_core.methods import get_method
+from arrowquant_core.metrics import cosines_from_sums
 from arrowquant_core.model import RAW_DTYPES, QuantizedModel
 from arrowquant_core.schemes import Scheme
 from arrowquant_core.tensor import blocks_of
@@ -745,17 +746,15 @@ def is_embedding_table(name: str) -> bool:
 
 
 def row_cosine_min(reference: npt.NDArray[np.float32], test: npt.NDArray[np.float32]) -> float:
-    """The worst row's cosine (rows = first axis); rows that are zero in the source count
-    as 1 when they stay exactly zero and 0 otherwise. A per-tensor cosine hides 64
+    """The worst row's cosine (rows = first axis; ``arrowquant_core.metrics.cosines_from_sums``):
+    rows that are zero in the source count as 1 when they stay exactly zero and 0 otherwise,
+    a row with a NaN or an infinity makes it NaN. A per-tensor cosine hides 64
     swapped rows of a 30,522-row embedding table; this does not."""
     ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
     got = test.reshape(test.shape[0], -1).astype(np.float64)
-    dot = np.einsum("ij,ij->i", ref, got)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    zero_ref = np.linalg.norm(ref, axis=1) == 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-    cos = np.where(zero_ref, np.where(np.all(got == 0, axis=1), 1.0, 0.0), cos)
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite row is NaN: the minimum is NaN
+        cos = cosines_from_sums(np.einsum("ij,ij->i", ref, got), np.sum(ref * ref, axis=1),
+                                np.sum(got * got, axis=1))
     return float(cos.min()) if cos.size else 1.0
 
 

@@ -213,7 +213,7 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
         "unexpected_tensors": float(len(back.unexpected)),
         "kept_tensors_changed": float(len(back.changed)),
         "dtype_mismatches": float(len(back.dtype_mismatches)),
-        "nonfinite_tensors": float(sum(1 for m in measures if m.nonfinite)),
+        "nonfinite_tensors": float(sum(1 for m in measures if m.nonfinite) + len(back.nonfinite_kept)),
         "tie_mismatches": float(len(tie_mismatches(found, back.ties))),
         "weight_cosine_mean": float(np.mean([m.cosine for m in quantized])) if quantized else math.nan,
         "weight_cosine_min": min((m.cosine for m in quantized), default=math.nan),

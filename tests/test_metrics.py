@@ -48,3 +48,34 @@ def test_a_nan_row_makes_the_mean_nan() -> None:
     b[1, 2] = np.nan
     cos = row_cosines(a, b)
     assert math.isnan(float(cos.mean())) and math.isnan(float(np.min(cos)))
+
+
+
+def test_the_weight_row_cosines_follow_the_same_rule() -> None:
+    """The suite's worst row of a weight and the streaming reader's row blocks use the
+    rule of row_cosines (cosines_from_sums): a zero row kept zero is 1, a row that
+    became zero 0, and a row with a NaN (here: one group's scale corrupted) NaN, where
+    both used to read 0.0 (the streaming reader's running minimum, folded with Python's
+    min(), would have dropped a NaN entirely)."""
+    import dataclasses
+
+    from arrowquant_core import stream
+    from arrowquant_core.schemes import get_scheme
+    from arrowquant_core.methods import quantize_tensor
+    from arrowquant_core.tensor import dequantize
+    from harness.context import row_cosine_min
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 128)).astype(np.float32)
+    w[2] = 0.0
+    qt = quantize_tensor(w, get_scheme("int8-g64-asym"), "w")
+    clean = dequantize(qt)
+    assert row_cosine_min(w, clean) > 0.999 and row_cosine_min(w, np.zeros_like(w)) == 0.0
+    m = stream.measure_tensor(qt, lambda r0, r1: w[r0:r1], block_values=256)
+    assert m.row_cosine_min == pytest.approx(row_cosine_min(w, clean), abs=1e-12)
+    scales = qt.scales.copy()
+    scales[9] = np.nan  # row 4, second group
+    broken = dataclasses.replace(qt, scales=scales)
+    assert math.isnan(row_cosine_min(w, dequantize(broken)))
+    for block_values in (128, 256, 10_000):  # the NaN row in the first, a middle or the only block
+        assert math.isnan(stream.measure_tensor(broken, lambda r0, r1: w[r0:r1], block_values).row_cosine_min)
