@@ -168,7 +168,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _list() -> int:
     from arrowquant_core.schemes import SCHEMES
     from harness.criteria import available
-    from harness.faults import FAULTS
+    from harness.faults import FAULTS, streams
     from harness.fixtures_import import fixtures_module
     from harness.measures import METRICS
 
@@ -202,9 +202,9 @@ def _list() -> int:
     for peer in PEERS.values():
         print(f"  {peer.name:19s} {peer.nominal_bits_per_weight:5.2f} bpw  {peer.ggml_type.name:7s} "
               f"{peer.quantizer:7s} {peer.description}")
-    print("faults (for --inject-fault):")
+    print("faults (for --inject-fault; [s]: also in a streaming run):")
     for fault in FAULTS.values():
-        print(f"  {fault.name:24s} {fault.description}")
+        print(f"  {fault.name:26s} {'[s] ' if streams(fault.name) else '    '}{fault.description}")
     from harness.external import GGUF_FAULTS
 
     print("faults of a GGUF file (for --inject-fault with --artifact):")
@@ -312,13 +312,21 @@ def _main(args: argparse.Namespace) -> int:
         from harness.streaming import StreamingConfig, run_streaming, should_stream
 
         if should_stream(args.model, args.stream):
-            if (args.fault or args.compare or args.baseline or args.profile or args.artifact or args.fail_fast
+            if (args.compare or args.baseline or args.profile or args.artifact or args.fail_fast
                     or args.runner not in (None, "none")):
                 raise ConfigurationError("the streaming run (--stream, or a safetensors file over 1 GiB) takes "
-                                         "--bits, --criteria, --out and --quiet only; pass --no-stream for the rest")
+                                         "--bits, --criteria, --inject-fault, --out and --quiet only; pass --no-stream "
+                                         "for the rest")
+            if args.fault is not None:
+                from harness.faults import get_fault, streams
+
+                get_fault(args.fault)  # an unknown name: "did you mean"
+                if not streams(args.fault):
+                    raise ConfigurationError(f"--inject-fault {args.fault} has no streaming form; pass --no-stream "
+                                             "(`python -m harness list` marks the faults of the streaming run)")
             code, report_path = run_streaming(StreamingConfig(model=args.model, bits=args.bits, out=args.out,
                                                               criteria=args.criteria, quiet=args.quiet,
-                                                              outputs=args.runner != "none"))
+                                                              outputs=args.runner != "none", fault=args.fault))
             _say(f"{'PASS' if code == 0 else 'FAIL'}: {report_path}")
             return code
         from harness.fixtures_import import fixtures_module

@@ -9,11 +9,12 @@ faults act on the core's outputs, exactly where a buggy quantizer would differ.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from arrowquant_core import storage
 from arrowquant_core.errors import ConfigurationError, unknown_name
 from arrowquant_core.kquant import groups_per_super
-from arrowquant_core.model import Mapper, QuantizedModel
+from arrowquant_core.model import RAW_DTYPES, Mapper, QuantizedModel
 from arrowquant_core.plan import MixedPlan, realize
 from arrowquant_core.spatial import SmoothSite, SpatialResult
 from arrowquant_core.tensor import QuantizedTensor, block_codes
@@ -31,8 +32,13 @@ from arrowquant_core.tensor import QuantizedTensor, block_codes
 def _largest(model: QuantizedModel) -> str:
     """The victim of single-tensor faults: the largest quantized 2-D tensor but one that is
     not an embedding table, so the fault hits a layer every input passes through."""
-    candidates = [n for n in model.tensors if "embed" not in n] or list(model.tensors)
-    return max(candidates, key=lambda n: model.tensors[n].numel)
+    return _largest_of(model.tensors)
+
+
+def _largest_of(tensors: Mapping[str, Any]) -> str:
+    """``_largest``'s rule on any name -> tensor mapping (a streamed artifact's rows too)."""
+    candidates = [n for n in tensors if "embed" not in n] or list(tensors)
+    return max(candidates, key=lambda n: math.prod(tensors[n].shape))
 
 
 def _map(model: QuantizedModel, fn: Callable[[QuantizedTensor], QuantizedTensor],
@@ -85,6 +91,15 @@ def one_weight_unquantized(model: QuantizedModel) -> QuantizedModel:
     floats = dict(model.floats)
     floats[victim] = dequantize(model.tensors[victim])
     return dataclasses.replace(model, tensors=tensors, floats=floats)
+
+
+def nothing_quantized(model: QuantizedModel) -> QuantizedModel:
+    """Every weight kept in floating point (dequantized): a quantizer that silently skipped
+    them all, whose file is as big as the model."""
+    from arrowquant_core.tensor import dequantize
+
+    floats = {**model.floats, **{n: dequantize(t) for n, t in model.tensors.items()}}
+    return dataclasses.replace(model, tensors={}, floats=floats)
 
 
 def _permute_rows(t: QuantizedTensor, perm: np.ndarray) -> QuantizedTensor:
@@ -179,15 +194,33 @@ def realize_ignoring_promotions(weights: dict[str, np.ndarray], plan: MixedPlan,
     return realize(weights, flat, hessians, ties=ties, mapper=mapper)
 
 
-def _vectors(model: QuantizedModel, *needles: str) -> list[str]:
-    """1-D float tensors whose name contains one of ``needles``, largest first."""
-    names = [n for n, a in model.floats.items() if a.ndim == 1 and any(k in n.lower() for k in needles)]
-    return sorted(names, key=lambda n: -model.floats[n].size)
+def _float_vectors(arrays: Mapping[str, Any]) -> list[str]:
+    """1-D floating-point tensors (norm gains and shifts, biases), largest first: the
+    victims of the float-tensor faults. ``arrays`` is a model's kept floats, or the source
+    weights when a run checks beforehand that a fault can act (``requires``)."""
+    names = [n for n, a in arrays.items() if a.ndim == 1 and a.dtype.name not in RAW_DTYPES]
+    return sorted(names, key=lambda n: -arrays[n].size)
+
+
+def _is_norm(name: str) -> bool:
+    """A normalisation layer's tensor by the common names: ``LayerNorm``, ``input_layernorm``,
+    ``norm``, ``layer_norm`` (BERT, Llama, Qwen, T5) and GPT-2's ``ln_1`` / ``ln_f``."""
+    return any("norm" in part or part == "ln" or part.startswith("ln_") for part in name.lower().split("."))
+
+
+def _norm_gains(arrays: Mapping[str, Any]) -> list[str]:
+    """Normalisation gains (not their shifts: ``LayerNorm.bias`` is not a gain), largest first."""
+    return [n for n in _float_vectors(arrays)
+            if _is_norm(n) and n.lower().rsplit(".", 1)[-1] not in ("bias", "beta")]
+
+
+def _biases(arrays: Mapping[str, Any]) -> list[str]:
+    return [n for n in _float_vectors(arrays) if "bias" in n.lower()]
 
 
 def float_tensor_dropped(model: QuantizedModel) -> QuantizedModel:
     """The largest 1-D float tensor (a norm gain or bias) silently left out of the artifact."""
-    victim = max((n for n, a in model.floats.items() if a.ndim == 1), key=lambda n: model.floats[n].size)
+    victim = _float_vectors(model.floats)[0]
     floats = {n: a for n, a in model.floats.items() if n != victim}
     return dataclasses.replace(model, floats=floats, order=tuple(n for n in model.order if n != victim))
 
@@ -195,7 +228,7 @@ def float_tensor_dropped(model: QuantizedModel) -> QuantizedModel:
 def extra_tensor_stored(model: QuantizedModel) -> QuantizedModel:
     """A tensor the source does not have written into the artifact: a copy of the largest
     1-D float tensor under ``<name>.ema`` (a writer that also saves an averaged copy)."""
-    victim = max((n for n, a in model.floats.items() if a.ndim == 1), key=lambda n: model.floats[n].size)
+    victim = _float_vectors(model.floats)[0]
     extra = f"{victim}.ema"
     return dataclasses.replace(model, floats={**model.floats, extra: model.floats[victim].copy()},
                                order=(*model.order, extra))
@@ -204,7 +237,7 @@ def extra_tensor_stored(model: QuantizedModel) -> QuantizedModel:
 def norm_gain_nan(model: QuantizedModel) -> QuantizedModel:
     """One normalisation gain stored with a NaN as its first value (a float tensor the
     quantizer passes through, corrupted on the way)."""
-    victim = _vectors(model, "norm")[0]
+    victim = _norm_gains(model.floats)[0]
     gain = model.floats[victim].copy()
     gain.reshape(-1)[0] = np.nan
     return dataclasses.replace(model, floats={**model.floats, victim: gain})
@@ -212,7 +245,7 @@ def norm_gain_nan(model: QuantizedModel) -> QuantizedModel:
 
 def norm_gain_scaled(model: QuantizedModel) -> QuantizedModel:
     """One normalisation gain stored x1.5 (a LayerNorm/RMSNorm weight edited by mistake)."""
-    victim = _vectors(model, "norm")[0]
+    victim = _norm_gains(model.floats)[0]
     floats = dict(model.floats)
     floats[victim] = (floats[victim].astype(np.float32) * 1.5).astype(floats[victim].dtype)
     return dataclasses.replace(model, floats=floats)
@@ -220,17 +253,50 @@ def norm_gain_scaled(model: QuantizedModel) -> QuantizedModel:
 
 def bias_zeroed(model: QuantizedModel) -> QuantizedModel:
     """One bias vector stored as zeros (or, without biases, the first norm gain zeroed)."""
-    victim = (_vectors(model, "bias") or _vectors(model, "norm"))[0]
+    victim = (_biases(model.floats) or _norm_gains(model.floats))[0]
     floats = dict(model.floats)
     floats[victim] = np.zeros_like(floats[victim])
     return dataclasses.replace(model, floats=floats)
 
 
+def dtype_recorded_wrong(model: QuantizedModel) -> QuantizedModel:
+    """The largest non-embedding weight recorded with another dtype than its source's
+    (float16 for a float32 tensor, float32 otherwise): it reloads as that dtype."""
+    victim = model.tensors[_largest(model)]
+    dtype = "float16" if victim.dtype == "float32" else "float32"
+    return dataclasses.replace(model, tensors={**model.tensors, victim.name: dataclasses.replace(victim, dtype=dtype)})
+
+
+def _same_shape_pair(tensors: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(alias, canonical): the largest non-embedding weight and the first other quantized
+    weight of its shape, the pair a deduplication by shape would wrongly merge."""
+    candidates = [n for n in tensors if "embed" not in n] or list(tensors)
+    for alias in sorted(candidates, key=lambda n: -math.prod(tensors[n].shape)):
+        for other in tensors:
+            if other != alias and tuple(tensors[other].shape) == tuple(tensors[alias].shape):
+                return alias, other
+    return None
+
+
+def tie_invented(model: QuantizedModel) -> QuantizedModel:
+    """A writer that deduplicates by shape: a weight stored as a tie of another weight of
+    the same shape (recorded as identical tensors, which they are not)."""
+    pair = _same_shape_pair(model.tensors)
+    assert pair is not None, "checked by _has_same_shape_pair before the run"
+    alias, canonical = pair
+    tensors = {n: t for n, t in model.tensors.items() if n != alias}
+    return dataclasses.replace(model, tensors=tensors, ties={**model.ties, alias: canonical})
+
+
+def _embedding_tables(tensors: Mapping[str, Any]) -> list[str]:
+    """Token embedding tables by the common names (``embed_tokens``, ``word_embeddings``, GPT-2's ``wte``)."""
+    return [n for n in tensors if ("embed" in n.lower() or "wte" in n.lower()) and len(tensors[n].shape) == 2]
+
+
 def embedding_rows_swapped(model: QuantizedModel) -> QuantizedModel:
     """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors;
     K-schemes: 64 units of the rows that share super-blocks, ``_row_unit``)."""
-    embeds = [n for n in model.tensors if "embed" in n.lower() or "wte" in n.lower()]
-    victim = max(embeds or list(model.tensors), key=lambda n: model.tensors[n].shape[0])
+    victim = max(_embedding_tables(model.tensors), key=lambda n: model.tensors[n].shape[0])
 
     def swap(t: QuantizedTensor) -> QuantizedTensor:
         k = _row_unit(t)
@@ -446,6 +512,71 @@ SPATIAL_FAULTS: dict[str, SpatialFault] = {f.name: f for f in (
 
 
 @dataclass(frozen=True)
+class FaultTarget:
+    """What a run knows before any work that decides whether a fault can act on it: the
+    source weights, the model's runner and the plans of the bit widths it runs."""
+
+    weights: Mapping[str, Any]  # arrays, or anything with shape, ndim, size and dtype.name
+    runner: object | None
+    plans: tuple[Any, ...]  # harness.criteria.BitPlan of each bit width run
+    compare: bool = False
+
+
+def _has_norm_gain(target: FaultTarget) -> str | None:
+    return None if _norm_gains(target.weights) else (
+        "the model has no 1-D normalisation gain (a float vector named like *norm*.weight, *layernorm*.weight "
+        "or ln_*.weight)")
+
+
+def _has_bias_or_gain(target: FaultTarget) -> str | None:
+    return None if _biases(target.weights) or _norm_gains(target.weights) else (
+        "the model has no 1-D bias and no normalisation gain")
+
+
+def _has_float_vector(target: FaultTarget) -> str | None:
+    return None if _float_vectors(target.weights) else "the model has no 1-D floating-point tensor"
+
+
+def _has_embedding(target: FaultTarget) -> str | None:
+    return None if _embedding_tables(target.weights) else (
+        "the model has no 2-D embedding table (a weight named like *embed* or wte)")
+
+
+def _has_same_shape_pair(target: FaultTarget) -> str | None:
+    weights = {n: a for n, a in target.weights.items() if a.ndim >= 2 and a.dtype.name not in RAW_DTYPES}
+    return None if _same_shape_pair(weights) is not None else "the model has no two weights of one shape"
+
+
+def _has_conv(target: FaultTarget) -> str | None:
+    return None if any(a.ndim >= 3 for a in target.weights.values()) else (
+        "the model has no conv weight (3+ dimensions); inject it into dit-mini or dit-mini-audio")
+
+
+def _has_activation_tables(target: FaultTarget) -> str | None:
+    return None if hasattr(target.runner, "activation_aux") else (
+        "its runner stores no time-aware activation tables in the artifact (dream-mini's does)")
+
+
+def _uses_hessians(target: FaultTarget) -> str | None:
+    from arrowquant_core.methods import METHODS
+
+    def hessian(methods: Iterable[str]) -> bool:
+        return any(m in METHODS and METHODS[m].needs_hessian for m in methods)
+    for plan in target.plans:
+        if (hessian([plan.method, *(m for _p, m in plan.method_overrides)]) or plan.hessian_comparison
+                or (plan.ladder is not None and hessian(m for _s, m in plan.ladder.rungs))
+                or (target.compare and hessian(plan.compare))):
+            return None
+    return ("no bit width of this run quantizes with calibration Hessians (a GPTQ-family method, a ladder "
+            "with one, or a hessian_comparison in the criteria)")
+
+
+def _has_ladder(target: FaultTarget) -> str | None:
+    return None if any(plan.ladder is not None for plan in target.plans) else (
+        "no bit width of this run uses the fallback ladder (e.g. --profile edge)")
+
+
+@dataclass(frozen=True)
 class Fault:
     name: str
     description: str
@@ -458,6 +589,13 @@ class Fault:
     # called with the quantized model and the caller's source tensors once a bit width is
     # quantized: what a quantizer that writes into its input leaves behind
     source: Callable[[QuantizedModel, Mapping[str, np.ndarray]], None] | None = None
+    # why the fault cannot act on a run (None when it can): checked before any work, so an
+    # injected fault that would change nothing, or crash the suite, is a usage error and
+    # never a "self-test" whose verdict says nothing about the gates
+    requires: Callable[[FaultTarget], str | None] | None = None
+
+    def cannot_act(self, target: FaultTarget) -> str | None:
+        return self.requires(target) if self.requires is not None else None
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (
@@ -469,35 +607,43 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           "made to match", save=save_one_code_changed),
     Fault("one-weight-unquantized", "the largest non-embedding weight kept in floating point",
           one_weight_unquantized),
+    Fault("nothing-quantized", "every weight kept in floating point (the quantizer silently skipped them)",
+          nothing_quantized),
     Fault("rows-permuted", "rows of the largest non-embedding weight permuted", rows_permuted),
-    Fault("gptq-wrong-hessian", "GPTQ run with the Hessian of another layer", hessians=hessians_of_another_layer),
-    Fault("calibration-empty", "the calibration data silently empty", hessians=no_calibration),
+    Fault("gptq-wrong-hessian", "GPTQ run with the Hessian of another layer", hessians=hessians_of_another_layer,
+          requires=_uses_hessians),
+    Fault("calibration-empty", "the calibration data silently empty", hessians=no_calibration, requires=_uses_hessians),
     Fault("ladder-promotions-ignored", "the ladder's promotions dropped when writing the file",
-          realize=realize_ignoring_promotions),
+          realize=realize_ignoring_promotions, requires=_has_ladder),
     Fault("stale-artifact", "an artifact quantized from an earlier version of the model reused", stale_artifact),
     Fault("float-tensor-dropped", "the largest 1-D float tensor (norm gain or bias) left out of the artifact",
-          float_tensor_dropped),
-    Fault("norm-gain-scaled", "one normalisation gain stored x1.5", norm_gain_scaled),
-    Fault("norm-gain-nan", "one normalisation gain stored with a NaN", norm_gain_nan),
+          float_tensor_dropped, requires=_has_float_vector),
+    Fault("norm-gain-scaled", "one normalisation gain stored x1.5", norm_gain_scaled, requires=_has_norm_gain),
+    Fault("norm-gain-nan", "one normalisation gain stored with a NaN", norm_gain_nan, requires=_has_norm_gain),
     Fault("extra-tensor-stored", "a tensor the model does not have (a copy of a bias or gain) written into the "
-          "artifact", extra_tensor_stored),
-    Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed),
-    Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped),
+          "artifact", extra_tensor_stored, requires=_has_float_vector),
+    Fault("bias-zeroed", "one bias (or norm gain, without biases) stored as zeros", bias_zeroed, requires=_has_bias_or_gain),
+    Fault("dtype-recorded-wrong", "the largest non-embedding weight recorded as float16 (float32 if its source is not)",
+          dtype_recorded_wrong),
+    Fault("tie-invented", "a weight stored as a tie of another weight of the same shape (deduplicated by shape)",
+          tie_invented, requires=_has_same_shape_pair),
+    Fault("embedding-rows-swapped", "64 rows of the embedding table swapped in pairs", embedding_rows_swapped,
+          requires=_has_embedding),
     Fault("group-scales-off", "eight groups of the largest weight stored with 4x their scale", group_scales_off),
     Fault("source-clipped-in-place", "the quantizer clips the largest weight's outliers in the caller's own array",
           source=source_clipped_in_place),
     # dream-mini: the artifact's activation tables (time groups)
     Fault("time-groups-reversed", "the activation table's time groups applied in reverse order",
-          time_groups_reversed),
+          time_groups_reversed, requires=_has_activation_tables),
     Fault("act-scales-other-layer", "each layer's activation scales taken from another layer",
-          act_scales_of_another_layer),
+          act_scales_of_another_layer, requires=_has_activation_tables),
     Fault("time-group-table-dropped", "the time-group activation tables left out of the artifact",
-          time_group_table_dropped),
+          time_group_table_dropped, requires=_has_activation_tables),
     Fault("time-aware-pass-fails", "the time-aware calibration pass raises; the run falls back to base quantization",
-          time_aware=time_aware_pass_fails),
+          time_aware=time_aware_pass_fails, requires=_has_activation_tables),
     # dit-mini
     Fault("conv-reshaped-wrong-order", "conv weights flattened channel-last but stored as channel-first",
-          conv_reshaped_wrong_order),
+          conv_reshaped_wrong_order, requires=_has_conv),
 )}
 
 
@@ -506,3 +652,143 @@ def get_fault(name: str) -> Fault:
     if fault is None:
         raise unknown_name("fault", name, FAULTS)
     return fault
+
+
+# streaming: the same faults on a streamed artifact --------------------------------------
+# The streaming run (harness/streaming.py) writes its artifact tensor by tensor from disk;
+# a fault there rewrites that file one row at a time, before the read-back, and the records
+# of what was written follow the rewrite (as a quantizer that produced the broken tensors
+# would have written them), so only the gates can tell. Each row goes through the same
+# ``mutate`` as in memory, as a one-row model; the victims are chosen by the same rules
+# from the rows' names and shapes.
+
+@dataclass(frozen=True)
+class _Dtype:
+    name: str  # "bfloat16" too, which NumPy alone does not know
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A streamed row's shape and dtype without its data (what the victim rules read)."""
+
+    shape: tuple[int, ...]
+    dtype: _Dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+_Victims = Callable[[Mapping[str, _Row], Mapping[str, _Row]], set[str] | None]  # None: every quantized row
+
+
+def _one(rule: Callable[[Mapping[str, _Row]], str]) -> _Victims:
+    return lambda quantized, floats: {rule(quantized)}
+
+
+STREAM_VICTIMS: dict[str, _Victims] = {
+    "scales-doubled": lambda q, f: None,
+    "zero-off-by-one": lambda q, f: None,
+    "nibbles-swapped": lambda q, f: None,
+    "rows-permuted": _one(_largest_of),
+    "group-scales-off": _one(_largest_of),
+    "one-weight-unquantized": _one(_largest_of),
+    "nothing-quantized": lambda q, f: None,
+    "dtype-recorded-wrong": _one(_largest_of),
+    "stale-artifact": _one(_largest_of),
+    "embedding-rows-swapped": lambda q, f: {max(_embedding_tables(q), key=lambda n: q[n].shape[0])},
+    "norm-gain-scaled": lambda q, f: {_norm_gains(f)[0]},
+    "norm-gain-nan": lambda q, f: {_norm_gains(f)[0]},
+    "bias-zeroed": lambda q, f: {(_biases(f) or _norm_gains(f))[0]},
+    "float-tensor-dropped": lambda q, f: {_float_vectors(f)[0]},
+    "extra-tensor-stored": lambda q, f: {_float_vectors(f)[0]},
+    "conv-reshaped-wrong-order": lambda q, f: {n for n, r in q.items() if r.ndim >= 3},
+}
+# written differently rather than mutated: see rewrite_streamed
+STREAM_SPECIAL = ("one-code-changed-on-write", "tie-invented")
+
+
+def streams(name: str) -> bool:
+    """Whether fault ``name`` has a streaming form."""
+    return name in STREAM_VICTIMS or name in STREAM_SPECIAL
+
+
+def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]:
+    """Rewrite the streamed artifact at ``path`` with ``fault``, one row in memory at a time;
+    returns the records (``stream.StreamedTensor``) of what the rewrite wrote."""
+    from arrowquant_core import stream
+    from arrowquant_core.atomic import write_atomic
+
+    if not streams(fault.name):
+        raise ConfigurationError(f"--inject-fault {fault.name} has no streaming form (faults of the streaming run: "
+                                 f"{', '.join(sorted([*STREAM_VICTIMS, *STREAM_SPECIAL]))}); pass --no-stream")
+    records = {t.name: t for t in streamed}
+    quantized = {t.name: _Row(tuple(t.shape), _Dtype(t.dtype)) for t in streamed if t.kind == "quantized"}
+    floats = {t.name: _Row(tuple(t.shape), _Dtype(t.dtype)) for t in streamed if t.kind == "float"}
+    why = fault.cannot_act(FaultTarget({**quantized, **floats}, None, ()))
+    if why is not None:
+        raise ConfigurationError(f"--inject-fault {fault.name} cannot act on {path.name}: {why}")
+    victims: set[str] | None = set()
+    pair: tuple[str, str] | None = None
+    if fault.name == "tie-invented":
+        pair = _same_shape_pair(quantized)
+        assert pair is not None  # cannot_act said there is one
+        pair = (max(pair), min(pair))  # the canonical row must be written before its alias
+        victims = {pair[0]}
+    elif fault.name == "one-code-changed-on-write":
+        victims = {_largest_of(quantized)}
+    else:
+        victims = STREAM_VICTIMS[fault.name](quantized, floats)
+    metadata = stream.artifact_metadata(path)
+    out: list[Any] = []
+
+    def body(handle: Any) -> None:
+        writer = stream.StreamWriter(handle, metadata)
+        extra: dict[str, str] = {}
+        for name, kind, _checksum, value in stream.iter_artifact(path):
+            record = records[name]
+            hit = (kind == "quantized") if victims is None else name in victims
+            if isinstance(value, stream.Tie):
+                out.append(dataclasses.replace(record, checksum=writer.write_tied(name, value.canonical,
+                                                                                  value.shape, value.dtype)))
+                continue
+            if not hit:
+                checksum = (writer.write_quantized(value) if isinstance(value, QuantizedTensor)
+                            else writer.write_raw(name, value, kind))
+                out.append(dataclasses.replace(record, checksum=checksum))
+                continue
+            if pair is not None:  # the alias stored as a tie of the other weight of its shape
+                checksum = writer.write_tied(name, pair[1], tuple(record.shape), record.dtype)
+                out.append(dataclasses.replace(record, kind="tied", tied_to=pair[1], checksum=checksum))
+                continue
+            if fault.name == "one-code-changed-on-write":  # written one code off; the record keeps the intended row
+                assert isinstance(value, QuantizedTensor)  # the victim is a quantized row
+                codes = value.codes.copy()
+                at = int(np.flatnonzero((codes >= 2) & (codes <= 253))[0])
+                codes[at] ^= np.uint8(1)
+                writer.write_quantized(dataclasses.replace(value, codes=codes))
+                out.append(record)
+                continue
+            one = (QuantizedModel(tensors={name: value}, floats={}, order=(name,))
+                   if isinstance(value, QuantizedTensor) else QuantizedModel(tensors={}, floats={name: value},
+                                                                            order=(name,)))
+            broken = fault.mutate(one)
+            extra.update({k: v for k, v in broken.metadata.items() if one.metadata.get(k) != v})
+            for n in broken.order:
+                if n in broken.tensors:
+                    qt = broken.tensors[n]
+                    out.append(dataclasses.replace(record, name=n, kind="quantized", dtype=qt.dtype,
+                                                   checksum=writer.write_quantized(qt)))
+                elif n in broken.floats:
+                    array = broken.floats[n]
+                    out.append(dataclasses.replace(record, name=n, kind="float", scheme="", method="",
+                                                   dtype=array.dtype.name,
+                                                   checksum=writer.write_raw(n, array, "float")))
+        writer.close(extra)
+
+    write_atomic(path, body)
+    return out

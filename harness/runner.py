@@ -121,6 +121,15 @@ def run(config: RunConfig) -> RunResult:
             raise ConfigurationError(f"{criteria_path}: INT{plan.bits} uses the fallback ladder, which needs a "
                                      f"model runner with a calibration score; {config.model!r} has none")
         _check_calibration(plan, checkpoint, criteria_path, config.compare)
+    if fault is not None:
+        from harness.faults import FaultTarget
+
+        why = fault.cannot_act(FaultTarget(checkpoint.weights, checkpoint.runner,
+                                           tuple(criteria.plan(b) for b in bit_widths), config.compare))
+        if why is not None:
+            raise ConfigurationError(f"--inject-fault {fault.name} cannot act on {checkpoint.name!r}: {why}. "
+                                     "A run with it would change nothing the gates could catch; "
+                                     "`python -m harness list` describes every fault")
     out = config.out
     artifacts = out / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,8 @@ class BitsOutcome:
 
 def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteria, out: Path,
                   block_values: int, say: Callable[[str], None],
-                  dream: Callable[[stream.SafetensorsSource, Path], dict[str, float]] | None = None) -> BitsOutcome:
+                  dream: Callable[[stream.SafetensorsSource, Path], dict[str, float]] | None = None,
+                  fault: str | None = None) -> BitsOutcome:
     from harness.context import SOURCE_KEY, is_embedding_table
 
     plan = criteria.plan(bits)
@@ -193,6 +194,11 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
     streamed = stream.quantize_file(source, config, path, metadata={"model": name},
                                     block_values=block_values, progress=tick("quantizing"))
     quantize_seconds = time.perf_counter() - t0
+    if fault is not None:  # the self-test: the written artifact broken row by row (harness.faults)
+        from harness.faults import get_fault, rewrite_streamed
+
+        say(f"INT{bits}: injecting fault {fault!r} into {path.name}")
+        streamed = rewrite_streamed(get_fault(fault), path, streamed)
     size = path.stat().st_size
     say(f"INT{bits}: wrote {size / 1e6:.1f} MB in {quantize_seconds:.1f} s; reading back and measuring")
     back = stream.measure(source, path, block_values=block_values, progress=tick("measuring"))
@@ -264,6 +270,7 @@ class StreamingConfig:
     block_values: int = stream.BLOCK_VALUES
     quiet: bool = False
     outputs: bool = True  # output-level KL when the folder is a Dream model (--runner none: off)
+    fault: str | None = None  # --inject-fault: a self-test of the gates (harness.faults, streaming form)
 
     def __post_init__(self) -> None:
         if self.block_values < 1:
@@ -323,7 +330,8 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
         say(f"streaming {file} ({source.file_bytes / 1e9:.2f} GB in {len(source.files)} file(s), "
             f"{params / 1e6:.1f}M parameters, largest tensor {largest / 1e6:.0f} MB) with criteria {criteria_path}")
         dream = dream_kl(file if file.is_dir() else file.parent) if config.outputs else None
-        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream) for b in bits]
+        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream, config.fault)
+                    for b in bits]
         # ties are found in the read-back pass; before any, the sizes count every tensor
         baseline = outcomes[0].baseline_bytes if outcomes else {
             "float32": layout_size(source, np.dtype(np.float32)), "float16": layout_size(source, np.dtype(np.float16))}
@@ -335,7 +343,7 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
                 "started_at": started, "wall_seconds": round(time.perf_counter() - t0, 2),
                 "criteria_file": str(criteria_path), "criteria_sha256": stream.digest_file(criteria_path),
                 "block_values": config.block_values,
-                "peak_rss_bytes": peak_rss_bytes(), "mode": "streaming (weight level)"},
+                "peak_rss_bytes": peak_rss_bytes(), "mode": "streaming (weight level)", "fault": config.fault},
         "model": {"parameters": params, "tensors": len(outcomes[0].layers) if outcomes else 0,
                   "file_bytes": file_bytes, "largest_tensor_bytes": largest},
         "baselines": {"fp32_bytes": baseline["float32"], "fp16_bytes": baseline["float16"],
@@ -378,7 +386,8 @@ def render(results: dict[str, Any]) -> str:
 
     run, model = results["run"], results["model"]
     lines = [f"# Streaming validation report: {md_text(str(run['model']))}", "",
-             f"**Verdict: {results['verdict']}** (weight-level validation, streamed tensor by tensor)", "",
+             f"**Verdict: {results['verdict']}** (weight-level validation, streamed tensor by tensor)"
+             + (f" (self-test run with injected fault {md_code(run['fault'])})" if run.get("fault") else ""), "",
              f"- weights: {md_code(run['weights_file'])}, {model['file_bytes'] / 1e9:.2f} GB, "
              f"{model['parameters'] / 1e6:.1f}M parameters, largest tensor {model['largest_tensor_bytes'] / 1e6:.0f} MB",
              f"- criteria: {md_code(run['criteria_file'])} (sha256 {md_code(run['criteria_sha256'])})",

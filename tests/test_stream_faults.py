@@ -1,0 +1,81 @@
+"""The streaming run's gates must be able to say no.
+
+The streaming run (``--stream``: the 7B path) measures with its own read-back
+(``arrowquant_core.stream.measure``), not the suite's code, so its gates get their own
+faults: each one rewrites the streamed artifact row by row (``harness.faults.rewrite_streamed``,
+the same per-tensor breakage as in memory) and must fail every gate named here, on the
+real MiniLM weights streamed from disk with ``harness/criteria/streaming.toml``. The clean
+runs pass the same gates (the control).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.streaming import RESULTS_NAME, StreamingConfig, run_streaming
+from tests.gate_keys import keys
+
+# (bits, fault) -> the streaming gates that must all fail
+STREAM_FAILS = {
+    (8, "scales-doubled"): {"weight_sqnr_db_min", "group_range_ratio_max"},
+    (8, "rows-permuted"): {"weight_cosine_min"},
+    (2, "zero-off-by-one"): {"weight_cosine_mean"},
+    (8, "embedding-rows-swapped"): {"embedding_row_cosine_min"},
+    (8, "group-scales-off"): {"group_range_ratio_max"},
+    (8, "norm-gain-nan"): {"nonfinite_tensors", "kept_tensors_changed"},
+    (8, "float-tensor-dropped"): {"missing_tensors"},
+    (8, "extra-tensor-stored"): {"unexpected_tensors"},
+    (8, "nothing-quantized"): {"unquantized_weights", "compression_vs_fp32"},
+    (8, "dtype-recorded-wrong"): {"dtype_mismatches"},
+    (8, "tie-invented"): {"tie_mismatches"},
+    (8, "stale-artifact"): {"source_match"},
+    (8, "one-code-changed-on-write"): {"roundtrip_exact"},
+}
+SHOWN_FAILING = set().union(*(keys("streaming", gates) for gates in STREAM_FAILS.values()))
+
+
+@pytest.fixture(scope="module")
+def minilm() -> str:
+    from fixtures.minilm.model import model_dir
+
+    return str(model_dir())
+
+
+def _run(model: str, bits: int, fault: str | None, out: Path) -> tuple[int, dict[str, Any]]:
+    code, _report = run_streaming(StreamingConfig(model=model, bits=(bits,), out=out, quiet=True, fault=fault))
+    results: dict[str, Any] = json.loads((out / RESULTS_NAME).read_text())
+    return code, results
+
+
+def _failed(results: dict[str, Any]) -> set[str]:
+    return {g["metric"] for g in results["bit_widths"][0]["gates"] if not g["passed"]}
+
+
+@pytest.mark.parametrize(("bits", "fault"), sorted(STREAM_FAILS))
+def test_streaming_fault_fails_the_gate(minilm: str, bits: int, fault: str, tmp_path: Path) -> None:
+    code, results = _run(minilm, bits, fault, tmp_path)
+    assert code == 1 and results["verdict"] == "FAIL" and results["run"]["fault"] == fault
+    assert STREAM_FAILS[(bits, fault)] <= _failed(results), (sorted(STREAM_FAILS[(bits, fault)] - _failed(results)),
+                                                             sorted(_failed(results)))
+    assert f"injected fault `{fault}`" in (tmp_path / "STREAMING_VALIDATION_REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("bits", sorted({b for b, _f in STREAM_FAILS}))
+def test_clean_streaming_run_passes(minilm: str, bits: int, tmp_path: Path) -> None:
+    code, results = _run(minilm, bits, None, tmp_path)
+    assert code == 0 and not _failed(results) and results["run"]["fault"] is None
+
+
+def test_fault_without_a_streaming_form_is_refused(minilm: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from harness import exitcodes
+    from harness.cli import main
+
+    code = main(["run", "--model", minilm, "--stream", "--bits", "8", "--inject-fault", "gptq-wrong-hessian",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == exitcodes.USAGE and "has no streaming form" in capsys.readouterr().err
+    assert not (tmp_path / RESULTS_NAME).exists()
