@@ -184,7 +184,7 @@ def test_cosine_orders_the_profiles(results: dict[str, DiffusionQuantResult]) ->
     assert cloud.cosine_similarity > local.cosine_similarity > edge.cosine_similarity
     assert cloud.min_cosine_similarity > local.min_cosine_similarity > edge.min_cosine_similarity
     assert edge.model_size_mb < local.model_size_mb < cloud.model_size_mb
-    assert edge.model_size_mb < 35
+    # (not "edge < 35 MB", the profile's target: this miniature's FP32 file is 14 MB, so that cannot fail)
 
 
 def test_default_config_is_local_and_a_profile_name_is_accepted(model_dir: Path, tmp_path: Path) -> None:

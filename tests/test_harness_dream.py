@@ -42,7 +42,7 @@ def test_dream_mini_fails_honestly_at_int2_with_timestep_groups(two_runs: tuple[
         for key in ("kl_mean", "masked_top1_agreement", "sampler4_agreement", "sampler8_agreement"):
             assert key in entry["metrics"], key
     int2 = entries[2]["metrics"]
-    assert int2["size_mb"] < 35 and int2["weight_cosine_mean"] >= 0.70
+    assert int2["size_mb"] < 1.0 and int2["weight_cosine_mean"] >= 0.70  # measured 0.57 MB; FP16 matrices alone are 7 MB
     report = result.report_path.read_text()
     assert "## By timestep group (mask ratio)" in report and "| Mask ratio | KL mean |" in report
     # quality gets worse as bits drop, and the report has the numbers to show it
