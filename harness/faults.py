@@ -155,17 +155,22 @@ def save_codes_as_float32(model: QuantizedModel, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", use_dictionary=False)
 
 
+def _one_code_off(codes: np.ndarray) -> np.ndarray:
+    """A copy of packed ``codes`` with the lowest bit of one byte flipped: the first byte
+    whose flip stays within any scheme's code range (a symmetric INT8 code of 0 or 255 would
+    be out of range; packed INT4 / INT2 bytes always fit)."""
+    out = codes.copy()
+    at = int(np.flatnonzero((out >= 2) & (out <= 253))[0])
+    out[at] ^= np.uint8(1)
+    return out
+
+
 def save_one_code_changed(model: QuantizedModel, path: Path) -> None:
     """Write the artifact with one code of the largest weight one step off: a writer bug
     that keeps the file self-consistent (its digests are computed from what it writes),
     too small for any quality gate to see; only the exact round trip can."""
     victim = model.tensors[_largest(model)]
-    codes = victim.codes.copy()
-    # the first byte whose lowest bit can flip within any scheme's code range (a symmetric
-    # INT8 code of 0 or 255 would be out of range; packed INT4 / INT2 bytes always fit)
-    at = int(np.flatnonzero((codes >= 2) & (codes <= 253))[0])
-    codes[at] ^= np.uint8(1)
-    tensors = {**model.tensors, victim.name: dataclasses.replace(victim, codes=codes)}
+    tensors = {**model.tensors, victim.name: dataclasses.replace(victim, codes=_one_code_off(victim.codes))}
     storage.save(dataclasses.replace(model, tensors=tensors), path)
 
 
@@ -520,6 +525,7 @@ class FaultTarget:
     runner: object | None
     plans: tuple[Any, ...]  # harness.criteria.BitPlan of each bit width run
     compare: bool = False
+    streaming: bool = False  # the streaming run (--stream) rather than the in-memory suite
 
 
 def _has_norm_gain(target: FaultTarget) -> str | None:
@@ -569,6 +575,10 @@ def _uses_hessians(target: FaultTarget) -> str | None:
             return None
     return ("no bit width of this run quantizes with calibration Hessians (a GPTQ-family method, a ladder "
             "with one, or a hessian_comparison in the criteria)")
+
+
+def _streaming_only(target: FaultTarget) -> str | None:
+    return None if target.streaming else "it breaks the streaming run's memory bound; run it with --stream"
 
 
 def _has_ladder(target: FaultTarget) -> str | None:
@@ -641,6 +651,9 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           time_group_table_dropped, requires=_has_activation_tables),
     Fault("time-aware-pass-fails", "the time-aware calibration pass raises; the run falls back to base quantization",
           time_aware=time_aware_pass_fails, requires=_has_activation_tables),
+    # the streaming run only: what its peak RSS gate is for
+    Fault("model-held-in-memory", "the streaming run keeps every tensor it writes, as float64, until the file is "
+          "done (whole-model float64 copies, what the row blocks exist to avoid)", requires=_streaming_only),
     # dit-mini
     Fault("conv-reshaped-wrong-order", "conv weights flattened channel-last but stored as channel-first",
           conv_reshaped_wrong_order, requires=_has_conv),
@@ -709,7 +722,7 @@ STREAM_VICTIMS: dict[str, _Victims] = {
     "conv-reshaped-wrong-order": lambda q, f: {n for n, r in q.items() if r.ndim >= 3},
 }
 # written differently rather than mutated: see rewrite_streamed
-STREAM_SPECIAL = ("one-code-changed-on-write", "tie-invented")
+STREAM_SPECIAL = ("one-code-changed-on-write", "tie-invented", "model-held-in-memory")
 
 
 def streams(name: str) -> bool:
@@ -722,6 +735,7 @@ def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]
     returns the records (``stream.StreamedTensor``) of what the rewrite wrote."""
     from arrowquant_core import stream
     from arrowquant_core.atomic import write_atomic
+    from arrowquant_core.tensor import dequantize
 
     if not streams(fault.name):
         raise ConfigurationError(f"--inject-fault {fault.name} has no streaming form (faults of the streaming run: "
@@ -729,7 +743,7 @@ def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]
     records = {t.name: t for t in streamed}
     quantized = {t.name: _Row(tuple(t.shape), _Dtype(t.dtype)) for t in streamed if t.kind == "quantized"}
     floats = {t.name: _Row(tuple(t.shape), _Dtype(t.dtype)) for t in streamed if t.kind == "float"}
-    why = fault.cannot_act(FaultTarget({**quantized, **floats}, None, ()))
+    why = fault.cannot_act(FaultTarget({**quantized, **floats}, None, (), streaming=True))
     if why is not None:
         raise ConfigurationError(f"--inject-fault {fault.name} cannot act on {path.name}: {why}")
     victims: set[str] | None = set()
@@ -741,10 +755,13 @@ def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]
         victims = {pair[0]}
     elif fault.name == "one-code-changed-on-write":
         victims = {_largest_of(quantized)}
+    elif fault.name == "model-held-in-memory":
+        victims = set()  # nothing changes but what stays in memory
     else:
         victims = STREAM_VICTIMS[fault.name](quantized, floats)
     metadata = stream.artifact_metadata(path)
     out: list[Any] = []
+    held: list[np.ndarray] = []  # model-held-in-memory: every row as float64, until the end
 
     def body(handle: Any) -> None:
         writer = stream.StreamWriter(handle, metadata)
@@ -760,6 +777,9 @@ def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]
                 checksum = (writer.write_quantized(value) if isinstance(value, QuantizedTensor)
                             else writer.write_raw(name, value, kind))
                 out.append(dataclasses.replace(record, checksum=checksum))
+                if fault.name == "model-held-in-memory":
+                    held.append(np.asarray(dequantize(value) if isinstance(value, QuantizedTensor) else value,
+                                           dtype=np.float64))
                 continue
             if pair is not None:  # the alias stored as a tie of the other weight of its shape
                 checksum = writer.write_tied(name, pair[1], tuple(record.shape), record.dtype)
@@ -767,10 +787,7 @@ def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]
                 continue
             if fault.name == "one-code-changed-on-write":  # written one code off; the record keeps the intended row
                 assert isinstance(value, QuantizedTensor)  # the victim is a quantized row
-                codes = value.codes.copy()
-                at = int(np.flatnonzero((codes >= 2) & (codes <= 253))[0])
-                codes[at] ^= np.uint8(1)
-                writer.write_quantized(dataclasses.replace(value, codes=codes))
+                writer.write_quantized(dataclasses.replace(value, codes=_one_code_off(value.codes)))
                 out.append(record)
                 continue
             one = (QuantizedModel(tensors={name: value}, floats={}, order=(name,))
@@ -791,4 +808,5 @@ def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]
         writer.close(extra)
 
     write_atomic(path, body)
+    del held
     return out

@@ -21,9 +21,6 @@ NOT_FAULTED = {
                                    "goes through the same code tests/test_criteria.py shows failing",
     ("suite", "load_seconds"): "as quantize_seconds",
     ("streaming", "quantize_seconds"): "as quantize_seconds",
-    ("streaming", "peak_rss_gib"): "the gate is 3 GiB; a fault that fails it needs a model over 3 GiB. What it "
-                                   "guards is asserted by tests/test_stream.py::test_peak_rss_tracks_the_largest_"
-                                   "tensor_not_the_model (peak RSS against the largest tensor, not the model)",
 }
 
 SHOWN = (test_fault_injection.SHOWN_FAILING | test_dit_faults.SHOWN_FAILING | test_runner_faults.SHOWN_FAILING

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -35,7 +37,8 @@ STREAM_FAILS = {
     (8, "stale-artifact"): {"source_match"},
     (8, "one-code-changed-on-write"): {"roundtrip_exact"},
 }
-SHOWN_FAILING = set().union(*(keys("streaming", gates) for gates in STREAM_FAILS.values()))
+SHOWN_FAILING = set().union(*(keys("streaming", gates) for gates in STREAM_FAILS.values()),
+                            keys("streaming", {"peak_rss_gib"}))  # test_holding_the_model_fails_the_peak_rss_gate
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +82,33 @@ def test_fault_without_a_streaming_form_is_refused(minilm: str, tmp_path: Path,
                  "--out", str(tmp_path), "--quiet"])
     assert code == exitcodes.USAGE and "has no streaming form" in capsys.readouterr().err
     assert not (tmp_path / RESULTS_NAME).exists()
+
+
+def _cli(model: str, out: Path, *extra: str) -> dict[str, Any]:
+    """A streaming run in its own process: peak RSS is the process's own high-water mark."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "harness", "run", "--model", model, "--stream", "--bits", "8",
+                           "--out", str(out), "--quiet", *extra], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    assert done.returncode in (0, 1), done.stderr
+    results: dict[str, Any] = json.loads((out / RESULTS_NAME).read_text())
+    return results
+
+
+def test_holding_the_model_fails_the_peak_rss_gate(minilm: str, tmp_path: Path) -> None:
+    """The 3 GiB gate would need a model over 3 GiB to fail here, so the bound is set from
+    a clean run of the same command: its own peak plus 50 MB. The fault keeps every
+    tensor as float64 until the file is written (MiniLM: 180 MB; measured peak RSS 272 MB
+    clean, 373 MB with the fault, twice each) and must fail that gate and no other."""
+    from harness.streaming import DEFAULT_CRITERIA
+
+    clean = _cli(minilm, tmp_path / "clean")
+    assert clean["verdict"] == "PASS"
+    bound = (clean["run"]["peak_rss_bytes"] + 50e6) / 2**30
+    text = DEFAULT_CRITERIA.read_text()
+    assert text.count('rule = "peak_rss_gib <= 3"') == 1, "streaming.toml's peak RSS gate moved: update this test"
+    criteria = tmp_path / "streaming-tight.toml"
+    criteria.write_text(text.replace('rule = "peak_rss_gib <= 3"', f'rule = "peak_rss_gib <= {bound:.4f}"'))
+    held = _cli(minilm, tmp_path / "held", "--criteria", str(criteria), "--inject-fault", "model-held-in-memory")
+    assert held["run"]["fault"] == "model-held-in-memory"
+    assert _failed(held) == {"peak_rss_gib"}, (_failed(held), held["run"]["peak_rss_bytes"], bound)
