@@ -119,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
     stream.add_argument("--no-stream", dest="stream", action="store_false",
                         help="never stream: the in-memory acceptance suite whatever the size")
     run.add_argument("--inject-fault", dest="fault", help="self-test: break the quantizer on purpose (see `list`); "
-                                                          "with --artifact, break a copy of the file (gguf-* faults)")
+                                                          "with --stream, the faults `list` marks [s]; with --artifact, "
+                                                          "break a copy of the file (gguf-* faults)")
     _add_sweep(sub)
     sub.add_parser("list", help="list models, schemes, methods, metrics and faults")
     rep = sub.add_parser("report", help="re-render the Markdown report from a results.json "
