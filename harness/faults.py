@@ -102,6 +102,18 @@ def nothing_quantized(model: QuantizedModel) -> QuantizedModel:
     return dataclasses.replace(model, tensors={}, floats=floats)
 
 
+STALL_SECONDS = 3.0
+
+
+def quantizer_stalls(model: QuantizedModel) -> QuantizedModel:
+    """The quantizer waits ``STALL_SECONDS`` before it returns (a lock or an I/O wait in
+    its path): the artifact is right, the time it took is not."""
+    import time
+
+    time.sleep(STALL_SECONDS)
+    return model
+
+
 def _permute_rows(t: QuantizedTensor, perm: np.ndarray) -> QuantizedTensor:
     rows = t.shape[0]
     blocks = block_codes(t)
@@ -581,6 +593,17 @@ def _streaming_only(target: FaultTarget) -> str | None:
     return None if target.streaming else "it breaks the streaming run's memory bound; run it with --stream"
 
 
+def _stall_exceeds_the_time_bound(target: FaultTarget) -> str | None:
+    """Stalling is only a test when every bit width's quantize_seconds bound is under the stall."""
+    for plan in target.plans:
+        bounds = [g.threshold for g in plan.gates if g.metric == "quantize_seconds" and g.op in ("<", "<=")]
+        if not bounds or min(bounds) >= STALL_SECONDS:
+            return (f"INT{plan.bits}'s quantize_seconds bound is {min(bounds) if bounds else 'absent'}, not under the "
+                    f"{STALL_SECONDS:g} s this fault stalls; give it criteria with a tighter bound (a copy of the "
+                    "model's criteria file)")
+    return None
+
+
 def _has_ladder(target: FaultTarget) -> str | None:
     return None if any(plan.ladder is not None for plan in target.plans) else (
         "no bit width of this run uses the fallback ladder (e.g. --profile edge)")
@@ -620,6 +643,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("nothing-quantized", "every weight kept in floating point (the quantizer silently skipped them)",
           nothing_quantized),
     Fault("rows-permuted", "rows of the largest non-embedding weight permuted", rows_permuted),
+    Fault("quantizer-stalls", f"the quantizer waits {STALL_SECONDS:g} s before it returns (needs a quantize_seconds "
+          "bound under that)", quantizer_stalls, requires=_stall_exceeds_the_time_bound),
     Fault("gptq-wrong-hessian", "GPTQ run with the Hessian of another layer", hessians=hessians_of_another_layer,
           requires=_uses_hessians),
     Fault("calibration-empty", "the calibration data silently empty", hessians=no_calibration, requires=_uses_hessians),
