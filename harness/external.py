@@ -233,10 +233,12 @@ def _victim(reader: gguf.GGUFReader, path: Path) -> Any:
     return max(of_main or candidates, key=lambda t: int(t.n_elements))
 
 
-def _patch(src: Path, dst: Path, edit: Callable[[Any, npt.NDArray[np.uint8]], None]) -> None:
-    """Copy ``src`` to ``dst`` with the victim tensor's blocks edited in place (same size)."""
+def _patch(src: Path, dst: Path, edit: Callable[[Any, npt.NDArray[np.uint8]], None],
+           choose: Callable[[gguf.GGUFReader, Path], Any] | None = None) -> None:
+    """Copy ``src`` to ``dst`` with the victim tensor's blocks edited in place (same size);
+    the victim is ``_victim``'s unless ``choose`` picks another."""
     reader = gguf.GGUFReader(src)
-    victim = _victim(reader, src)
+    victim = (choose or _victim)(reader, src)
     data = bytearray(src.read_bytes())
     size = int(gguf.GGML_QUANT_SIZES[victim.tensor_type][1])
     start = int(victim.data_offset)
@@ -272,6 +274,51 @@ def other_model_tensor(src: Path, dst: Path) -> None:
     _patch(src, dst, edit)
 
 
+def group_scales_off(src: Path, dst: Path) -> None:
+    """Eight blocks of the victim stored with 4x their FP16 scale (a converter that mixed up
+    a few blocks' scales): each such block spans 4x its source range."""
+    def edit(_victim: Any, blocks: npt.NDArray[np.uint8]) -> None:
+        picked = np.linspace(0, len(blocks) - 1, 8).astype(int)
+        d = blocks[picked, :2].copy().view(np.float16) * np.float16(4)
+        blocks[picked, :2] = d.view(np.uint8).reshape(-1, 2)
+    _patch(src, dst, edit)
+
+
+def _token_embedding(reader: gguf.GGUFReader, path: Path) -> Any:
+    found = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    if not found:
+        raise ConfigurationError(f"{path}: no token_embd.weight to break")
+    return found[0]
+
+
+def embedding_rows_swapped(src: Path, dst: Path) -> None:
+    """64 rows of the token embedding swapped in pairs, whatever its type (a ggml row is a
+    whole number of blocks): 32 tokens read each other's vectors."""
+    def edit(victim: Any, blocks: npt.NDArray[np.uint8]) -> None:
+        rows = int(victim.shape.tolist()[-1])  # ggml lists dimensions fastest first
+        per_row = len(blocks) // rows
+        grid = blocks.reshape(rows, per_row, -1)
+        picked = np.random.default_rng(1).choice(rows, size=64, replace=False)
+        grid[picked[0::2]], grid[picked[1::2]] = grid[picked[1::2]].copy(), grid[picked[0::2]].copy()
+    _patch(src, dst, edit, _token_embedding)
+
+
+def _norm_gain(reader: gguf.GGUFReader, path: Path) -> Any:
+    found = [t for t in reader.tensors if t.tensor_type == T.F32 and len(t.shape) == 1
+             and "norm" in t.name and t.name.endswith(".weight")]
+    if not found:
+        raise ConfigurationError(f"{path}: no F32 normalisation gain to break")
+    return found[0]
+
+
+def norm_gain_scaled(src: Path, dst: Path) -> None:
+    """One normalisation gain, kept in F32 by the converter, stored x1.5."""
+    def edit(_victim: Any, blocks: npt.NDArray[np.uint8]) -> None:
+        values = blocks.copy().view(np.float32) * np.float32(1.5)
+        blocks[:] = values.view(np.uint8).reshape(blocks.shape)
+    _patch(src, dst, edit, _norm_gain)
+
+
 def tensor_missing(src: Path, dst: Path) -> None:
     """The file rewritten without its victim tensor (a converter that skipped it)."""
     from harness.peers import write_gguf
@@ -301,6 +348,12 @@ GGUF_FAULTS: Final[dict[str, GGUFFault]] = {f.name: f for f in (
               "exporter would (weight SQNR gate)", scales_doubled),
     GGUFFault("gguf-other-model-tensor", "the largest non-embedding tensor replaced by another model's tensor of "
               "the same shape and type (weight cosine and output gates)", other_model_tensor),
+    GGUFFault("gguf-group-scales-off", "eight blocks of the largest non-embedding tensor stored with 4x their "
+              "scale (group range gate)", group_scales_off),
+    GGUFFault("gguf-embedding-rows-swapped", "64 rows of the token embedding swapped in pairs (embedding row "
+              "gate)", embedding_rows_swapped),
+    GGUFFault("gguf-norm-gain-scaled", "one F32 normalisation gain stored x1.5 (kept-tensors gate)",
+              norm_gain_scaled),
 )}
 
 

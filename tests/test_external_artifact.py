@@ -108,13 +108,17 @@ def test_integrity_refuses_a_forged_not_measured_gate(judged: tuple[Path, dict[s
 
 
 # fault -> the FormatError text naming the tensor (raised before the suite runs: a whole
-# run, cheap), or the weight gate of MiniLM's INT4 criteria it must fail. The gate faults
+# run, cheap), or the gate of MiniLM's INT4 criteria it must fail (weights, the embedding's
+# worst row, group ranges, the F32 tensors kept). The gate faults
 # run through the whole suite in e2e/test_gguf_faults_e2e.py (`make e2e`: ~20 s per run on
 # this machine would break this file's time budget); here the suite's own per-layer
 # measure (harness.external.layer_rows) meets the same criterion.
 EXPECTED: dict[str, str] = {
     "gguf-scales-doubled": "weight_sqnr_db_min",
     "gguf-other-model-tensor": "weight_cosine_min",
+    "gguf-group-scales-off": "group_range_ratio_max",
+    "gguf-embedding-rows-swapped": "embedding_row_cosine_min",
+    "gguf-norm-gain-scaled": "kept_tensors_changed",
     "gguf-tensor-missing": "lacks tensor 'encoder.layer.0.intermediate.dense.weight' (llama.cpp name "
                            "'blk.0.ffn_up.weight')",
     "gguf-block-nonfinite": "tensor 'blk.0.ffn_up.weight' (Q4_0) dequantizes to 32 NaN/Inf",
@@ -145,18 +149,33 @@ def test_gguf_fault_fails_the_weight_gate(fault: str, judged: tuple[Path, dict[s
     from fixtures.minilm.model import original_weights
     from harness.criteria import load_criteria
 
+    from harness.context import is_embedding_table
+
     weights = original_weights()
     broken = external.open_external(judged[0], weights, 4, "test", fault, tmp_path)
     rows = external.layer_rows(broken.artifact, weights)
-    measured = {"weight_sqnr_db_min": min(r.sqnr_db for r in rows), "weight_cosine_min": min(r.cosine for r in rows)}
+    account = external.accounting(broken.artifact, weights, {})
+    # each as the suite computes it from these rows and this accounting (tests/test_gate_audit.py
+    # keys the GGUF path with the suite's gates)
+    measured = {"weight_sqnr_db_min": min(r.sqnr_db for r in rows), "weight_cosine_min": min(r.cosine for r in rows),
+                "group_range_ratio_max": max(r.group_range_ratio_max for r in rows),
+                "embedding_row_cosine_min": min(r.row_cosine_min for r in rows if is_embedding_table(r.name)),
+                "kept_tensors_changed": float(len(account.changed))}
     minilm = Path(__file__).resolve().parent.parent / "harness" / "criteria" / "minilm.toml"
     gate = next(c for c in load_criteria(minilm).plan(4).gates if c.metric == EXPECTED[fault])
     clean = judged[2].results["bit_widths"][0]["metrics"][gate.metric]
     assert gate.check(clean) is None  # the control: the clean file meets it
     problem = gate.check(measured[gate.metric])
-    assert problem is not None and gate.metric in problem
-    worst = min(rows, key=lambda r: r.sqnr_db if gate.metric == "weight_sqnr_db_min" else r.cosine)
-    assert worst.name == "encoder.layer.0.intermediate.dense.weight"  # the victim, named in the report
+    assert problem is not None and gate.metric in problem, (gate.rule, measured[gate.metric])
+    if gate.metric == "kept_tensors_changed":
+        assert len(account.changed) == 1 and "LayerNorm.weight" in account.changed[0], account.changed
+        return
+    key = {"weight_sqnr_db_min": lambda r: r.sqnr_db, "weight_cosine_min": lambda r: r.cosine,
+           "group_range_ratio_max": lambda r: -r.group_range_ratio_max,
+           "embedding_row_cosine_min": lambda r: r.row_cosine_min}[gate.metric]
+    victim = ("embeddings.word_embeddings.weight" if gate.metric == "embedding_row_cosine_min"
+              else "encoder.layer.0.intermediate.dense.weight")
+    assert min(rows, key=key).name == victim  # the victim, named in the report
 
 
 def test_other_formats_and_conflicting_options_are_refused(judged: tuple[Path, dict[str, Any], RunResult],
