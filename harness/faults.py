@@ -310,10 +310,15 @@ def _embedding_tables(tensors: Mapping[str, Any]) -> list[str]:
     return [n for n in tensors if ("embed" in n.lower() or "wte" in n.lower()) and len(tensors[n].shape) == 2]
 
 
+def _embedding_victim(tensors: Mapping[str, Any]) -> str:
+    """The token embedding table: the embedding with the most rows."""
+    return max(_embedding_tables(tensors), key=lambda n: tensors[n].shape[0])
+
+
 def embedding_rows_swapped(model: QuantizedModel) -> QuantizedModel:
     """64 rows of the embedding table swapped in pairs (32 tokens exchange their vectors;
     K-schemes: 64 units of the rows that share super-blocks, ``_row_unit``)."""
-    victim = max(_embedding_tables(model.tensors), key=lambda n: model.tensors[n].shape[0])
+    victim = _embedding_victim(model.tensors)
 
     def swap(t: QuantizedTensor) -> QuantizedTensor:
         k = _row_unit(t)
@@ -738,7 +743,7 @@ STREAM_VICTIMS: dict[str, _Victims] = {
     "nothing-quantized": lambda q, f: None,
     "dtype-recorded-wrong": _one(_largest_of),
     "stale-artifact": _one(_largest_of),
-    "embedding-rows-swapped": lambda q, f: {max(_embedding_tables(q), key=lambda n: q[n].shape[0])},
+    "embedding-rows-swapped": _one(_embedding_victim),
     "norm-gain-scaled": lambda q, f: {_norm_gains(f)[0]},
     "norm-gain-nan": lambda q, f: {_norm_gains(f)[0]},
     "bias-zeroed": lambda q, f: {(_biases(f) or _norm_gains(f))[0]},
