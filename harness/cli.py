@@ -318,13 +318,6 @@ def _main(args: argparse.Namespace) -> int:
                 raise ConfigurationError("the streaming run (--stream, or a safetensors file over 1 GiB) takes "
                                          "--bits, --criteria, --inject-fault, --out and --quiet only; pass --no-stream "
                                          "for the rest")
-            if args.fault is not None:
-                from harness.faults import get_fault, streams
-
-                get_fault(args.fault)  # an unknown name: "did you mean"
-                if not streams(args.fault):
-                    raise ConfigurationError(f"--inject-fault {args.fault} has no streaming form; pass --no-stream "
-                                             "(`python -m harness list` marks the faults of the streaming run)")
             code, report_path = run_streaming(StreamingConfig(model=args.model, bits=args.bits, out=args.out,
                                                               criteria=args.criteria, quiet=args.quiet,
                                                               outputs=args.runner != "none", fault=args.fault))

@@ -760,6 +760,19 @@ def streams(name: str) -> bool:
     return name in STREAM_VICTIMS or name in STREAM_SPECIAL
 
 
+def check_streaming(fault: Fault, shapes: Mapping[str, tuple[tuple[int, ...], str]], where: str) -> None:
+    """Refuse, before any work, a fault the streaming run cannot inject into the model at
+    ``where`` (name -> (shape, dtype name) of its tensors): no streaming form, or nothing
+    to act on."""
+    if not streams(fault.name):
+        raise ConfigurationError(f"--inject-fault {fault.name} has no streaming form (faults of the streaming run: "
+                                 f"{', '.join(sorted([*STREAM_VICTIMS, *STREAM_SPECIAL]))}); pass --no-stream")
+    rows = {n: _Row(tuple(shape), _Dtype(dtype)) for n, (shape, dtype) in shapes.items()}
+    why = fault.cannot_act(FaultTarget(rows, None, (), streaming=True))
+    if why is not None:
+        raise ConfigurationError(f"--inject-fault {fault.name} cannot act on {where}: {why}")
+
+
 def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]:
     """Rewrite the streamed artifact at ``path`` with ``fault``, one row in memory at a time;
     returns the records (``stream.StreamedTensor``) of what the rewrite wrote."""
@@ -767,15 +780,11 @@ def rewrite_streamed(fault: Fault, path: Path, streamed: list[Any]) -> list[Any]
     from arrowquant_core.atomic import write_atomic
     from arrowquant_core.tensor import dequantize
 
-    if not streams(fault.name):
-        raise ConfigurationError(f"--inject-fault {fault.name} has no streaming form (faults of the streaming run: "
-                                 f"{', '.join(sorted([*STREAM_VICTIMS, *STREAM_SPECIAL]))}); pass --no-stream")
+    check_streaming(fault, {t.name: (tuple(t.shape), t.dtype) for t in streamed if t.kind in ("quantized", "float")},
+                    path.name)  # run_streaming checked the source already; the rows are what is rewritten
     records = {t.name: t for t in streamed}
     quantized = {t.name: _Row(tuple(t.shape), _Dtype(t.dtype)) for t in streamed if t.kind == "quantized"}
     floats = {t.name: _Row(tuple(t.shape), _Dtype(t.dtype)) for t in streamed if t.kind == "float"}
-    why = fault.cannot_act(FaultTarget({**quantized, **floats}, None, (), streaming=True))
-    if why is not None:
-        raise ConfigurationError(f"--inject-fault {fault.name} cannot act on {path.name}: {why}")
     victims: set[str] | None = set()
     pair: tuple[str, str] | None = None
     if fault.name == "tie-invented":

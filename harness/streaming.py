@@ -329,6 +329,11 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
         largest = max(source.info(n).nbytes for n in source.names)
         say(f"streaming {file} ({source.file_bytes / 1e9:.2f} GB in {len(source.files)} file(s), "
             f"{params / 1e6:.1f}M parameters, largest tensor {largest / 1e6:.0f} MB) with criteria {criteria_path}")
+        if config.fault is not None:  # before any work: a fault with nothing to act on tests nothing
+            from harness.faults import check_streaming, get_fault
+
+            shapes = {n: (tuple(source.info(n).shape), source.info(n).numpy_dtype.name) for n in source.names}
+            check_streaming(get_fault(config.fault), shapes, str(file))
         dream = dream_kl(file if file.is_dir() else file.parent) if config.outputs else None
         outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream, config.fault)
                     for b in bits]

@@ -73,15 +73,18 @@ def test_clean_streaming_run_passes(minilm: str, bits: int, tmp_path: Path) -> N
     assert code == 0 and not _failed(results) and results["run"]["fault"] is None
 
 
-def test_fault_without_a_streaming_form_is_refused(minilm: str, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("fault", "why"), [("gptq-wrong-hessian", "has no streaming form"),
+                                            ("conv-reshaped-wrong-order", "no conv weight")])
+def test_fault_the_streaming_run_cannot_inject_is_refused(minilm: str, fault: str, why: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Before any work: nothing quantized, nothing written."""
     from harness import exitcodes
     from harness.cli import main
 
-    code = main(["run", "--model", minilm, "--stream", "--bits", "8", "--inject-fault", "gptq-wrong-hessian",
+    code = main(["run", "--model", minilm, "--stream", "--bits", "8", "--inject-fault", fault,
                  "--out", str(tmp_path), "--quiet"])
-    assert code == exitcodes.USAGE and "has no streaming form" in capsys.readouterr().err
-    assert not (tmp_path / RESULTS_NAME).exists()
+    assert code == exitcodes.USAGE and why in capsys.readouterr().err
+    assert not (tmp_path / RESULTS_NAME).exists() and not (tmp_path / "artifacts").exists()
 
 
 def _cli(model: str, out: Path, *extra: str) -> dict[str, Any]:
