@@ -35,10 +35,15 @@ def _largest(model: QuantizedModel) -> str:
     return _largest_of(model.tensors)
 
 
+def _non_embedding(tensors: Mapping[str, Any]) -> list[str]:
+    """The tensors a single-tensor fault may hit: every one but the embedding tables (all, if
+    that leaves none)."""
+    return [n for n in tensors if "embed" not in n] or list(tensors)
+
+
 def _largest_of(tensors: Mapping[str, Any]) -> str:
     """``_largest``'s rule on any name -> tensor mapping (a streamed artifact's rows too)."""
-    candidates = [n for n in tensors if "embed" not in n] or list(tensors)
-    return max(candidates, key=lambda n: math.prod(tensors[n].shape))
+    return max(_non_embedding(tensors), key=lambda n: math.prod(tensors[n].shape))
 
 
 def _map(model: QuantizedModel, fn: Callable[[QuantizedTensor], QuantizedTensor],
@@ -287,8 +292,7 @@ def dtype_recorded_wrong(model: QuantizedModel) -> QuantizedModel:
 def _same_shape_pair(tensors: Mapping[str, Any]) -> tuple[str, str] | None:
     """(alias, canonical): the largest non-embedding weight and the first other quantized
     weight of its shape, the pair a deduplication by shape would wrongly merge."""
-    candidates = [n for n in tensors if "embed" not in n] or list(tensors)
-    for alias in sorted(candidates, key=lambda n: -math.prod(tensors[n].shape)):
+    for alias in sorted(_non_embedding(tensors), key=lambda n: -math.prod(tensors[n].shape)):
         for other in tensors:
             if other != alias and tuple(tensors[other].shape) == tuple(tensors[alias].shape):
                 return alias, other
