@@ -147,6 +147,24 @@ def test_cached_reference_gives_the_numbers_of_quality_compare(runner: DreamRunn
     assert got["sampler4_first_divergence"] == ref["sampler_4_first_divergence_step"]
 
 
+def test_weights_only_comparison_is_compare_without_the_trajectories(runner: DreamRunner) -> None:
+    """The Hessian comparison's measurement: every figure it reports is compare's, bit for
+    bit (the cached reference rows, KL taken in place), and the free-running sampler
+    figures it does not compute are absent, not filled in."""
+    small = DreamRunner(runner.folder, seed=3, act_configs=())
+    small.samples = small.samples[:6]
+    w = aq.quantize_model(runner.original, aq.QuantizationConfig("int2-g16-asym")).dequantize()
+    full = small.compare(w)
+    only = small.compare_weights_only(w)
+    trajectory_keys = {k for k in full if k.startswith("sampler")}
+    assert trajectory_keys == {"sampler4_agreement", "sampler8_agreement",
+                               "sampler4_first_divergence", "sampler8_first_divergence"}
+    assert set(only) == set(full) - trajectory_keys
+    for key in only:
+        assert only[key] == full[key], key
+    assert only["kl_mean"] > 0 and only["frontier_flip_rate8"] > 0  # INT2: the figures are not trivially equal
+
+
 def _tiny() -> dict[str, np.ndarray]:
     return {"blk.weight": np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256)}
 
