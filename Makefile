@@ -24,7 +24,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 FUZZ_EXAMPLES ?= 400
 
-.PHONY: setup ggml run test fuzz e2e bench measure scale clean help
+.PHONY: setup ggml run test fuzz e2e bench bench-baseline measure scale clean help
 
 help:
 	@echo "make run    set up .venv and run: python -m harness run --model $(MODEL) $(ARGS)"
@@ -34,6 +34,7 @@ help:
 	@echo "make fuzz   the long hostile-input campaign (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) per target) and bombs"
 	@echo "make e2e    the plugin and the GitHub Action gating dream-mini from a scratch repository; GGUF faults end to end"
 	@echo "make bench  kernel, method, quality-per-bit and whole-run time benchmarks (tests/benchmarks)"
+	@echo "make bench-baseline  re-measure the old code's run times on this machine (reports/baselines/run_times.json, ~3 min)"
 	@echo "make measure  the long measurement tables (llama.cpp peers on MiniLM, time-aware dream-mini, transformers runners, dit-mini)"
 	@echo "make scale  streaming validation from 3.5M to 7.6B parameters (writes 20 GB of fixtures once; ~30 min)"
 
@@ -78,6 +79,10 @@ e2e: $(STAMP) ggml
 
 bench: $(STAMP) ggml
 	$(PY) -m pytest tests/benchmarks tests/benchmarks/test_bench_runs.py -q
+
+# The old code's run times on this machine, for test_bench_runs.py's ratios (~3 minutes).
+bench-baseline: $(STAMP)
+	$(PY) tests/benchmarks/run_baseline.py
 
 # The tables quoted in the issue notes; minutes each, never in the default run.
 measure: $(STAMP) ggml

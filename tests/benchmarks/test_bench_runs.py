@@ -1,6 +1,13 @@
 """Wall time of the three harness runs issue 11 item 4 names, against the figures of the
 code before the run-time work (``reports/baselines/run_times.json``: commit, machine,
-load and command of each measurement).
+load and command of each measurement). The baseline must come from this machine (the
+processor, core count and memory it names): a ratio to another machine's time says
+nothing about the code, so the benchmark fails and names ``make bench-baseline``
+(``run_baseline.py`` here), which re-measures the old commit in about 3 minutes.
+
+On the Intel Xeon 2-core machine (2026-12-02; baseline e526cc0 34.0 / 38.3 / 46.6 s) at
+3350ce1: minilm 18.6 s (target met), dream-mini 16.7 s (0.44x, target 6 s not met),
+edge 22.7 s (target met).
 
 Each benchmark runs the command as its own process (``python -m harness run``, one
 round, as the baseline was measured), records the seconds, the issue's target, the old
@@ -44,6 +51,8 @@ from typing import Any
 
 import pytest
 
+from tests.benchmarks.run_baseline import machine
+
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = REPO / "reports" / "baselines" / "run_times.json"
 # When the target is not met, a run must keep the gain it has: at most MAX_RATIO of the old
@@ -55,7 +64,8 @@ BASELINE = REPO / "reports" / "baselines" / "run_times.json"
 # b082e0b / ea95f40, before the start-up, exit, suite-plugin and float32-Hessian-product
 # changes: 34.2 / 35.9 s, 36.3 / 35.5 s and 57.5 / 54.0 s. Single runs move by several
 # percent even on an idle machine, hence the room. On one core (one measurement thread)
-# these bounds fail: they are this machine's figures, as the baseline is.
+# these bounds fail: they are this machine's figures, as the baseline is. (Those figures
+# are the AMD EPYC machine's of 2026-12-01; the baseline file now holds the Intel machine's.)
 MAX_RATIO = {"minilm": 0.65, "dream-mini": 0.65, "edge": 0.65}
 
 
@@ -67,6 +77,11 @@ def _baseline() -> dict[str, Any]:
 @pytest.mark.parametrize("name", ["minilm", "dream-mini", "edge"])
 def test_bench_run(name: str, benchmark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base = _baseline()
+    here = machine()
+    assert base["machine"] == here, (
+        f"{BASELINE.name} was measured on {base['machine']!r}, this is {here!r}: a ratio to another "
+        f"machine's time says nothing about the code. Re-measure it here with `make bench-baseline` "
+        f"(tests/benchmarks/run_baseline.py, about 3 minutes).")
     entry = base["runs"][name]
     args = [*entry["args"], "--out", str(tmp_path / "out"), "--quiet"]
     # A fresh process per run, as the baseline was measured: in-process runs would share
@@ -99,8 +114,7 @@ def test_bench_run(name: str, benchmark, tmp_path: Path) -> None:  # type: ignor
     assert results["verdict"] == entry["verdict"], (name, results["verdict"])
     assert results["tests"]["total"] == entry["tests_total"], (name, results["tests"]["total"])
     assert codes == [entry["exit_code"]]
-    if seconds <= target:
-        assert seconds <= target
-    else:
-        assert seconds <= MAX_RATIO[name] * old, (
-            f"{name}: {seconds:.1f} s is not below {MAX_RATIO[name]} x the old {old:.1f} s (target {target} s)")
+    # the target where it is met, else a bound on the old code's time on this machine
+    assert seconds <= target or seconds <= MAX_RATIO[name] * old, (
+        f"{name}: {seconds:.1f} s misses the target {target} s and is not below {MAX_RATIO[name]} x "
+        f"the old {old:.1f} s")
