@@ -23,6 +23,7 @@ EXPECTED = {
     "gguf-group-scales-off": {"group_range_ratio_max"},
     "gguf-embedding-rows-swapped": {"embedding_row_cosine_min"},
     "gguf-norm-gain-scaled": {"kept_tensors_changed"},
+    "gguf-weight-left-f32": {"unquantized_weights", "bits_per_weight", "compression_vs_fp32"},
 }
 # faults whose victim is the largest non-embedding tensor, the worst layer by SQNR
 LAYER_FAULTS = {"gguf-scales-doubled", "gguf-other-model-tensor"}
@@ -40,6 +41,12 @@ def test_gguf_fault_fails_a_named_gate(fault: str, tmp_path: Path) -> None:
     assert result.verdict == "FAIL" and EXPECTED[fault] <= failed, failed
     assert result.results["run"]["artifact"]["fault"] == fault
     assert f"injected fault `{fault}`" in result.report_path.read_text()
+    if fault == "gguf-weight-left-f32":
+        # the clean file already fails these three gates (llama.cpp keeps two embeddings in F32:
+        # tests/test_external_artifact.py); the fault must add its victim to what they count
+        metrics = result.results["bit_widths"][0]["metrics"]
+        assert metrics["unquantized_weights"] == 3, metrics["unquantized_weights"]
+        return
     if fault not in LAYER_FAULTS:
         return
     layers = result.results["bit_widths"][0]["layers"]

@@ -319,8 +319,9 @@ def norm_gain_scaled(src: Path, dst: Path) -> None:
     _patch(src, dst, edit, _norm_gain)
 
 
-def tensor_missing(src: Path, dst: Path) -> None:
-    """The file rewritten without its victim tensor (a converter that skipped it)."""
+def _rewrite(src: Path, dst: Path, victim_as: Callable[[Any], tuple[npt.NDArray[Any], Any] | None]) -> None:
+    """The file written again (gguf-py's writer, its metadata kept) with the victim tensor
+    replaced by ``victim_as(victim)``: (data, type), or None to leave it out."""
     from harness.peers import write_gguf
 
     reader = gguf.GGUFReader(src)
@@ -328,8 +329,25 @@ def tensor_missing(src: Path, dst: Path) -> None:
     meta = {k: v for k, v in gguf_artifact._metadata(reader).items()
             if k != "general.architecture" and isinstance(v, (str, int)) and not isinstance(v, bool)}
     arch = str(gguf_artifact._metadata(reader).get("general.architecture", "unknown"))
-    write_gguf(dst, [(t.name, np.asarray(t.data), t.tensor_type) for t in reader.tensors if t.name != victim.name],
-               arch, meta)
+    tensors = []
+    for t in reader.tensors:
+        stored = victim_as(t) if t.name == victim.name else (np.asarray(t.data), t.tensor_type)
+        if stored is not None:
+            tensors.append((t.name, *stored))
+    write_gguf(dst, tensors, arch, meta)
+
+
+def tensor_missing(src: Path, dst: Path) -> None:
+    """The file rewritten without its victim tensor (a converter that skipped it)."""
+    _rewrite(src, dst, lambda _victim: None)
+
+
+def weight_left_f32(src: Path, dst: Path) -> None:
+    """The victim stored as F32 holding its own dequantized values (a converter that left
+    one matrix unquantized): every check of its values still passes, the file is larger
+    and one weight is not quantized."""
+    _rewrite(src, dst, lambda victim: (np.asarray(gguf.quants.dequantize(np.asarray(victim.data),
+                                                                          victim.tensor_type), np.float32), T.F32))
 
 
 @dataclass(frozen=True)
@@ -354,6 +372,8 @@ GGUF_FAULTS: Final[dict[str, GGUFFault]] = {f.name: f for f in (
               "gate)", embedding_rows_swapped),
     GGUFFault("gguf-norm-gain-scaled", "one F32 normalisation gain stored x1.5 (kept-tensors gate)",
               norm_gain_scaled),
+    GGUFFault("gguf-weight-left-f32", "the largest non-embedding tensor stored as F32 with its own dequantized "
+              "values (unquantized-weights, bits-per-weight and compression gates)", weight_left_f32),
 )}
 
 
