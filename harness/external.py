@@ -201,7 +201,12 @@ def accounting(art: GGUFArtifact, source: Mapping[str, FloatArray], ties: Mappin
             continue
         if art.weights[name].shape != want.shape or not np.array_equal(art.weights[name], want):
             changed.append(name)
-    dtype_mismatches = [n for n, a in art.weights.items() if n in source and a.dtype != np.asarray(source[n]).dtype]
+    # a GGUF reads every float tensor back as float32, whatever the model's float type (a
+    # bfloat16 model included): a mismatch is a float read as a buffer or the reverse, or
+    # a buffer of another integer type
+    dtype_mismatches = [n for n, a in art.weights.items() if n in source
+                        and (gguf_artifact.is_buffer(a) != gguf_artifact.is_buffer(source[n])
+                             or (gguf_artifact.is_buffer(a) and a.dtype != np.asarray(source[n]).dtype))]
     nonfinite = [n for n, a in art.weights.items() if a.dtype.kind == "f" and not bool(np.all(np.isfinite(a)))]
     # a GGUF records no ties: a tie holds when the file's two tensors read back identical
     tie_mismatches = sorted(a for a, c in ties.items() if a in art.weights and c in art.weights

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from arrowquant_core.errors import ConfigurationError, FormatError
+from arrowquant_core.model import RAW_DTYPES
 from harness.peers import gguf_names
 
 FloatArray = npt.NDArray[np.floating]
@@ -242,6 +243,12 @@ def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return out
 
 
+def is_buffer(array: Any) -> bool:
+    """An integer or boolean buffer (position ids and the like), not a weight: every other
+    dtype of a model, bfloat16 included (its NumPy kind is "V"), is a float."""
+    return np.asarray(array).dtype.name in RAW_DTYPES
+
+
 def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
     """Read ``path`` as the model whose float weights are ``source`` (names, shapes, order).
 
@@ -292,7 +299,7 @@ def load(path: Path, source: Mapping[str, FloatArray]) -> GGUFArtifact:
             continue
         tensor = found[src]
         qtype = tensor.tensor_type
-        if np.asarray(ref).dtype.kind != "f":  # an integer buffer: stored exactly, or wrong
+        if is_buffer(ref):  # an integer buffer: stored exactly, or wrong (bfloat16 is a float)
             got = np.asarray(tensor.data).reshape(tuple(reversed(tensor.shape.tolist())))
             if got.shape != ref.shape or not np.array_equal(got, ref):
                 raise FormatError(f"{path}: tensor {tensor.name!r} ({qtype.name}) differs from the model's integer "

@@ -214,6 +214,37 @@ def test_a_llama_cpp_q4_0_file_is_judged_outside_the_4_5_bit_class(judged: tuple
     assert metrics["unquantized_weights"] == 2 and metrics["bits_per_weight"] > 4.5, metrics
 
 
+def test_a_bfloat16_model_is_judged_from_its_gguf(tmp_path: Path) -> None:
+    """Most checkpoints ship in bfloat16, whose NumPy kind is "V": the reader took its
+    float weights for integer buffers and crashed (exit 3), and the accounting would have
+    counted every float tensor, read back as float32, as a dtype mismatch. A converter's
+    Q8_0 of the tiny GPT-2 stored in bfloat16 is judged like any other file."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    from fixtures import tiny_lm
+    from harness.fixtures_import import fixtures_module
+
+    folder = tmp_path / "gpt2-bf16"
+    shutil.copytree(tiny_lm.ensure_tiny_gpt2(), folder)
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, f,
+                  metadata={"format": "pt"})
+    checkpoint = fixtures_module("checkpoint").load_model(str(folder))
+    assert {a.dtype.name for a in checkpoint.weights.values()} == {"bfloat16"}
+    upcast = {k: a.astype(np.float32) for k, a in checkpoint.weights.items()}  # as convert_hf_to_gguf reads it
+    gguf_file = peers.quantize(upcast, peers.get_peer("Q8_0"), tmp_path / "gpt2-bf16-Q8_0.gguf",
+                               model_name=str(folder)).path
+    result = run(RunConfig(model=str(folder), artifact=gguf_file, out=tmp_path / "run", quiet=True,
+                           benchmark_rounds=1))
+    metrics = result.results["bit_widths"][0]["metrics"]
+    assert metrics["dtype_mismatches"] == 0 and metrics["kept_tensors_changed"] == 0, metrics
+    assert metrics["weight_cosine_min"] > 0.999 and math.isfinite(metrics["kl_mean"]), metrics  # outputs measured
+    assert result.verdict == "PASS", [c for c in result.results["criteria"] if c["passed"] is False]
+
+
 def test_other_formats_and_conflicting_options_are_refused(judged: tuple[Path, dict[str, Any], RunResult],
                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = judged[0]
