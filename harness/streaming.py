@@ -99,6 +99,34 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start the process's peak resident set size over at its current size, so that
+    ``peak_rss_bytes`` measures from here: writing 5 to ``/proc/self/clear_refs`` (Linux
+    4.0 and later). A streaming run called in a process that did other work first (a
+    notebook, a test session) would otherwise report that work's peak. False when the
+    system does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class RunPeak:
+    """The streaming run's own peak RSS: the process's peak since the reset at the run's
+    start; without a reset, the process's peak only once it has risen during the run
+    (before that the run's own peak is not known: ``None``)."""
+
+    def __init__(self) -> None:
+        self.reset = reset_peak_rss()
+        self.before = peak_rss_bytes()
+
+    def __call__(self) -> int | None:
+        now = peak_rss_bytes()
+        return now if self.reset or now > self.before else None
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status", encoding="ascii") as handle:
         for line in handle:
@@ -171,7 +199,7 @@ class BitsOutcome:
 def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteria, out: Path,
                   block_values: int, say: Callable[[str], None],
                   dream: Callable[[stream.SafetensorsSource, Path], dict[str, float]] | None = None,
-                  fault: str | None = None) -> BitsOutcome:
+                  fault: str | None = None, peak: Callable[[], int | None] = peak_rss_bytes) -> BitsOutcome:
     from harness.context import SOURCE_KEY, is_embedding_table
 
     plan = criteria.plan(bits)
@@ -232,8 +260,8 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
         "source_match": float(back.metadata.get(SOURCE_KEY) == stream.source_digest(back.digests)),
         "quantize_seconds": quantize_seconds,
         "readback_seconds": back.seconds,
-        "peak_rss_gib": peak_rss_bytes() / 2**30,
     }
+    _record_peak(metrics, peak)
     if embedding_rows:
         metrics["embedding_row_cosine_min"] = min(embedding_rows)
     if dream is not None:
@@ -241,7 +269,7 @@ def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteri
         t1 = time.perf_counter()
         metrics.update(dream(source, path))
         metrics["kl_seconds"] = time.perf_counter() - t1
-        metrics["peak_rss_gib"] = peak_rss_bytes() / 2**30
+        _record_peak(metrics, peak)
     gates = []
     for criterion in plan.gates:
         value = metrics.get(criterion.metric)
@@ -304,6 +332,14 @@ def dream_kl(folder: Path) -> Callable[[stream.SafetensorsSource, Path], dict[st
     return measure
 
 
+def _record_peak(metrics: dict[str, float], peak: Callable[[], int | None]) -> None:
+    """``peak_rss_gib`` when the run's own peak is known; left out otherwise, so its gate
+    reads NOT MEASURED rather than another piece of work's peak."""
+    value = peak()
+    if value is not None:
+        metrics["peak_rss_gib"] = value / 2**30
+
+
 def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
     """The streaming run: returns (exit code, report path); 0 = every gate passed, 1 = not."""
     file = weights_file(config.model)
@@ -322,6 +358,7 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
+    peak = RunPeak()
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     with stream.SafetensorsSource(file) as source:
@@ -335,7 +372,7 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
             shapes = {n: (tuple(source.info(n).shape), source.info(n).numpy_dtype.name) for n in source.names}
             check_streaming(get_fault(config.fault), shapes, str(file))
         dream = dream_kl(file if file.is_dir() else file.parent) if config.outputs else None
-        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream, config.fault)
+        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream, config.fault, peak)
                     for b in bits]
         # ties are found in the read-back pass; before any, the sizes count every tensor
         baseline = outcomes[0].baseline_bytes if outcomes else {
@@ -348,7 +385,9 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
                 "started_at": started, "wall_seconds": round(time.perf_counter() - t0, 2),
                 "criteria_file": str(criteria_path), "criteria_sha256": stream.digest_file(criteria_path),
                 "block_values": config.block_values,
-                "peak_rss_bytes": peak_rss_bytes(), "mode": "streaming (weight level)", "fault": config.fault},
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_rss_from": "the run's start" if peak.reset else "the process's start (it could not be reset)",
+                "mode": "streaming (weight level)", "fault": config.fault},
         "model": {"parameters": params, "tensors": len(outcomes[0].layers) if outcomes else 0,
                   "file_bytes": file_bytes, "largest_tensor_bytes": largest},
         "baselines": {"fp32_bytes": baseline["float32"], "fp16_bytes": baseline["float16"],

@@ -73,6 +73,24 @@ def test_clean_streaming_run_passes(minilm: str, bits: int, tmp_path: Path) -> N
     assert code == 0 and not _failed(results) and results["run"]["fault"] is None
 
 
+def test_the_peak_rss_gate_reads_the_runs_own_peak(minilm: str, tmp_path: Path) -> None:
+    """The peak is the process's high-water mark, and a run called in a process that did
+    other work first read that work's peak: the clean INT2 run above failed its 3 GiB gate
+    in one CI run, in a pytest worker an earlier test had taken past 3 GiB. The run now
+    starts the mark over. Here 2 GiB is touched and freed first; the run must not see it."""
+    import numpy as np
+
+    from harness.streaming import peak_rss_bytes
+
+    held = np.ones(2**28)  # 2 GiB of float64, every page written
+    del held
+    before = peak_rss_bytes()
+    _code, results = _run(minilm, 8, None, tmp_path)
+    assert results["run"]["peak_rss_from"] == "the run's start"
+    got = results["bit_widths"][0]["metrics"]["peak_rss_gib"] * 2**30
+    assert 0 < got < before - 1.5 * 2**30, (got / 2**30, before / 2**30)
+
+
 @pytest.mark.parametrize(("fault", "why"), [("gptq-wrong-hessian", "has no streaming form"),
                                             ("conv-reshaped-wrong-order", "no conv weight")])
 def test_fault_the_streaming_run_cannot_inject_is_refused(minilm: str, fault: str, why: str, tmp_path: Path,
