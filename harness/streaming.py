@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-import resource
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -49,6 +48,7 @@ from arrowquant_core.atomic import write_bytes_atomic
 from arrowquant_core.errors import ConfigurationError
 from arrowquant_core.limits import short
 from arrowquant_core.safetensors_io import _dtype_for, _header_bytes  # the writer's exact layout
+from harness.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 if TYPE_CHECKING:  # imported where used: the probe subprocess must start fast (tests/test_stream.py)
     from harness.criteria import Criteria
@@ -87,36 +87,12 @@ def should_stream(model: str, flag: bool | None) -> bool:
     return sum(f.stat().st_size for f in stream.shard_files(file)) > STREAM_THRESHOLD_BYTES
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (VmHWM; ru_maxrss as a fallback)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Start the process's peak resident set size over at its current size, so that
-    ``peak_rss_bytes`` measures from here: writing 5 to ``/proc/self/clear_refs`` (Linux
-    4.0 and later). A streaming run called in a process that did other work first (a
-    notebook, a test session) would otherwise report that work's peak. False when the
-    system does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
-
-
 class RunPeak:
     """The streaming run's own peak RSS: the process's peak since the reset at the run's
-    start; without a reset, the process's peak only once it has risen during the run
-    (before that the run's own peak is not known: ``None``)."""
+    start (a run called in a process that did other work first, a notebook or a test
+    session, would otherwise report that work's peak); without a reset, the process's
+    peak only once it has risen during the run (before that the run's own peak is not
+    known: ``None``)."""
 
     def __init__(self) -> None:
         self.reset = reset_peak_rss()
@@ -125,14 +101,6 @@ class RunPeak:
     def __call__(self) -> int | None:
         now = peak_rss_bytes()
         return now if self.reset or now > self.before else None
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def layout_size(source: stream.SafetensorsSource, dtype: np.dtype[Any], skip: frozenset[str] = frozenset()) -> int:

@@ -2,7 +2,7 @@
 
 Each bomb writes a file and names the reader that must refuse or read it within bounds.
 ``measure`` runs the reader in a fresh subprocess and reports its outcome, wall time and
-peak RSS (VmHWM; see ``_peak_kib`` for why not ``ru_maxrss``) above the RSS after imports, so
+peak RSS (VmHWM; see ``harness.memory`` for why not ``ru_maxrss``) above the RSS after imports, so
 the memory a reader spends on a hostile file is measured on its own, not mixed with the
 test process. Bounds are generous multiples of the file's real size (issue 10: memory
 must follow the real size, never what the file claims).
@@ -140,29 +140,19 @@ def read_npy_file(path: Path) -> Any:
 
 
 def _peak_kib() -> int:
-    """Peak RSS of this process in KiB. ``/proc/self/status`` VmHWM where it exists: on
-    Linux ``getrusage().ru_maxrss`` carries the *parent's* high-water mark across
-    fork+exec (measured here: every child reported the test process's 600 MB), while
-    VmHWM belongs to the new address space. ru_maxrss elsewhere."""
-    import resource
+    """Peak RSS of this process in KiB (harness.memory: VmHWM, not ru_maxrss, which
+    carries the parent's mark across fork + exec)."""
+    from harness.memory import peak_rss_bytes
 
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak_rss_bytes() // 1024
 
 
 def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``),
-    so several bombs can be measured one after another in one process."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
+    """Start the peak over at the current RSS, so several bombs can be measured one after
+    another in one process."""
+    from harness.memory import reset_peak_rss
+
+    reset_peak_rss()
 
 
 def _child_many(jobs: list[tuple[str, str]]) -> None:
