@@ -219,7 +219,10 @@ def quantize_tensor(array: object, scheme: Scheme, name: str, method: str = "rtn
     if row.k_schemes and isinstance(array, np.ndarray) and array.size and array.dtype.kind == "f":
         # the grid and rotation searches run in float32: values near float32's edge overflow
         # there, so such a tensor is a configuration the method cannot take
-        peak = float(np.max(np.abs(array.astype(np.float64))))
+        # float32 input: |x| and the maximum are exact in float32, so no float64 copy (it
+        # was a tenth of the shipped INT4 method's time on MiniLM, the 11.7M-value embedding)
+        values = array if array.dtype == np.float32 else array.astype(np.float64)
+        peak = float(np.max(np.abs(values)))
         if peak > _K_LIMIT:
             raise ConfigurationError(f"tensor {name!r}: |value| up to {peak:.3g}; method {method!r} searches in "
                                      f"float32 and takes values up to {_K_LIMIT:g}: use rtn, clip or gptq")
