@@ -167,7 +167,7 @@ class BitsOutcome:
 def validate_bits(source: stream.SafetensorsSource, bits: int, criteria: Criteria, out: Path,
                   block_values: int, say: Callable[[str], None],
                   dream: Callable[[stream.SafetensorsSource, Path], dict[str, float]] | None = None,
-                  fault: str | None = None, peak: Callable[[], int | None] = peak_rss_bytes) -> BitsOutcome:
+                  fault: str | None = None, *, peak: Callable[[], int | None]) -> BitsOutcome:
     from harness.context import SOURCE_KEY, is_embedding_table
 
     plan = criteria.plan(bits)
@@ -340,7 +340,7 @@ def run_streaming(config: StreamingConfig) -> tuple[int, Path]:
             shapes = {n: (tuple(source.info(n).shape), source.info(n).numpy_dtype.name) for n in source.names}
             check_streaming(get_fault(config.fault), shapes, str(file))
         dream = dream_kl(file if file.is_dir() else file.parent) if config.outputs else None
-        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream, config.fault, peak)
+        outcomes = [validate_bits(source, b, criteria, out, config.block_values, say, dream, config.fault, peak=peak)
                     for b in bits]
         # ties are found in the read-back pass; before any, the sizes count every tensor
         baseline = outcomes[0].baseline_bytes if outcomes else {

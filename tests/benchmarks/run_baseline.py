@@ -84,6 +84,9 @@ def measure(rounds: int = 1) -> dict[str, Any]:
                             tree, env)
                 seconds.append(round(time.perf_counter() - t0, 1))
                 loads.append(round(os.getloadavg()[0], 2))
+                if not (out / "results.json").is_file():
+                    raise SystemExit(f"run_baseline: {commit}'s {name} run wrote no results.json (exit "
+                                     f"{done.returncode}):\n{done.stderr[-2000:]}")
                 results = json.loads((out / "results.json").read_text(encoding="utf-8"))
                 print(f"{name}: {seconds[-1]} s, exit {done.returncode}, verdict {results['verdict']}, "
                       f"{results['tests']['total']} tests", flush=True)
