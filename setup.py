@@ -15,6 +15,7 @@ CORE = [
     "arrowquant_core/errors.py",
     "arrowquant_core/bf16.py",
     "arrowquant_core/atomic.py",
+    "arrowquant_core/parquet_footer.py",
     "arrowquant_core/limits.py",
     "arrowquant_core/schemes.py",
     "arrowquant_core/kernels.py",

@@ -17,6 +17,7 @@ import stat
 from typing import Final, Union
 
 from arrowquant_core.errors import FormatError
+from arrowquant_core.parquet_footer import column_chunk_sizes, footer_bytes
 
 __all__ = ["MAX_NDIM", "MESSAGE_LIMIT", "check_parquet_footprint", "check_regular", "check_shape", "cut",
            "read_capped", "short"]
@@ -159,25 +160,15 @@ def check_parquet_footprint(path: StrPath, what: str, expansion: int = PARQUET_E
 
     Counted per column chunk: its declared uncompressed size, and 8 bytes per value (a
     run-length-encoded column of nulls or repeats is tiny even uncompressed, but decodes
-    to one Arrow slot per value). The footer itself is at most the file's real size.
+    to one Arrow slot per value). The footer itself is at most the file's real size. The
+    sizes come from our own reader of the footer (``parquet_footer``), not pyarrow's
+    column metadata, whose construction can abort the process on a hostile footer.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     size = check_regular(path, what)
-    try:
-        meta = pq.read_metadata(os.fspath(path))
-    except FileNotFoundError:
-        raise
-    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
-        raise FormatError(f"{os.fspath(path)}: not a readable Parquet file ({what}; "
-                          f"{type(exc).__name__}: {cut(str(exc))})") from None
+    where = f"{os.fspath(path)}: not a readable Parquet file ({what})"
     declared = 0
-    for i in range(meta.num_row_groups):
-        group = meta.row_group(i)
-        for j in range(group.num_columns):
-            column = group.column(j)
-            declared += max(int(column.total_uncompressed_size), 0) + 8 * max(int(column.num_values), 0)
+    for num_values, uncompressed in column_chunk_sizes(footer_bytes(path, size, where), where):
+        declared += max(uncompressed, 0) + 8 * max(num_values, 0)
     allowed = expansion * size + slack
     if declared > allowed:
         raise FormatError(
