@@ -10,6 +10,12 @@ other exception). Each crashing input up to 64 KB is saved to
 ``tests/fuzz/corpus/<target>/crash-<sha256 prefix>.bin``, where the default test run
 replays it. Then every bomb runs at campaign scale in a subprocess with its peak RSS
 measured (``bombs.measure_all``). Exit 1 if anything crashed.
+
+Each target and kind runs in a child process that writes every input to a file before
+reading it. A reader can kill the process outright -- pyarrow 26 turned a malformed
+Parquet footer into ``std::terminate`` (SIGABRT) instead of an exception -- and then the
+child's last input is the one that did it: the campaign counts that crash, saves the
+input to the corpus and goes on with the next target.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from collections import Counter
 import hashlib
 import json
 from pathlib import Path
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +52,16 @@ GENERATORS: dict[str, Callable[[Any], bytes]] = {
 }
 
 
+def _save_crash(target: str, blob: bytes) -> None:
+    if len(blob) <= MAX_SAVED:
+        folder = CORPUS / target
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"crash-{hashlib.sha256(blob).hexdigest()[:12]}.bin").write_bytes(blob)
+
+
 def _campaign(target: str, make: Callable[[Any], bytes], examples: int, seed: int,
-              crashes: dict[str, list[str]]) -> Counter[str]:
+              crashes: dict[str, list[str]], inflight: Path | None = None,
+              progress: Callable[[Counter[str]], None] | None = None) -> Counter[str]:
     counts: Counter[str] = Counter()
 
     @hypothesis_seed(seed)
@@ -53,20 +69,69 @@ def _campaign(target: str, make: Callable[[Any], bytes], examples: int, seed: in
     @given(data=st.data())
     def one(data: st.DataObject) -> None:
         blob = make(data.draw)
+        if inflight is not None:  # what the parent saves if this input kills the process
+            inflight.write_bytes(blob)
         try:
             counts[run_target(target, blob)] += 1
         except Exception as exc:  # noqa: BLE001 - a crash is what we are looking for
             counts["crash"] += 1
             kind = f"{type(exc).__name__}: {str(exc)[:120]}"
             crashes.setdefault(target, []).append(kind)
-            if len(blob) <= MAX_SAVED:
-                folder = CORPUS / target
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"crash-{hashlib.sha256(blob).hexdigest()[:12]}.bin").write_bytes(blob)
+            _save_crash(target, blob)
             if len(crashes[target]) <= 3:
                 traceback.print_exc()
+        if progress is not None:
+            progress(counts)
 
     one()
+    return counts
+
+
+def _kinds(target: str) -> dict[str, Callable[[Any], bytes]]:
+    """How the campaign makes inputs for ``target``: mutated seeds, and a generator where one exists."""
+    seed = SEEDS[target]()
+    edits = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 20), st.integers(0, 1 << 16)),
+                     min_size=1, max_size=8)
+    kinds: dict[str, Callable[[Any], bytes]] = {"mutated": lambda draw: mutate(seed, draw(edits))}
+    if target in GENERATORS:
+        kinds["generated"] = GENERATORS[target]
+    if target in ("parquet_v2", "parquet_stream"):
+        kinds["generated"] = lambda draw: gen.parquet_artifact(draw, seed)
+    return kinds
+
+
+def _child(target: str, kind: str, examples: int, seed: int, report: Path, inflight: Path) -> int:
+    """One target and kind, in this (child) process; counts and crashes go to ``report``."""
+    crashes: dict[str, list[str]] = {}
+
+    def write(counts: Counter[str]) -> None:  # after every case: a killed child leaves its counts so far
+        report.write_text(json.dumps({"counts": dict(counts), "crashes": crashes.get(target, [])}))
+
+    write(_campaign(target, _kinds(target)[kind], examples, seed, crashes, inflight, write))
+    return 0
+
+
+def _run_child(target: str, kind: str, examples: int, seed: int, tmp: Path,
+               crashes: dict[str, list[str]]) -> Counter[str]:
+    report, inflight = tmp / f"{target}-{kind}.json", tmp / f"{target}-{kind}.inflight"
+    done = subprocess.run([sys.executable, __file__, "--child", target, kind, "--examples", str(examples),
+                           "--seed", str(seed), "--report", str(report), "--inflight", str(inflight)])
+    data = json.loads(report.read_text()) if report.is_file() else {"counts": {}, "crashes": []}
+    if data["crashes"]:
+        crashes.setdefault(target, []).extend(data["crashes"])
+    counts = Counter(data["counts"])
+    if done.returncode == 0:
+        return counts
+    # The process died (a signal) or failed outside a case: the input in flight did it.
+    how = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
+           else f"exit {done.returncode}")
+    blob = inflight.read_bytes() if inflight.is_file() else b""
+    _save_crash(target, blob)
+    crashes.setdefault(target, []).append(f"process {how} on a {len(blob)}-byte input "
+                                          f"(saved as crash-{hashlib.sha256(blob).hexdigest()[:12]}.bin); "
+                                          "the rest of this target's cases did not run")
+    print(f"{target} {kind}: the reader's process was {how}; input saved to {CORPUS / target}", file=sys.stderr)
+    counts["crash"] += 1
     return counts
 
 
@@ -76,26 +141,23 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--bomb-scale", type=int, default=256, help="MiB (or x100k entries) per bomb")
     parser.add_argument("--json", type=Path, help="write the campaign's numbers here")
+    parser.add_argument("--child", nargs=2, metavar=("TARGET", "KIND"), help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--inflight", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return _child(args.child[0], args.child[1], args.examples, args.seed, args.report, args.inflight)
 
-    seeds = {name: make() for name, make in SEEDS.items()}
-    edits = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 20), st.integers(0, 1 << 16)),
-                     min_size=1, max_size=8)
     crashes: dict[str, list[str]] = {}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for target in TARGETS:
-        kinds: dict[str, Callable[[Any], bytes]] = {
-            "mutated": lambda draw, t=target: mutate(seeds[t], draw(edits))}
-        if target in GENERATORS:
-            kinds["generated"] = GENERATORS[target]
-        if target == "parquet_v2":
-            kinds["generated"] = lambda draw: gen.parquet_artifact(draw, seeds["parquet_v2"])
-        for kind, make in kinds.items():
-            t0 = time.perf_counter()
-            counts = _campaign(target, make, args.examples, args.seed, crashes)
-            rows.append({"target": target, "kind": kind, "cases": sum(counts.values()), **counts,
-                         "seconds": round(time.perf_counter() - t0, 1)})
+    with tempfile.TemporaryDirectory(prefix="aq-fuzz-") as tmp:
+        for target in TARGETS:
+            for kind in _kinds(target):
+                t0 = time.perf_counter()
+                counts = _run_child(target, kind, args.examples, args.seed, Path(tmp), crashes)
+                rows.append({"target": target, "kind": kind, "cases": sum(counts.values()), **counts,
+                             "seconds": round(time.perf_counter() - t0, 1)})
     with tempfile.TemporaryDirectory(prefix="aq-bombs-") as tmp:
         bombs = measure_all([(bomb, args.bomb_scale if "dev-zero" not in bomb.name else 1)
                              for bomb in BOMBS.values()], Path(tmp))
