@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from arrowquant_core.atomic import write_atomic
 from arrowquant_core.errors import ConfigurationError, FormatError, QuantizationError
 from arrowquant_core.kernels import block_range
-from arrowquant_core.limits import check_parquet_footprint, short
+from arrowquant_core.limits import check_parquet_footprint, cut, short
 from arrowquant_core.metrics import cosines_from_sums
 from arrowquant_core.methods import quantize_tensor
 from arrowquant_core.model import RAW_DTYPES, QuantizationConfig
@@ -490,21 +490,15 @@ def iter_artifact(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, str,
     model tensor of its shape and dtype), then the manifest digest after the last row (a
     reader that stops early has not verified the file)."""
     source = Path(path)
-    check_parquet_footprint(source, "artifact")
-    try:
-        pf = pq.ParquetFile(source)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise FormatError(f"{source}: not a readable Parquet file ({type(exc).__name__})") from None
-    kv: dict[bytes, bytes] = dict(pf.metadata.metadata or {})
+    pf, fields, kv = _open_artifact(source)
     if kv.get(VERSION_KEY) != str(FORMAT_V2).encode():
         raise FormatError(f"{source}: not a format-v2 ArrowQuant artifact")
-    fields = [f for f in pf.schema_arrow.names]
     rows: list[tuple[str, str, str]] = []
     stored: dict[str, tuple[list[int], str]] = {}  # model tensors a tie may point at: shape, dtype
     for g in range(pf.num_row_groups):
-        table = pf.read_row_group(g, columns=fields)
+        table = _read_group(pf, g, fields, source)
         for i in range(table.num_rows):
-            row = {f: _value(table.column(f), i) for f in fields}
+            row = _row(table, fields, i, g, source)
             name, kind = str(row["name"]), str(row["kind"])
             rows.append((name, kind, str(row["sha256"])))
             if kind == "tied":
@@ -523,6 +517,39 @@ def iter_artifact(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, str,
     expected = manifest_digest(FORMAT_V2, bytes(kv.get(METADATA_KEY, b"{}")), rows)
     if recorded is None or recorded != expected.encode():
         raise FormatError(f"{source}: manifest digest missing or mismatched: rows deleted, added, reordered or renamed")
+
+
+# What pyarrow raises on a damaged file: ArrowInvalid (a ValueError) for bad encodings and
+# lengths, OSError for corrupt compressed pages, UnicodeDecodeError for names that are not
+# UTF-8. A footer that would make pyarrow abort is refused before by the footprint check.
+_PARQUET_ERRORS: Final = (pa.ArrowException, OSError, ValueError, MemoryError)
+
+
+def _open_artifact(path: Path) -> tuple[Any, list[str], dict[bytes, bytes]]:
+    """The open Parquet file, its column names and its footer's key/value metadata."""
+    check_parquet_footprint(path, "artifact")
+    try:
+        pf = pq.ParquetFile(path)
+        return pf, list(pf.schema_arrow.names), dict(pf.metadata.metadata or {})
+    except _PARQUET_ERRORS as exc:
+        raise FormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {cut(str(exc))})") from None
+
+
+def _read_group(pf: Any, g: int, columns: list[str], path: Path) -> pa.Table:
+    try:
+        table: pa.Table = pf.read_row_group(g, columns=columns)
+        return table
+    except _PARQUET_ERRORS as exc:
+        raise FormatError(f"{path}: row group {g} cannot be read ({type(exc).__name__}: {cut(str(exc))})") from None
+
+
+def _row(table: pa.Table, fields: list[str], i: int, g: int, path: Path) -> dict[str, Any]:
+    """Row ``i`` of a row group's table as Python values; text that is not UTF-8 (pyarrow
+    decodes it here) is a damaged file."""
+    try:
+        return {f: _value(table.column(f), i) for f in fields}
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: row group {g}: a text value is not UTF-8 (damaged file)") from None
 
 
 def _value(column: Any, i: int) -> Any:
@@ -544,12 +571,15 @@ class ArtifactIndex:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        check_parquet_footprint(self.path, "artifact")
-        self._file = pq.ParquetFile(self.path)
-        self._fields = list(self._file.schema_arrow.names)
+        self._file, self._fields, _ = _open_artifact(self.path)
+        if "name" not in self._fields:
+            raise FormatError(f"{self.path}: no 'name' column; not an ArrowQuant artifact")
         self.groups: dict[str, int] = {}
         for g in range(self._file.num_row_groups):
-            names = self._file.read_row_group(g, columns=["name"]).column("name").to_pylist()
+            try:
+                names = _read_group(self._file, g, ["name"], self.path).column("name").to_pylist()
+            except UnicodeDecodeError:
+                raise FormatError(f"{self.path}: row group {g}: a tensor name is not UTF-8 (damaged file)") from None
             if len(names) != 1:
                 raise FormatError(f"{self.path}: row group {g} holds {len(names)} rows; a streamed artifact has one")
             self.groups[str(names[0])] = g
@@ -557,8 +587,8 @@ class ArtifactIndex:
     def get(self, name: str) -> QuantizedTensor | Array:
         if name not in self.groups:
             raise FormatError(f"{self.path}: no tensor {short(name)}")
-        table = self._file.read_row_group(self.groups[name], columns=self._fields)
-        row = {f: _value(table.column(f), 0) for f in self._fields}
+        table = _read_group(self._file, self.groups[name], self._fields, self.path)
+        row = _row(table, self._fields, 0, self.groups[name], self.path)
         value: QuantizedTensor | Array = decode_row(row, self.path)
         return value
 

@@ -64,6 +64,12 @@ def test_generated_parquet_artifacts(data: st.DataObject) -> None:
     run_target("parquet_v2", gen.parquet_artifact(data.draw, seed("parquet_v2")))
 
 
+@settings(FUZZ, max_examples=max(EXAMPLES // 3, 5))
+@given(data=st.data())
+def test_generated_streamed_artifacts(data: st.DataObject) -> None:
+    run_target("parquet_stream", gen.parquet_artifact(data.draw, seed("parquet_stream")))
+
+
 def corpus_files() -> list[Path]:
     return sorted(p for p in CORPUS.glob("*/*") if p.is_file())
 

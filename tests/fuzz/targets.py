@@ -83,6 +83,21 @@ def seed_parquet_v2() -> bytes:
         return path.read_bytes()
 
 
+def seed_parquet_stream() -> bytes:
+    """A streamed artifact (one row group per tensor, the manifest in the footer), with a
+    tie: the second tensor is a copy of the first."""
+    from arrowquant_core import stream
+
+    weights = _weights()
+    weights["c.weight"] = weights["a.weight"].copy()
+    with tempfile.TemporaryDirectory() as tmp:
+        source, path = Path(tmp) / "m.safetensors", Path(tmp) / "m.parquet"
+        write_safetensors(source, weights)
+        with stream.SafetensorsSource(source) as src:
+            stream.quantize_file(src, QuantizationConfig("int4-g64-asym"), path)
+        return path.read_bytes()
+
+
 def seed_calibration_parquet() -> bytes:
     buffer = io.BytesIO()
     pq.write_table(pa.table({"input_ids": [[1, 2], [3]], "mask_ratio": [0.5, 1.0]}), buffer)
@@ -139,6 +154,20 @@ def _load_both(path: Path) -> None:
     storage.load_weights(path)
 
 
+def _stream_both(path: Path) -> None:
+    """The streaming readers: the whole file row group by row group with its manifest, then
+    random access by name (the layer-streaming forward pass)."""
+    from arrowquant_core import stream
+
+    try:
+        list(stream.iter_artifact(path))
+    except ArrowQuantError:
+        pass
+    index = stream.ArtifactIndex(path)
+    for name in index.groups:
+        index.get(name)
+
+
 def _criteria(path: Path) -> None:
     from harness.criteria import load_criteria
 
@@ -178,6 +207,7 @@ TARGETS: dict[str, tuple[Callable[[Path], Any], str]] = {
     "safetensors_index": (_index, "model.safetensors.index.json"),
     "npy": (_npy, "w.npy"),
     "parquet_v2": (_load_both, "m.parquet"),
+    "parquet_stream": (_stream_both, "m.parquet"),
     "criteria": (_criteria, "c.toml"),
     "calibration_jsonl": (_jsonl, "cal.jsonl"),
     "calibration_parquet": (_calibration_parquet, "cal.parquet"),
@@ -205,6 +235,7 @@ SEEDS: dict[str, Callable[[], bytes]] = {
     "safetensors_index": seed_index,
     "npy": seed_npy,
     "parquet_v2": seed_parquet_v2,
+    "parquet_stream": seed_parquet_stream,
     "criteria": lambda: CRITERIA_SEED,
     "calibration_jsonl": lambda: JSONL_SEED,
     "calibration_parquet": seed_calibration_parquet,
