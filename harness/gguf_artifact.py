@@ -31,8 +31,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 import math
 from pathlib import Path
+import sys
 import time
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import gguf
 import numpy as np
@@ -64,16 +65,96 @@ def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
     return qtype in _FLOAT_TYPES or qtype in getattr(q, "_type_traits", {})
 
 
+# Most metadata keys and tensors a GGUF may declare. llama.cpp's files hold tens of keys
+# and at most a few thousand tensors (a 405B model: 1,138); gguf-py builds Python objects
+# for each (about 1 KB a tensor), so the caps bound what a lying header can cost.
+MAX_GGUF_KEYS: Final = 65_536
+MAX_GGUF_TENSORS: Final = 100_000
+
+
 class _Reader(gguf.GGUFReader):
     """GGUFReader that checks every tensor's type and extent before touching its data,
     so a truncated or corrupt file names the tensor (gguf 0.19's reader would fail in a
-    reshape with no name). Overrides the private ``_build_tensors``; tests cover it."""
+    reshape with no name), and reads metadata arrays by their extent only.
+
+    gguf-py turns every element of a metadata array into NumPy views of its own: an 8 MB
+    file of a million empty strings took 14 s and 1.4 GB here (a real tokenizer array of
+    150k tokens about 200 MB and 2 s). The harness reads only ``general.*`` scalars, so
+    an array is walked for its size -- a loop over string lengths, no object per element
+    -- and kept as its type and length. Overrides the private ``_build_fields``,
+    ``_build_tensor_info``, ``_get_field_parts`` and ``_build_tensors`` (gguf 0.17-0.19);
+    tests/test_gguf_artifact.py and the fuzz target ``gguf`` cover them."""
 
     path: Path
 
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__(path)
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        count = int(count)
+        if count > MAX_GGUF_KEYS or count * 13 > len(self.data) - offs:  # a key: length, 1 byte, type, value
+            raise FormatError(f"{self.path}: the header declares {count} metadata keys; rule: at most "
+                              f"{MAX_GGUF_KEYS}, each in the file's {len(self.data)} bytes")
+        out: int = super()._build_fields(offs, count)
+        return out
+
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[Any]]:
+        count = int(count)
+        if count > MAX_GGUF_TENSORS or count * 24 > len(self.data) - offs:  # name length, dims, type, offset
+            raise FormatError(f"{self.path}: the header declares {count} tensors; rule: at most "
+                              f"{MAX_GGUF_TENSORS}, each described in the file's {len(self.data)} bytes")
+        out: tuple[int, list[Any]] = super()._build_tensor_info(offs, count)
+        return out
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
+        if int(raw_type) != gguf.GGUFValueType.ARRAY:
+            out: tuple[int, list[Any], list[int], list[Any]] = super()._get_field_parts(orig_offs, raw_type)
+            return out
+        end = self._array_end(orig_offs, 0)
+        itype, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        return end - orig_offs, [itype, length], [], [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(int(itype[0]))]
+
+    def _array_end(self, offs: int, depth: int) -> int:
+        """The offset just past the metadata array at ``offs`` (type, count, elements)."""
+        size = len(self.data)
+        if offs + 12 > size or depth > 8:
+            raise FormatError(f"{self.path}: metadata array at byte {offs} "
+                              + ("nests deeper than 8 levels" if depth > 8 else "runs past the end of the file")
+                              + "; rule: metadata lies inside the file")
+        start = offs
+        raw = int(self._get(offs, np.uint32)[0])
+        count = int(self._get(offs + 4, np.uint64)[0])
+        offs += 12
+        try:
+            kind = gguf.GGUFValueType(raw)
+        except ValueError:
+            raise FormatError(f"{self.path}: metadata array at byte {start} has element type {raw}, unknown to "
+                              f"gguf {gguf_version()}; rule: a GGUF value type") from None
+        scalar = self.gguf_scalar_to_np.get(kind)
+        least = np.dtype(scalar).itemsize if scalar is not None else (8 if kind == gguf.GGUFValueType.STRING else 12)
+        if count * least > size - offs:
+            raise FormatError(f"{self.path}: metadata array at byte {start} declares {count} {kind.name} "
+                              f"elements, more than the {size - offs} bytes left can hold; rule: metadata lies "
+                              "inside the file")
+        if scalar is not None:
+            return offs + count * least
+        if kind == gguf.GGUFValueType.ARRAY:
+            for _ in range(count):
+                offs = self._array_end(offs, depth + 1)
+            return offs
+        # strings: a uint64 length, then the bytes, walked without an object per element
+        order: Literal["little", "big"] = "little" if (sys.byteorder == "little") == (self.byte_order == "I") else "big"
+        view = memoryview(self.data)  # type: ignore[arg-type]
+        for i in range(count):
+            if offs + 8 > size:
+                raise FormatError(f"{self.path}: string {i} of the metadata array at byte {start} starts past the "
+                                  "end of the file; rule: metadata lies inside the file")
+            offs += 8 + int.from_bytes(view[offs:offs + 8], order)
+        if offs > size:
+            raise FormatError(f"{self.path}: a string of the metadata array at byte {start} ends past the end of "
+                              "the file; rule: metadata lies inside the file")
+        return offs
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
         size = len(self.data)

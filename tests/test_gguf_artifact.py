@@ -206,3 +206,60 @@ def test_scales_doubled_doubles_a_super_block_type_of_the_files_main_type(peer: 
     assert broken.artifact.types[changed[0]] == peers.get_peer(peer).ggml_type.name
     if peer.startswith("IQ4"):
         np.testing.assert_array_equal(broken.artifact.weights[changed[0]], 2 * clean.weights[changed[0]])
+
+
+def _header(kv: bytes, n_kv: int = 1, n_tensors: int = 0) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv
+
+
+def _key(name: str, value_type: int, payload: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", value_type) + payload
+
+
+def test_metadata_arrays_are_read_by_extent_and_the_general_keys_stay(tmp_path: Path) -> None:
+    """A tokenizer-sized string array, numeric and nested arrays: walked for their size
+    (gguf-py alone makes views for every element), the general.* scalars still read."""
+    rng = np.random.default_rng(0)
+    w = {"a.weight": rng.standard_normal((8, 64)).astype(np.float32)}
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(path, "bert")
+    writer.add_string("general.name", "with arrays")
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType.MOSTLY_Q8_0))
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(20_000)])
+    writer.add_array("tokenizer.ggml.scores", [float(i) for i in range(20_000)])
+    writer.add_array("general.tags", ["a", "b"])
+    writer.add_array("x.nested", [[1, 2], [3]])
+    writer.add_tensor("a.weight", gguf.quants.quantize(w["a.weight"], T.Q8_0), raw_dtype=T.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_artifact.header_bit_width(path, [8, 4, 2])[0] == 8
+    art = gguf_artifact.load(path, w)
+    assert art.metadata["general.name"] == "with arrays"
+    assert np.allclose(art.weights["a.weight"], w["a.weight"], atol=0.05)
+    reader = gguf_artifact._open(path)
+    field = reader.fields["tokenizer.ggml.tokens"]
+    assert field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING] and int(field.parts[-1][0]) == 20_000
+
+
+@pytest.mark.parametrize("blob, needle", [
+    (_header(b"", n_kv=10**9), "declares 1000000000 metadata keys"),
+    (_header(b"", n_kv=0, n_tensors=10**7), "declares 10000000 tensors"),
+    (_header(_key("t", 9, (8).to_bytes(4, "little") + (10**9).to_bytes(8, "little"))),
+     "declares 1000000000 STRING elements"),
+    (_header(_key("t", 9, (8).to_bytes(4, "little") + (1).to_bytes(8, "little") + (10**6).to_bytes(8, "little"))),
+     "ends past the end of the file"),
+    (_header(_key("t", 9, (99).to_bytes(4, "little") + (1).to_bytes(8, "little"))), "element type 99"),
+])
+def test_lying_gguf_headers_are_format_errors_before_any_allocation(tmp_path: Path, blob: bytes,
+                                                                     needle: str) -> None:
+    path = tmp_path / "lie.gguf"
+    path.write_bytes(blob + bytes(64))
+    with pytest.raises(FormatError, match=needle) as info:
+        gguf_artifact.header_bit_width(path, [8, 4, 2])
+    assert str(path) in str(info.value)

@@ -112,6 +112,25 @@ def _jsonl_long_line(path: Path, scale: int) -> Path:
     return path
 
 
+def _gguf_strings(path: Path, scale: int) -> Path:
+    """A valid GGUF whose one metadata key is an array of ``scale`` x 131072 empty strings
+    (8 bytes each): gguf-py alone made NumPy views for each, 1.4 GB for 8 MB."""
+    n = scale * MiB // 8
+    key = b"tokenizer.ggml.tokens"
+    with open(path, "wb") as handle:
+        handle.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                     + struct.pack("<IIQ", 9, 8, n))
+        handle.truncate(handle.tell() + 8 * n)  # every length 0: zeros, written sparse
+    return path
+
+
+def read_gguf_header(path: Path) -> Any:
+    """What ``--artifact FILE`` reads first: the bit width from the header."""
+    from harness.gguf_artifact import header_bit_width
+
+    return header_bit_width(path, [8, 4, 2])
+
+
 def _dev_zero(path: Path, scale: int) -> Path:
     return Path("/dev/zero")
 
@@ -128,6 +147,8 @@ BOMBS: dict[str, Bomb] = {b.name: b for b in [
     Bomb("npy-lying-shape", "fuzz.bombs:read_npy_file", _npy_lying_shape, "4 TB in 144 bytes", "w.npy"),
     Bomb("jsonl-long-line", "fixtures.calibration:read_jsonl", _jsonl_long_line, "one line of scale MiB",
          "cal.jsonl"),
+    Bomb("gguf-string-array", "fuzz.bombs:read_gguf_header", _gguf_strings, "scale x 131k metadata strings",
+         "bomb.gguf"),
     Bomb("criteria-dev-zero", "harness.criteria:load_criteria", _dev_zero, "endless /dev/zero"),
     Bomb("calibration-dev-zero", "fixtures.calibration:read_jsonl", _dev_zero, "endless /dev/zero"),
 ]}

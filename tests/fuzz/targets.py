@@ -98,6 +98,32 @@ def seed_parquet_stream() -> bytes:
         return path.read_bytes()
 
 
+def _gguf_source() -> dict[str, np.ndarray]:
+    """The model a fuzzed GGUF is judged against (``--artifact`` reads a GGUF as a model's)."""
+    rng = np.random.default_rng(11)
+    return {"a.weight": rng.standard_normal((8, 64)).astype(np.float32),
+            "b.weight": rng.standard_normal((4, 32)).astype(np.float32),
+            "c.bias": rng.standard_normal(4).astype(np.float32)}
+
+
+def seed_gguf() -> bytes:
+    """A GGUF as llama.cpp's tools write one: Q8_0 and Q4_0 matrices, an F32 vector,
+    general.* metadata, tensors under the source's own names."""
+    import gguf
+
+    from harness.peers import write_gguf
+
+    w = _gguf_source()
+    T = gguf.GGMLQuantizationType
+    tensors = [("a.weight", gguf.quants.quantize(w["a.weight"], T.Q8_0), T.Q8_0),
+               ("b.weight", gguf.quants.quantize(w["b.weight"], T.Q4_0), T.Q4_0),
+               ("c.bias", w["c.bias"], T.F32)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.gguf"
+        write_gguf(path, tensors, "bert", {"general.name": "fuzz seed", "general.file_type": 7})
+        return path.read_bytes()
+
+
 def seed_calibration_parquet() -> bytes:
     buffer = io.BytesIO()
     pq.write_table(pa.table({"input_ids": [[1, 2], [3]], "mask_ratio": [0.5, 1.0]}), buffer)
@@ -168,6 +194,19 @@ def _stream_both(path: Path) -> None:
         index.get(name)
 
 
+def _gguf(path: Path) -> None:
+    """What ``--artifact FILE`` does with it: the magic, the bit width from the header,
+    then the whole file read and dequantized against the model."""
+    from harness import gguf_artifact
+
+    gguf_artifact.check_gguf(path)
+    try:
+        gguf_artifact.header_bit_width(path, [8, 4, 2])
+    except ArrowQuantError:
+        pass
+    gguf_artifact.load(path, _gguf_source())
+
+
 def _criteria(path: Path) -> None:
     from harness.criteria import load_criteria
 
@@ -208,6 +247,7 @@ TARGETS: dict[str, tuple[Callable[[Path], Any], str]] = {
     "npy": (_npy, "w.npy"),
     "parquet_v2": (_load_both, "m.parquet"),
     "parquet_stream": (_stream_both, "m.parquet"),
+    "gguf": (_gguf, "m.gguf"),
     "criteria": (_criteria, "c.toml"),
     "calibration_jsonl": (_jsonl, "cal.jsonl"),
     "calibration_parquet": (_calibration_parquet, "cal.parquet"),
@@ -236,6 +276,7 @@ SEEDS: dict[str, Callable[[], bytes]] = {
     "npy": seed_npy,
     "parquet_v2": seed_parquet_v2,
     "parquet_stream": seed_parquet_stream,
+    "gguf": seed_gguf,
     "criteria": lambda: CRITERIA_SEED,
     "calibration_jsonl": lambda: JSONL_SEED,
     "calibration_parquet": seed_calibration_parquet,
