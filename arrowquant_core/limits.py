@@ -12,15 +12,16 @@ printed a whole shape was 147 MB).
 
 from __future__ import annotations
 
+import json
 import os
 import stat
-from typing import Final, Union
+from typing import Any, Final, Union
 
 from arrowquant_core.errors import FormatError
 from arrowquant_core.parquet_footer import column_chunk_sizes, footer_bytes
 
-__all__ = ["MAX_NDIM", "MESSAGE_LIMIT", "check_parquet_footprint", "check_regular", "check_shape", "cut",
-           "read_capped", "short"]
+__all__ = ["MAX_JSON_BYTES", "MAX_NDIM", "MESSAGE_LIMIT", "check_parquet_footprint", "check_regular", "check_shape",
+           "cut", "parse_json", "read_capped", "read_json", "short"]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -142,6 +143,45 @@ def read_capped(path: StrPath, cap: int, what: str) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _no_duplicates(where: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise FormatError(f"{where}: key {short(key)} appears twice in a JSON object")
+            out[key] = value
+        return out
+    return hook
+
+
+def parse_json(text: bytes | str, where: str) -> Any:
+    """json.loads that rejects duplicate keys and only ever raises FormatError (bad
+    UTF-8, bad JSON, absurd nesting, an integer past the digit limit)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates(where))
+    except FormatError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{where}: not valid UTF-8 at byte {exc.start}") from None
+    # one name per clause: mypyc types one name for the whole try statement
+    except json.JSONDecodeError as bad:
+        raise FormatError(f"{where}: not valid JSON: {bad.msg} at line {bad.lineno} column {bad.colno}") from None
+    except (ValueError, RecursionError) as err:  # int digit limit, absurd nesting
+        raise FormatError(f"{where}: not valid JSON: {err}") from None
+
+
+MAX_JSON_BYTES: Final = 64 * 1024 * 1024
+"""Largest JSON file of a model folder read (config.json, metadata.json): real configs
+are kilobytes; a tokenizer.json is tens of MB and is read by the tokenizer's library."""
+
+
+def read_json(path: StrPath, what: str, cap: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file someone else made, read within ``cap`` bytes (``read_capped``: a
+    regular file, not a device or FIFO) and parsed by ``parse_json``; a missing file
+    raises ``FileNotFoundError`` for the caller to word."""
+    return parse_json(read_capped(path, cap, what), os.fspath(path))
 
 
 PARQUET_EXPANSION: Final = 64

@@ -267,7 +267,9 @@ def test_unknown_modality_says_did_you_mean(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("content", "problem"), [
     (None, "missing"),
-    ("{not json", "invalid JSON at line 1"),
+    ("{not json", "not valid JSON: Expecting property name enclosed in double quotes at line 1"),
+    ("[" * 100_000, "not valid JSON: maximum recursion depth"),
+    ('{"modality": "text", "modality": "image"}', "key 'modality' appears twice"),
     ("[1, 2]", "expected a JSON object, got list"),
     ('{"model_family": "dream"}', 'no "modality" key'),
     ('{"modality": 3}', '"modality" must be a string'),

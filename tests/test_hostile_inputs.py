@@ -192,6 +192,31 @@ def test_cli_maps_hostile_model_files_to_exit_2(tmp_path: Path, capsys: pytest.C
     assert "not representable" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("config, needle", [
+    (b"[" * 100_000, "maximum recursion depth"),
+    (b'{"model_type": "\xff"}', "not valid UTF-8"),
+    (b'{"model_type": "bert", "model_type": "gpt2"}', "appears twice"),
+    (None, "not a regular file"),  # config.json is /dev/zero: refused, not read for ever
+])
+def test_hostile_config_json_of_a_model_folder_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         config: bytes | None, needle: str) -> None:
+    """A model folder's config.json is someone else's file too: read within a cap by the
+    one JSON reader (limits.read_json). Deep nesting used to escape as a RecursionError
+    (exit 3)."""
+    from harness.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", {"a.weight": np.ones((8, 64), np.float32)})
+    if config is None:
+        (folder / "config.json").symlink_to("/dev/zero")
+    else:
+        (folder / "config.json").write_bytes(config)
+    assert main(["run", "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "config.json" in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- bombs
 
 
