@@ -217,13 +217,40 @@ def test_hostile_config_json_of_a_model_folder_is_exit_2(tmp_path: Path, capsys:
     assert needle in err and "config.json" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("edit, needle", [
+    ({"n_layer": 100_000}, "num_hidden_layers = 100000, but the checkpoint holds 2 layer(s) under 'transformer.h.'"),
+    ({"n_layer": 4}, "missing 24 tensor(s) the model needs"),
+    ({"n_embd": 100_000}, "the model expects [300000]"),
+    ({"n_positions": 10**6}, "'transformer.wpe.weight' has shape [64, 128], the model expects [1000000, 128]"),
+    ({"vocab_size": 10**8}, "the model expects [100000000, 128]"),
+])
+def test_config_json_claiming_more_than_the_weights_is_refused_before_it_is_built(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: dict[str, int], needle: str) -> None:
+    """The runner checks config.json against the checkpoint's names and shapes on the meta
+    device before building anything (hf_common.check_config): 100,000 layers over the
+    tiny GPT-2's two used to take 24 GB and minutes. The memory side is the bomb
+    hf-config-layers below."""
+    import shutil
+
+    from fixtures import tiny_lm
+    from harness.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_lm.ensure_tiny_gpt2(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    assert main(["run", "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------- bombs
 
 
 BOMB_SCALES = {  # small enough for the default run; `make fuzz` runs them at campaign size
     "parquet-zstd-codes": 32, "safetensors-header-max": 1, "safetensors-header-99MB": 1,
     "safetensors-long-shape": 1, "npy-lying-shape": 1, "jsonl-long-line": 4, "criteria-dev-zero": 1,
-    "calibration-dev-zero": 1, "gguf-string-array": 8,
+    "calibration-dev-zero": 1, "gguf-string-array": 8, "hf-config-layers": 2,
 }
 VALID_BOMBS = {"safetensors-header-max", "gguf-string-array"}  # valid files: read, within the bounds
 

@@ -131,6 +131,12 @@ def read_gguf_header(path: Path) -> Any:
     return header_bit_width(path, [8, 4, 2])
 
 
+def _hf_config_layers(path: Path, scale: int) -> Path:
+    from fuzz.hf_bomb import make_folder
+
+    return make_folder(path, scale)
+
+
 def _dev_zero(path: Path, scale: int) -> Path:
     return Path("/dev/zero")
 
@@ -149,6 +155,8 @@ BOMBS: dict[str, Bomb] = {b.name: b for b in [
          "cal.jsonl"),
     Bomb("gguf-string-array", "fuzz.bombs:read_gguf_header", _gguf_strings, "scale x 131k metadata strings",
          "bomb.gguf"),
+    Bomb("hf-config-layers", "fuzz.hf_bomb:build_from_config", _hf_config_layers,
+         "config.json of scale x 50k layers over 2", "config.json"),
     Bomb("criteria-dev-zero", "harness.criteria:load_criteria", _dev_zero, "endless /dev/zero"),
     Bomb("calibration-dev-zero", "fixtures.calibration:read_jsonl", _dev_zero, "endless /dev/zero"),
 ]}
