@@ -187,6 +187,13 @@ def manifest_digest(version: int, metadata_json: bytes, rows: list[tuple[str, st
     return _manifest(version, metadata_json, rows)
 
 
+def check_columns(names: list[str], version: int, path: Path) -> None:
+    """Every column a format-``version`` file must have is there (FormatError naming the lacking ones)."""
+    missing = [f for f in (_V2_FIELDS if version == FORMAT_V2 else _V1_FIELDS) if f not in names]
+    if missing:
+        raise FormatError(f"{path}: format v{version} file lacks column(s) {missing}")
+
+
 def decode_row(row: dict[str, Any], path: Path) -> Any:
     """One format-v2 row (a dict of column values, blobs as bytes or memoryviews) decoded:
     a QuantizedTensor for a quantized row, an array for float/buffer/aux rows. Tied rows
@@ -369,10 +376,7 @@ def _inspect(table: pa.Table, path: Path) -> tuple[pa.Table, int, dict[str, str]
         raise FormatError(f"{path}: format version {short(version_text)} is not an integer") from None
     if version not in (FORMAT_V1, FORMAT_V2):
         raise FormatError(f"{path}: format version {version} is not supported (known: 1, 2)")
-    needed = _V2_FIELDS if version == FORMAT_V2 else _V1_FIELDS
-    missing = [f for f in needed if f not in table.schema.names]
-    if missing:
-        raise FormatError(f"{path}: format v{version} file lacks column(s) {missing}")
+    check_columns(table.schema.names, version, path)
     try:
         metadata = json.loads(raw.get(METADATA_KEY, b"{}").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

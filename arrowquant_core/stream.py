@@ -70,6 +70,7 @@ from arrowquant_core.storage import (
     VERSION_KEY,
     WRITER,
     WRITER_KEY,
+    check_columns,
     decode_row,
     manifest_digest,
     raw_row,
@@ -493,6 +494,7 @@ def iter_artifact(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, str,
     pf, fields, kv = _open_artifact(source)
     if kv.get(VERSION_KEY) != str(FORMAT_V2).encode():
         raise FormatError(f"{source}: not a format-v2 ArrowQuant artifact")
+    check_columns(fields, FORMAT_V2, source)
     rows: list[tuple[str, str, str]] = []
     stored: dict[str, tuple[list[int], str]] = {}  # model tensors a tie may point at: shape, dtype
     for g in range(pf.num_row_groups):
@@ -572,8 +574,7 @@ class ArtifactIndex:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._file, self._fields, _ = _open_artifact(self.path)
-        if "name" not in self._fields:
-            raise FormatError(f"{self.path}: no 'name' column; not an ArrowQuant artifact")
+        check_columns(self._fields, FORMAT_V2, self.path)
         self.groups: dict[str, int] = {}
         for g in range(self._file.num_row_groups):
             try:
