@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from arrowquant_core.errors import ConfigurationError, FormatError
+from arrowquant_core.limits import short
 from arrowquant_core.model import RAW_DTYPES
 from harness.peers import gguf_names
 
@@ -319,7 +320,11 @@ def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, f in reader.fields.items():
         if key.startswith("general.") and f.types and f.types[0] != gguf.GGUFValueType.ARRAY:
-            value = f.contents()
+            try:
+                value = f.contents()
+            except UnicodeDecodeError:
+                raise FormatError(f"{getattr(reader, 'path', 'GGUF file')}: metadata {short(key)} is not UTF-8 "
+                                  "text; rule: GGUF strings are UTF-8") from None
             out[key] = value.item() if isinstance(value, np.generic) else value
     return out
 
