@@ -244,6 +244,27 @@ def test_config_json_claiming_more_than_the_weights_is_refused_before_it_is_buil
     assert needle in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("edit, needle", [
+    ({"num_attention_heads": 1}, "config.json: DreamConfig.num_attention_heads = 1 is not divisible"),
+    ({"vocab_size": 10**8}, "shape (1000, 512) does not match the config's (100000000, 512)"),
+    ({"num_hidden_layers": 100_000}, "model.layers.2.input_layernorm.weight']: missing"),
+])
+def test_a_dream_config_that_does_not_fit_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          edit: dict[str, int], needle: str) -> None:
+    import shutil
+
+    from fixtures.dream_mini.runner import ensure_fixture
+    from harness.cli import main
+
+    folder = tmp_path / "dream"
+    shutil.copytree(ensure_fixture(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    assert main(["run", "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(folder) in err and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------- bombs
 
 
