@@ -143,7 +143,7 @@ class _Reader:
                     self._skip_element(types >> 4, depth + 1)
                     self._skip_element(types & 0x0F, depth + 1)
         elif kind == _STRUCT:
-            self.skip_struct(depth + 1)
+            self.walk(depth + 1)
         else:
             raise self.fail(f"unknown Thrift wire type {kind}")
 
@@ -153,7 +153,10 @@ class _Reader:
         else:
             self.skip(kind, depth)
 
-    def skip_struct(self, depth: int) -> None:
+    def walk(self, depth: int, wanted: dict[int, int] | None = None,
+             read: Callable[[int], None] | None = None) -> None:
+        """Walk one struct: ``read(field id)`` for a field of ``wanted`` (id -> wire type)
+        that has its wire type, every other field skipped."""
         if depth > MAX_DEPTH:
             raise self.fail(f"values nest deeper than {MAX_DEPTH} levels")
         last = 0
@@ -161,32 +164,18 @@ class _Reader:
             fid, kind = self.field(last)
             if kind == _STOP:
                 return
-            self.skip(kind, depth)
+            if read is not None and wanted is not None and wanted.get(fid) == kind:
+                read(fid)
+            else:
+                self.skip(kind, depth)
             last = fid
 
-    def struct_list(self, depth: int) -> int:
+    def struct_list(self) -> int:
         """The element count of a ``list<struct>`` field's header (anything else is refused)."""
         size, elem = self.list_header()
         if elem != _STRUCT:
             raise self.fail(f"a list of wire type {elem} where Parquet has a list of structs")
-        if depth > MAX_DEPTH:
-            raise self.fail(f"values nest deeper than {MAX_DEPTH} levels")
         return size
-
-
-def _walk(r: _Reader, depth: int, wanted: dict[int, int], read: Callable[[int], None]) -> None:
-    """Walk one struct: ``read(field id)`` for a field of ``wanted`` (id -> wire type) that
-    has its wire type, every other field skipped."""
-    last = 0
-    while True:
-        fid, kind = r.field(last)
-        if kind == _STOP:
-            return
-        if wanted.get(fid) == kind:
-            read(fid)
-        else:
-            r.skip(kind, depth)
-        last = fid
 
 
 def _column_meta(r: _Reader, depth: int, out: list[tuple[int, int]]) -> None:
@@ -196,13 +185,13 @@ def _column_meta(r: _Reader, depth: int, out: list[tuple[int, int]]) -> None:
     def read(fid: int) -> None:
         sizes[fid] = r.zigzag()
 
-    _walk(r, depth, {5: _I64, 6: _I64}, read)
+    r.walk(depth, {5: _I64, 6: _I64}, read)
     out.append((sizes[5], sizes[6]))
 
 
-def _structs(r: _Reader, depth: int, each: Callable[[], None]) -> None:
+def _structs(r: _Reader, each: Callable[[], None]) -> None:
     """``each()`` once per element of a ``list<struct>`` whose header is next."""
-    for _ in range(r.struct_list(depth)):
+    for _ in range(r.struct_list()):
         each()
 
 
@@ -213,12 +202,12 @@ def column_chunk_sizes(footer: bytes, where: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
 
     def column_chunk() -> None:  # ColumnChunk.meta_data (3), at depth 3
-        _walk(r, 3, {3: _STRUCT}, lambda _fid: _column_meta(r, 4, out))
+        r.walk(3, {3: _STRUCT}, lambda _fid: _column_meta(r, 4, out))
 
     def row_group() -> None:  # RowGroup.columns (1), at depth 2
-        _walk(r, 2, {1: _LIST}, lambda _fid: _structs(r, 3, column_chunk))
+        r.walk(2, {1: _LIST}, lambda _fid: _structs(r, column_chunk))
 
-    _walk(r, 1, {4: _LIST}, lambda _fid: _structs(r, 2, row_group))  # FileMetaData.row_groups (4)
+    r.walk(1, {4: _LIST}, lambda _fid: _structs(r, row_group))  # FileMetaData.row_groups (4)
     return out
 
 
