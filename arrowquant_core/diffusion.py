@@ -73,7 +73,7 @@ from arrowquant_core.errors import (
     ValidationError,
     unknown_name,
 )
-from arrowquant_core.limits import read_json
+from arrowquant_core.limits import read_json_object
 from arrowquant_core.metrics import cosine, sqnr_db
 from arrowquant_core.model import Progress, QuantizationConfig, QuantizedModel, quantize_model
 from arrowquant_core.safetensors_io import read_npy_folder, read_safetensors, read_safetensors_folder
@@ -391,13 +391,10 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise FormatError(f"{folder}: not a model folder (expected a folder holding {METADATA_FILE})")
     try:
-        data = read_json(path, "model metadata")
+        return read_json_object(path, "model metadata")
     except FileNotFoundError:
         raise FormatError(f"{path}: missing; a model folder needs {METADATA_FILE} with a "
                           "\"modality\" key") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _strategy(folder: Path) -> ModalityStrategy:

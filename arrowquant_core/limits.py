@@ -21,7 +21,7 @@ from arrowquant_core.errors import FormatError
 from arrowquant_core.parquet_footer import column_chunk_sizes, footer_bytes
 
 __all__ = ["MAX_JSON_BYTES", "MAX_NDIM", "MESSAGE_LIMIT", "check_parquet_footprint", "check_regular", "check_shape",
-           "cut", "parse_json", "read_capped", "read_json", "short"]
+           "cut", "parse_json", "read_capped", "read_json", "read_json_object", "short"]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -182,6 +182,14 @@ def read_json(path: StrPath, what: str, cap: int = MAX_JSON_BYTES) -> Any:
     regular file, not a device or FIFO) and parsed by ``parse_json``; a missing file
     raises ``FileNotFoundError`` for the caller to word."""
     return parse_json(read_capped(path, cap, what), os.fspath(path))
+
+
+def read_json_object(path: StrPath, what: str, cap: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """``read_json`` of a file that must hold a JSON object (config.json, metadata.json)."""
+    data = read_json(path, what, cap)
+    if not isinstance(data, dict):
+        raise FormatError(f"{os.fspath(path)}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 PARQUET_EXPANSION: Final = 64
