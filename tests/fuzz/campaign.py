@@ -87,17 +87,24 @@ def _campaign(target: str, make: Callable[[Any], bytes], examples: int, seed: in
     return counts
 
 
-def _kinds(target: str) -> dict[str, Callable[[Any], bytes]]:
+ARTIFACT_GENERATED = ("parquet_v2", "parquet_stream")  # generated from their seed (gen.parquet_artifact)
+
+
+def _kind_names(target: str) -> list[str]:
     """How the campaign makes inputs for ``target``: mutated seeds, and a generator where one exists."""
+    return ["mutated"] + (["generated"] if target in GENERATORS or target in ARTIFACT_GENERATED else [])
+
+
+def _maker(target: str, kind: str) -> Callable[[Any], bytes]:
+    """The input maker of one kind (the seed is built here, in the child that uses it)."""
+    if kind == "generated" and target in GENERATORS:
+        return GENERATORS[target]
     seed = SEEDS[target]()
+    if kind == "generated":
+        return lambda draw: gen.parquet_artifact(draw, seed)
     edits = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1 << 20), st.integers(0, 1 << 16)),
                      min_size=1, max_size=8)
-    kinds: dict[str, Callable[[Any], bytes]] = {"mutated": lambda draw: mutate(seed, draw(edits))}
-    if target in GENERATORS:
-        kinds["generated"] = GENERATORS[target]
-    if target in ("parquet_v2", "parquet_stream"):
-        kinds["generated"] = lambda draw: gen.parquet_artifact(draw, seed)
-    return kinds
+    return lambda draw: mutate(seed, draw(edits))
 
 
 def _child(target: str, kind: str, examples: int, seed: int, report: Path, inflight: Path) -> int:
@@ -107,7 +114,7 @@ def _child(target: str, kind: str, examples: int, seed: int, report: Path, infli
     def write(counts: Counter[str]) -> None:  # after every case: a killed child leaves its counts so far
         report.write_text(json.dumps({"counts": dict(counts), "crashes": crashes.get(target, [])}))
 
-    write(_campaign(target, _kinds(target)[kind], examples, seed, crashes, inflight, write))
+    write(_campaign(target, _maker(target, kind), examples, seed, crashes, inflight, write))
     return 0
 
 
@@ -153,7 +160,7 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="aq-fuzz-") as tmp:
         for target in TARGETS:
-            for kind in _kinds(target):
+            for kind in _kind_names(target):
                 t0 = time.perf_counter()
                 counts = _run_child(target, kind, args.examples, args.seed, Path(tmp), crashes)
                 rows.append({"target": target, "kind": kind, "cases": sum(counts.values()), **counts,
